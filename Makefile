@@ -1,0 +1,60 @@
+# Every target runs inside .venv (created by `make install`).
+# Usage: make install | make train [RECIPE=…] [ARGS="--key value …"] | make test | make lint | make bench
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+RECIPE  ?= gemma3-270m-demo
+ARGS    ?=
+RUN     ?=
+REPO    ?=
+# Where there is no NVIDIA GPU, install the CPU build of torch (a plain `torch` requirement pulls several GB of CUDA).
+TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
+
+.PHONY: install train merge eval push test test-all lint format bench data clean help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+install: $(BIN)/python  ## create .venv and install the project with its extras (CPU torch where there is no GPU)
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[demo,tune,dev]"
+
+train:  ## fine-tune: make train [RECIPE=gemma3-270m-demo] [ARGS="--max_steps 10"]
+	$(BIN)/adapters train $(RECIPE) $(ARGS)
+
+merge:  ## merge an adapter into a full-precision base: make merge RUN=outputs/<run>
+	$(BIN)/adapters merge $(RUN) $(ARGS)
+
+eval:  ## score a run again: make eval RUN=outputs/<run>
+	$(BIN)/adapters eval $(RUN) $(ARGS)
+
+push:  ## share a run: make push RUN=outputs/<run> REPO=org/name
+	$(BIN)/adapters push $(RUN) --repo-id $(REPO) $(ARGS)
+
+bench:  ## baseline vs optimized path, same run, ratio reported
+	$(BIN)/adapters bench $(ARGS)
+
+data:  ## regenerate the demo dataset in data/demo/
+	$(BIN)/python scripts/make_demo_data.py
+
+test:  ## the fast test suite (CPU, no downloads)
+	$(BIN)/python -m pytest -q
+
+test-all:  ## also the slow tests (real embedded model)
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+lint:
+	$(BIN)/ruff check adapters scripts tests
+	$(BIN)/ruff format --check adapters scripts tests
+
+format:
+	$(BIN)/ruff format adapters scripts tests
+	$(BIN)/ruff check --fix adapters scripts tests
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,221 @@
+"""Data: read JSONL rows with their file:line, render them with the chat template, build labels by position.
+
+Rows are chat ``{"messages": [{"role", "content"}, …]}`` or ``{"prompt": …, "completion": …}``. Loss is on the
+assistant turns (or the completion) only. Labels are built from token positions, never from token ids, so the
+EOS / end-of-turn token that closes each answer is supervised even when the pad token equals EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+IGNORE_INDEX = -100
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """Bad input data. ``str()`` starts with ``file:line[:col]: field:``."""
+
+
+@dataclass
+class Row:
+    file: str
+    line: int
+    messages: list[dict[str, str]]
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+
+
+@dataclass
+class EncodeReport:
+    rows: int = 0
+    kept: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self, max_length: int) -> dict[str, Any]:
+        ls = sorted(self.lengths) or [0]
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "dropped": len(self.dropped),
+            "dropped_rows": self.dropped[:50],
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "trained_share": round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0,
+            "length": {
+                "min": ls[0],
+                "median": statistics.median(ls),
+                "p95": ls[min(len(ls) - 1, int(0.95 * len(ls)))],
+                "max": ls[-1],
+                "max_length": max_length,
+            },
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) from a JSONL file, reading raw bytes so that every error has a location."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + e.start} "
+                    f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def normalise_row(obj: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """Turn a raw row into a list of {role, content} turns, or raise a DataError naming the field."""
+    if "messages" in obj or "conversations" in obj:
+        key = "messages" if "messages" in obj else "conversations"
+        turns = obj[key]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: {key}: expected a non-empty list of turns")
+        out = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict):
+                raise DataError(f"{where}: {key}[{i}]: expected an object with role and content")
+            role = t.get("role", t.get("from"))
+            content = t.get("content", t.get("value"))
+            if role is None:
+                raise DataError(f"{where}: {key}[{i}].role: missing")
+            role = ROLE_ALIASES.get(str(role), str(role))
+            if role not in ROLES:
+                raise DataError(f"{where}: {key}[{i}].role: unknown role {role!r} (expected one of {sorted(ROLES)})")
+            if not isinstance(content, str) or not content.strip():
+                raise DataError(f"{where}: {key}[{i}].content: missing or empty")
+            out.append({"role": role, "content": content})
+        body = [t for t in out if t["role"] != "system"]
+        for i, t in enumerate(body):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if t["role"] != expected:
+                raise DataError(f"{where}: {key}: turns must alternate user/assistant; turn {i + 1} is {t['role']!r}")
+        if not body or body[-1]["role"] != "assistant":
+            raise DataError(f"{where}: {key}: no assistant turn to learn from (the last turn must be the assistant's)")
+        return out
+    if "prompt" in obj or "completion" in obj:
+        for k in ("prompt", "completion"):
+            if not isinstance(obj.get(k), str) or not obj[k].strip():
+                raise DataError(f"{where}: {k}: missing or empty")
+        return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+    raise DataError(f"{where}: messages: missing (expected 'messages' or 'prompt'/'completion')")
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    return [Row(str(path), ln, normalise_row(obj, f"{path}:{ln}")) for ln, obj in iter_jsonl(path)]
+
+
+def fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+def render(tok, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_messages(tok, messages: list[dict[str, str]], where: str = "?") -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation, and labels that train the assistant turns only.
+
+    Each assistant turn's span is found by rendering the conversation up to the turn with a generation prompt,
+    then up to and including the turn; that prefix must be a token prefix of the full rendering, or the template
+    cannot produce a loss mask and we refuse the row rather than guess.
+    """
+    full = _ids(tok, render(tok, messages))
+    labels = [IGNORE_INDEX] * len(full)
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = _ids(tok, render(tok, messages[:i], add_generation_prompt=True))
+        end = _ids(tok, render(tok, messages[: i + 1]))
+        if full[: len(start)] != start or full[: len(end)] != end or len(end) <= len(start):
+            raise DataError(
+                f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
+                "conversation, so the assistant-only loss mask cannot be built"
+            )
+        labels[len(start): len(end)] = full[len(start): len(end)]
+    return full, labels
+
+
+def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0.5) -> tuple[list[Encoded], EncodeReport]:
+    """Encode rows; a row whose trained tokens would be cut by ``max_length`` is dropped and reported.
+
+    Raises when more than ``max_drop_share`` of the rows would be dropped: that is a recipe error, not noise.
+    """
+    report = EncodeReport()
+    out: list[Encoded] = []
+    for row in rows:
+        report.rows += 1
+        ids, labels = encode_messages(tok, row.messages, row.where)
+        report.lengths.append(len(ids))
+        if len(ids) > max_length:
+            report.dropped.append({"where": row.where, "tokens": len(ids), "reason": f"longer than max_length={max_length}; the answer would be cut"})
+            continue
+        trained = sum(1 for x in labels if x != IGNORE_INDEX)
+        if trained == 0:
+            report.dropped.append({"where": row.where, "tokens": len(ids), "reason": "no trained token"})
+            continue
+        out.append(Encoded(ids, labels, row.where))
+        report.kept += 1
+        report.tokens += len(ids)
+        report.trained_tokens += trained
+    if report.rows and len(report.dropped) > max_drop_share * report.rows:
+        first = report.dropped[0]
+        raise DataError(
+            f"{first['where']}: {len(report.dropped)} of {report.rows} rows would be dropped "
+            f"(first: {first['reason']}); raise max_length or shorten the data"
+        )
+    return out, report
+
+
+def to_dataset(encoded: list[Encoded]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+
+
+def prompts_and_answers(rows: list[Row]) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """For scoring: the conversation up to the last assistant turn, and that turn's text."""
+    return [r.messages[:-1] for r in rows], [r.messages[-1]["content"] for r in rows]

@@ -1,0 +1,344 @@
+"""Training: recipe -> quantized base -> LoRA -> TRL SFTTrainer -> outputs/<run_name>/.
+
+Runs unchanged under ``accelerate launch``: one whole model per process (never device_map="auto" with several
+processes), and only the main process writes the run directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoints as ckpt
+from .config import Recipe
+from .data import DataError, encode_rows, fingerprint, prompts_and_answers, read_rows, to_dataset
+from .evaluate import answer_budget, score
+from .lora import attach_lora, parameter_counts
+from .manifest import git_state, hardware, versions, write_json
+from .models import ModelRef, load_model, load_tokenizer, model_memory_mb, probe_loss, resolve_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; nothing from that point was saved."""
+
+
+def log(msg: str) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- run dir
+def new_run_name(recipe_path: Path) -> str:
+    return f"{recipe_path.stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_dir_for(recipe: Recipe, recipe_path: Path, resume: bool) -> Path:
+    root = Path(recipe.output_root)
+    if recipe.run_name:
+        return root / recipe.run_name
+    if resume:  # the newest run of this recipe
+        runs = sorted((p for p in root.glob(f"{recipe_path.stem}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError(f"--resume: no earlier run of {recipe_path.stem} under {root}/; pass --run_name")
+        return runs[-1]
+    return root / new_run_name(recipe_path)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def set_seed(seed: int) -> None:
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
+
+
+def _probe_batch(encoded, n: int = 4) -> dict[str, torch.Tensor]:
+    """A fixed batch of the first ``n`` training rows, right-padded, loss on the answers."""
+    rows = encoded[:n]
+    width = max(len(e.input_ids) for e in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, e in enumerate(rows):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def quantization_report(ref: ModelRef, recipe: Recipe, batch) -> tuple[Any, dict[str, Any]]:
+    """Load the base (quantized if the recipe says so); report the probe loss full precision vs quantized."""
+    report: dict[str, Any] = {"method": "none"}
+    if recipe.quantized:
+        report["method"] = "int8" if recipe.load_in_8bit else (
+            f"4bit-{recipe.bnb_4bit_quant_type}" + ("+double_quant" if recipe.bnb_4bit_use_double_quant else ""))
+        if recipe.quant_probe:
+            full = load_model(ref, recipe, quantize=False)
+            report["full_precision"] = {"probe_loss": round(probe_loss(full, batch), 4),
+                                        "memory_mb": round(model_memory_mb(full), 1)}
+            _free(full)
+    model = load_model(ref, recipe, quantize=True)
+    key = "quantized" if recipe.quantized else "full_precision"
+    report[key] = {"probe_loss": round(probe_loss(model, batch), 4), "memory_mb": round(model_memory_mb(model), 1)}
+    if "full_precision" in report and "quantized" in report:
+        a, b = report["full_precision"]["probe_loss"], report["quantized"]["probe_loss"]
+        report["loss_rise"] = round(b - a, 4)
+        report["loss_rise_pct"] = round(100 * (b - a) / a, 2) if a else None
+    return model, report
+
+
+def print_quant_report(r: dict[str, Any]) -> None:
+    log(f"[quant] method: {r['method']}")
+    log(f"[quant] {'':16s}{'probe loss':>12s}{'memory MB':>12s}")
+    for key in ("full_precision", "quantized"):
+        if key in r:
+            log(f"[quant] {key:16s}{r[key]['probe_loss']:12.4f}{r[key]['memory_mb']:12.1f}")
+    if "loss_rise" in r:
+        log(f"[quant] quantization raised the probe loss by {r['loss_rise']:+.4f} ({r['loss_rise_pct']:+.1f}%)")
+
+
+def make_callbacks():
+    from transformers import TrainerCallback
+
+    class FiniteGuard(TrainerCallback):
+        """Stops at the first non-finite loss or gradient norm, before anything else is saved."""
+
+        bad: dict[str, Any] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for k in ("loss", "grad_norm"):
+                v = (logs or {}).get(k)
+                if v is not None and not math.isfinite(float(v)):
+                    self.bad = {"step": state.global_step, k: v}
+                    control.should_training_stop = True
+                    control.should_save = False
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bad:
+                control.should_save = False
+
+    return FiniteGuard()
+
+
+def _ckpt_flag(config_cls) -> str:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
+    from trl import SFTConfig, SFTTrainer
+
+    class Trainer(ckpt.AtomicCheckpointMixin, SFTTrainer):
+        pass
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
+    use_cpu = not torch.cuda.is_available()
+    has_eval = eval_ds is not None and recipe.eval_strategy != "no"
+    args = SFTConfig(
+        output_dir=str(run / "checkpoints"),
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        per_device_eval_batch_size=recipe.per_device_eval_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        optim=recipe.optim,
+        neftune_noise_alpha=recipe.neftune_noise_alpha,
+        logging_steps=recipe.logging_steps,
+        eval_strategy=recipe.eval_strategy if has_eval else "no",
+        eval_steps=recipe.eval_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        bf16=recipe.bf16,
+        fp16=recipe.fp16,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        report_to=recipe.report_to,
+        max_length=recipe.max_length,
+        use_cpu=use_cpu,
+        dataloader_pin_memory=not use_cpu,
+        dataset_kwargs={"skip_prepare_dataset": True},  # we tokenized and masked by position ourselves
+        # Checkpointing was already set up on the base by attach_lora (with the k-bit preparation); the Trainer
+        # must not wrap it again. transformers 5.2x renamed the flag.
+        **{_ckpt_flag(SFTConfig): False},
+        **recipe.sft_extra,
+    )
+    guard = make_callbacks()
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+                      processing_class=tok, callbacks=[guard])
+    return trainer, guard
+
+
+def save_adapter(model, tok, out: Path, base_path: str) -> dict[str, Any]:
+    """Write the final adapter atomically: staging folder, validate, rename."""
+    staging = out.with_name(f".{out.name}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.peft_config["default"].base_model_name_or_path = base_path
+    model.save_pretrained(str(staging))
+    tok.save_pretrained(str(staging))
+    info = ckpt.validate_adapter_dir(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return info
+
+
+def template_hash(tok) -> str:
+    return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
+    from accelerate import PartialState
+
+    state = PartialState()
+    t0 = time.time()
+    set_seed(recipe.seed)
+    run = run_dir_for(recipe, recipe_path, resume)
+    if run.exists() and not resume and any(run.iterdir()):
+        raise FileExistsError(f"{run} already exists; pass --resume to continue it or choose another --run_name")
+    resume_from = None
+    if resume:
+        resume_from = ckpt.last_good_checkpoint(run / "checkpoints", log=log)
+        log(f"[resume] {'from ' + str(resume_from) if resume_from else 'no complete checkpoint; starting fresh'}")
+    if state.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    log(f"[run] {run}")
+
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+
+    # ------------------------------------------------------------ data
+    data_report: dict[str, Any] = {}
+    train_rows = read_rows(recipe.train_file)
+    train_enc, rep = encode_rows(tok, train_rows, recipe.max_length)
+    data_report["train"] = {"file": recipe.train_file, "sha256": fingerprint(recipe.train_file),
+                            **rep.summary(recipe.max_length)}
+    eval_enc = None
+    if recipe.eval_file:
+        eval_enc, rep = encode_rows(tok, read_rows(recipe.eval_file), recipe.max_length)
+        data_report["eval"] = {"file": recipe.eval_file, "sha256": fingerprint(recipe.eval_file),
+                               **rep.summary(recipe.max_length)}
+    test_rows = read_rows(recipe.test_file) if recipe.test_file else []
+    if recipe.test_file:
+        data_report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file),
+                               "rows": len(test_rows)}
+    if not train_enc:
+        raise DataError(f"{recipe.train_file}: no usable training rows")
+    for split, r in data_report.items():
+        if "tokens" in r:
+            log(f"[data] {split}: {r['kept']}/{r['rows']} rows, {r['tokens']} tokens, "
+                f"{r['trained_share']:.0%} trained, length median {r['length']['median']} max {r['length']['max']}"
+                + (f", {r['dropped']} dropped (first: {r['dropped_rows'][0]['where']})" if r["dropped"] else ""))
+
+    manifest: dict[str, Any] = {
+        "status": "running",
+        "run_name": run.name,
+        "recipe_file": str(recipe_path),
+        "config": recipe.to_dict(),
+        "base_model": ref.to_dict(),
+        "versions": versions(),
+        "git": git_state(),
+        "hardware": hardware(),
+        "seed": recipe.seed,
+        "world_size": state.num_processes,
+        "effective_batch_size": recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+        * state.num_processes,
+        "data": data_report,
+        "chat_template_sha256": template_hash(tok),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+    if state.is_main_process:
+        write_json(run / "manifest.json", manifest)
+
+    # ------------------------------------------------------------ model, quantization damage, base score
+    model, qreport = quantization_report(ref, recipe, _probe_batch(train_enc))
+    print_quant_report(qreport)
+    manifest["quantization"] = qreport
+
+    conversations, references = prompts_and_answers(test_rows)
+    budget = recipe.eval_max_new_tokens or answer_budget(tok, references) if references else 0
+    evaluation: dict[str, Any] = {}
+    if recipe.eval_base and references and state.is_main_process:
+        evaluation["base"] = score(model, tok, conversations, references, budget,
+                                   recipe.eval_generation_batch_size, "base model")
+        log(f"[eval] base model exact match on {len(references)} held-out rows: {evaluation['base']['exact_match']:.3f}")
+
+    # ------------------------------------------------------------ LoRA + training
+    model = attach_lora(model, recipe)
+    manifest["parameters"] = parameter_counts(model)
+    p = manifest["parameters"]
+    log(f"[lora] trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)")
+    trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc),
+                                   to_dataset(eval_enc) if eval_enc else None)
+    t_train = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.time() - t_train
+    if guard.bad:
+        manifest["status"] = "diverged"
+        manifest["diverged"] = guard.bad
+        if state.is_main_process:
+            write_json(run / "manifest.json", manifest)
+        raise TrainingDiverged(f"non-finite value at step {guard.bad['step']}: {guard.bad}; the last good "
+                               f"checkpoint is {ckpt.last_good_checkpoint(run / 'checkpoints', log=log)}")
+
+    # ------------------------------------------------------------ save, score, record
+    if state.is_main_process:
+        manifest["adapter"] = save_adapter(trainer.model, tok, run / "adapter", ref.path)
+        log(f"[save] adapter -> {run / 'adapter'}")
+        if references:
+            evaluation["tuned"] = score(trainer.model, tok, conversations, references, budget,
+                                        recipe.eval_generation_batch_size, "tuned model")
+            evaluation["max_new_tokens"] = budget
+            write_json(run / "eval.json", evaluation)
+        from .plots import loss_curve
+
+        loss_curve(trainer.state.log_history, run / "loss_curve.png", title=run.name)
+        tokens_seen = sum(len(e.input_ids) for e in train_enc) * (result.global_step * manifest["effective_batch_size"]
+                                                                  / max(len(train_enc), 1))
+        manifest.update({
+            "status": "complete",
+            "train": {"global_step": result.global_step, "train_loss": round(result.training_loss, 4),
+                      "seconds": round(train_seconds, 1), "approx_tokens_per_s": round(tokens_seen / train_seconds, 1),
+                      "resumed_from": str(resume_from) if resume_from else None},
+            "log_history": trainer.state.log_history,
+            "wall_seconds": round(time.time() - t0, 1),
+            "finished": datetime.now().isoformat(timespec="seconds"),
+        })
+        write_json(run / "manifest.json", manifest)
+        if "base" in evaluation or "tuned" in evaluation:
+            log("")
+            log(f"  held-out exact match ({len(references)} rows)")
+            for k in ("base", "tuned"):
+                if k in evaluation:
+                    log(f"    {k:6s} {evaluation[k]['exact_match']:.3f}")
+        log(f"[done] {run} in {manifest['wall_seconds']:.0f}s")
+    state.wait_for_everyone()
+    sys.stdout.flush()
+    return run

@@ -1,0 +1,82 @@
+"""Write the demo dataset to data/demo/ (train, val and test splits as chat JSONL).
+
+    python scripts/make_demo_data.py          # rewrites data/demo/*.jsonl deterministically
+
+The task: turn a loosely written person record, whose fields come in any order and with varying
+separators, into one fixed catalogue line, "Surname, Given (City, Year)". A base model cannot guess
+the exact target format zero-shot, the answer can be scored by exact match, and a LoRA adapter learns it in a
+few dozen steps. Records of the test split share no (given, surname) pair with train or val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+GIVEN = """Alice Bruno Chiara Daniel Elena Farid Greta Hugo Ines Jonas Kira Lars Maya Nadia Oscar Paula Quentin Rosa
+Samir Tessa Ugo Vera Walter Xenia Yusuf Zoe Amara Boris Carmen Dmitri Emil Fatima Gustav Hanna Ivan Julia Kenji Lina
+Marco Nora Omar Petra Rafael Selma Tomas Ulla Viktor Wanda Yara Anton Beatriz Cyril Dalia Enzo Freya Goran Helga
+Isak Jana""".split()
+SURNAME = """Moreau Novak Rossi Schmidt Garcia Jansen Kowalski Silva Dubois Lindqvist Petrov Costa Bauer Haddad Ferreira
+Nakamura Olsen Romano Weber Almeida Berg Conti Duval Eriksen Fischer Grimaldi Horvat Ivanova Jovanovic Keller Larsen
+Marino Nilsen Okafor Pereira Quint Richter Santos Toth Urban Vidal Wagner Yilmaz Zeller Andersen Brandt Castillo
+Dalton Esposito Fontaine""".split()
+CITY = """Lyon Porto Turin Graz Gdansk Utrecht Bergen Tartu Leipzig Seville Bruges Krakow Malmo Basel Riga Split Bilbao
+Ghent Aarhus Brno Genoa Nantes Vigo Cork Linz""".split()
+
+# Several surface forms per field, so the model must parse rather than copy a fixed layout.
+FIELD_FORMS = {
+    "name": ["name={g} {s}", "name: {g} {s}", "full name = {g} {s}", "person: {g} {s}"],
+    "born": ["born={y}", "born: {y}", "year of birth = {y}", "b. {y}"],
+    "city": ["city={c}", "city: {c}", "lives in {c}", "home = {c}"],
+}
+SEPARATORS = ["; ", " | ", ", ", " / "]
+INSTRUCTIONS = [
+    "Format this record as a catalogue line:",
+    "Catalogue line for this record:",
+    "Rewrite as a catalogue entry:",
+]
+
+
+def make_example(rng: random.Random, given: str, surname: str) -> dict:
+    year, city = rng.randint(1931, 2009), rng.choice(CITY)
+    parts = [rng.choice(FIELD_FORMS[f]).format(g=given, s=surname, y=year, c=city) for f in FIELD_FORMS]
+    rng.shuffle(parts)
+    prompt = f"{rng.choice(INSTRUCTIONS)} {rng.choice(SEPARATORS).join(parts)}"
+    answer = f"{surname}, {given} ({city}, {year})"
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def build(seed: int, n_train: int, n_val: int, n_test: int) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    pairs = [(g, s) for g in GIVEN for s in SURNAME]
+    rng.shuffle(pairs)
+    # Disjoint name pairs per split: the test split checks the format, not memorised people.
+    cut_test, cut_val = n_test, n_test + n_val
+    pools = {"test": pairs[:cut_test], "val": pairs[cut_test:cut_val], "train": pairs[cut_val:]}
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    return {split: [make_example(rng, *pools[split][i % len(pools[split])]) for i in range(sizes[split])]
+            for split in ("train", "val", "test")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "demo"))
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--train", type=int, default=480)
+    ap.add_argument("--val", type=int, default=40)
+    ap.add_argument("--test", type=int, default=40)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in build(args.seed, args.train, args.val, args.test).items():
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(rows):4d} rows to {out / f'{split}.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
