@@ -281,6 +281,12 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     model, qreport = quantization_report(ref, recipe, _probe_batch(train_enc))
     print_quant_report(qreport)
     manifest["quantization"] = qreport
+    from .runs import base_fingerprint
+
+    manifest["base_fingerprint"] = base_fingerprint(model)
+    manifest["base_config"] = {k: getattr(model.config, k, None)
+                               for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                         "tie_word_embeddings")}
 
     conversations, references = prompts_and_answers(test_rows)
     budget = recipe.eval_max_new_tokens or answer_budget(tok, references) if references else 0
