@@ -15,6 +15,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices meant for library authors
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call int8 dtype notes on CPU
