@@ -178,7 +178,7 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     class Trainer(ckpt.AtomicCheckpointMixin, SFTTrainer):
         pass
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, not per process
     use_cpu = not torch.cuda.is_available()
     has_eval = eval_ds is not None and recipe.eval_strategy != "no"
     args = SFTConfig(
