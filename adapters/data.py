@@ -202,10 +202,16 @@ def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0
     return out, report
 
 
-def to_dataset(encoded: list[Encoded]):
+def to_dataset(encoded: list[Encoded], pack_length: int | None = None):
+    """A datasets.Dataset of input_ids/labels; with ``pack_length``, packed by TRL (best fit decreasing)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    if pack_length:
+        from trl import pack_dataset
+
+        ds = pack_dataset(ds, pack_length, strategy="bfd")
+    return ds
 
 
 def prompts_and_answers(rows: list[Row]) -> tuple[list[list[dict[str, str]]], list[str]]:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger("adapters.data")
 
@@ -120,7 +121,7 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
             text, bad = _decode(raw, str(path), lineno, offset)
             offset += len(raw)
             if bad:
-                yield Record(str(path), lineno, None, raw.decode("utf-8", "backslashreplace"), [bad])
+                yield Record(str(path), lineno, None, raw.decode("utf-8", "backslashreplace").rstrip("\n"), [bad])
                 continue
             if not text.strip():
                 continue
@@ -387,10 +388,10 @@ def scan(path: str | Path, data_format: str | None = None, columns: dict[str, st
 
 
 def write_quarantine(bad: list[Record], path: str | Path) -> Path:
-    """Append the bad rows, each with its location and problems, to a JSONL quarantine file."""
+    """Write the bad rows, each with its location and problems, to a JSONL quarantine file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for rec in bad:
             f.write(json.dumps({"where": f"{rec.file}:{rec.line}", "problems": [str(p) for p in rec.problems],
                                 "raw": rec.raw}, ensure_ascii=False) + "\n")
