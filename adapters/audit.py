@@ -20,6 +20,15 @@ def _pct(xs: list[int], q: float) -> int:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def _last_trained_span(e: Encoded) -> list[int]:
+    """Token ids of the last contiguous run of trained positions (the final answer and what closes it)."""
+    end = max((i for i, lab in enumerate(e.labels) if lab != IGNORE_INDEX), default=-1)
+    start = end
+    while start > 0 and e.labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return e.input_ids[start: end + 1] if end >= 0 else []
+
+
 def audit(encoded: list[Encoded], report: EncodeReport, max_length: int, stop_ids: list[int]) -> dict[str, Any]:
     """Numbers of the audit. ``report`` is the EncodeReport of the same rows (it holds the dropped ones)."""
     lengths = sorted(report.lengths) or [0]
@@ -29,8 +38,7 @@ def audit(encoded: list[Encoded], report: EncodeReport, max_length: int, stop_id
     eos_rows = 0
     prompt_trained = 0
     for e in encoded:
-        trained = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
-        if trained and trained[-1] in stop:
+        if any(t in stop for t in _last_trained_span(e)):
             eos_rows += 1
         if e.labels and e.labels[0] != IGNORE_INDEX:
             prompt_trained += 1

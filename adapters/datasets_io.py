@@ -126,7 +126,7 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield Record(str(path), lineno, None, text.rstrip("\n"),
                              [Problem(str(path), lineno, None, f"invalid JSON: {e.msg}", e.colno)])
