@@ -21,8 +21,11 @@ def exact_key(row: Row) -> str:
 
 def near_key(row: Row) -> str:
     """The row after whitespace and case normalisation: rows equal under it are near-exact duplicates."""
-    parts = [row.text] if row.text is not None else [f"{t['role']}:{t['content']}" for t in row.messages]
-    return "\x1f".join(_WS.sub(" ", p).strip().casefold() for p in parts)
+    def norm(x: str) -> str:
+        return _WS.sub(" ", x).strip().casefold()
+
+    parts = [norm(row.text)] if row.text is not None else [f"{t['role']}:{norm(t['content'])}" for t in row.messages]
+    return "\x1f".join(parts)
 
 
 def answer(row: Row) -> str:
