@@ -20,7 +20,8 @@ from .manifest import write_json
 
 # Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
 # built by masking_utils from position_ids (a restart at 0 starts a new sample) when no 2D attention mask is given,
-# and the flash kernels take cu_seq_lens; tests/test_data_packing.py checks sdpa and eager on a tiny model.
+# and the flash kernels take cu_seq_lens. That holds only without a KV cache: TRL's compute_loss passes
+# use_cache=False. tests/test_data_packing.py checks sdpa and eager on a tiny model.
 ISOLATING_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
