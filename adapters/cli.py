@@ -45,6 +45,8 @@ def cmd_recipes(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     """adapters data check FILE…: every problem as file:line[:col]: field: message; exit 1 when there are any."""
+    if args.data_verb == "audit":
+        return _data_audit(args, rest)
     from .datasets_io import check
 
     columns = dict(kv.split("=", 1) for kv in args.columns) if args.columns else None
@@ -58,6 +60,20 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"{res.bad_rows} invalid row(s) written to {res.quarantine}", file=sys.stderr)
         return 0
     return 1 if res.problems else 0
+
+
+def _data_audit(args: argparse.Namespace, rest: list[str]) -> int:
+    """adapters data audit RECIPE [--key value …]: the whole data stage with the recipe's tokenizer, no model."""
+    from .config import load_recipe, parse_overrides
+    from .models import load_tokenizer, resolve_model
+    from .prepare import packing_guard, prepare_data
+
+    recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
+    tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
+    packing_guard(recipe)
+    prepare_data(recipe, tok, Path(args.out))
+    print(f"audit -> {Path(args.out) / 'data_audit.json'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-invalid", action="store_true", help="write bad rows to the quarantine file, exit 0")
     c.add_argument("--quarantine", default=None, help="quarantine file (default: ./quarantine.jsonl)")
     c.set_defaults(func=cmd_data)
+    c = dsub.add_parser("audit", help="validate, clean, split and audit a recipe's data with its tokenizer (no model)",
+                        epilog="example: adapters data audit gemma3-270m-demo --max_length 64")
+    c.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
+    c.add_argument("--out", default="outputs/data-audit", help="folder for data_audit.json (and quarantine.jsonl)")
+    c.set_defaults(func=cmd_data, takes_rest=True)
     return ap
 
 

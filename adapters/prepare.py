@@ -6,6 +6,7 @@ problem stops the run before anything expensive starts. Everything done is recor
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 from pathlib import Path
@@ -61,11 +62,12 @@ def _read(path: str, recipe: Recipe) -> list[Row]:
     return scan(path, recipe.data_format, recipe.data_columns).rows
 
 
-def validate_sources(recipe: Recipe, paths: list[str], run_dir: Path | None, say=print) -> dict[str, Any]:
+def validate_sources(recipe: Recipe, paths: list[str], run_dir: Path | None, say=print, write: bool = True
+                     ) -> dict[str, Any]:
     """The same validation as ``adapters data check``, before every train. Errors stop the run unless
     ``skip_invalid``; then the bad rows go to the quarantine file and their count is reported."""
     qpath = recipe.quarantine_file or (str(run_dir / "quarantine.jsonl") if run_dir else None)
-    res = check(paths, recipe.data_format, recipe.data_columns, quarantine=qpath if recipe.skip_invalid else None)
+    res = check(paths, recipe.data_format, recipe.data_columns, quarantine=qpath if recipe.skip_invalid and write else None)
     if res.problems and not recipe.skip_invalid:
         shown = "\n  ".join(str(p) for p in res.problems[:20])
         more = f"\n  … and {len(res.problems) - 20} more" if len(res.problems) > 20 else ""
@@ -87,7 +89,11 @@ def prepare_data(recipe: Recipe, tok, run_dir: Path | None, say=print, write: bo
     mix.setdefault(recipe.train_file, 1.0)
     held = [p for p in (recipe.eval_file, recipe.test_file) if p]
     general = [recipe.general_data_file] if recipe.general_data_file else []
-    report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say)}
+    report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
+    report["chat_template"] = {"source": recipe.chat_template or "tokenizer (or the family built-in if it has none)",
+                               "sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
+    report["packing"] = {"enabled": bool(recipe.sft_extra.get("packing")),
+                         "attn_implementation": recipe.attn_implementation}
 
     # ---------------------------------------------------------------- sources; clean and split before weighting,
     # so that duplicates are found across sources and no repeated row can cross the split

@@ -126,3 +126,17 @@ def test_mixing_weights_and_augmentation_recorded(tmp_path):
     # same recipe, same seed -> same rows in the same order
     enc2 = prepare_data(r, build_tokenizer(), None, say=lambda s: None)[0]
     assert [e.input_ids for e in enc2] == [e.input_ids for e in enc]
+
+
+def test_data_audit_cli_uses_recipe_tokenizer(tmp_path, tiny_models, tiny_data, capsys):
+    from adapters.cli import main
+
+    out = tmp_path / "audit"
+    rc = main(["data", "audit", "gemma3-270m-demo", "--out", str(out), "--model_name_or_path",
+               str(tiny_models["gemma3"]), "--train_file", str(tiny_data["train"]), "--eval_file",
+               str(tiny_data["val"]), "--test_file", str(tiny_data["test"])])
+    assert rc == 0 and json.loads((out / "data_audit.json").read_text())["train"]["kept"] == 32
+    assert "[audit] no problems" in capsys.readouterr().out
+    rc = main(["data", "audit", "gemma3-270m-demo", "--out", str(out), "--model_name_or_path",
+               str(tiny_models["gemma3"]), "--train_file", str(tiny_data["train"]), "--max_length", "30"])
+    assert rc == 2 and "data audit failed" in capsys.readouterr().err
