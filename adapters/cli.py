@@ -64,6 +64,8 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _data_audit(args: argparse.Namespace, rest: list[str]) -> int:
     """adapters data audit RECIPE [--key value …]: the whole data stage with the recipe's tokenizer, no model."""
+    from pathlib import Path
+
     from .config import load_recipe, parse_overrides
     from .models import load_tokenizer, resolve_model
     from .prepare import packing_guard, prepare_data
