@@ -140,3 +140,23 @@ def test_data_audit_cli_uses_recipe_tokenizer(tmp_path, tiny_models, tiny_data, 
     rc = main(["data", "audit", "gemma3-270m-demo", "--out", str(out), "--model_name_or_path",
                str(tiny_models["gemma3"]), "--train_file", str(tiny_data["train"]), "--max_length", "30"])
     assert rc == 2 and "data audit failed" in capsys.readouterr().err
+
+
+def test_template_from_jinja_file_hashed_and_unstoppable_template_refused(tmp_path, tiny_models, tiny_data):
+    import hashlib
+
+    from adapters.audit import AuditError
+    from adapters.models import TEMPLATE_DIR, load_tokenizer, resolve_model
+
+    over = {"output_root": str(tmp_path), "model_name_or_path": str(tiny_models["gemma3"]),
+            "train_file": str(tiny_data["train"]), "eval_file": None, "test_file": None}
+    gemma = TEMPLATE_DIR / "gemma.jinja"
+    r = load_recipe("gemma3-270m-demo", {**over, "chat_template": str(gemma)})[0]
+    tok = load_tokenizer(resolve_model(r.model_name_or_path), r)
+    rep = prepare_data(r, tok, None, say=lambda s: None)[3]
+    assert rep["chat_template"]["sha256"] == hashlib.sha256(gemma.read_bytes()).hexdigest()
+    # ChatML closes turns with <|im_end|>, which this tokenizer splits into plain pieces: no stop token is trained
+    r = load_recipe("gemma3-270m-demo", {**over, "chat_template": "chatml"})[0]
+    tok = load_tokenizer(resolve_model(r.model_name_or_path), r)
+    with pytest.raises(AuditError, match=r"0 of 32 rows train their closing EOS/end-of-turn"):
+        prepare_data(r, tok, None, say=lambda s: None)
