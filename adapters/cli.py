@@ -43,6 +43,41 @@ def cmd_recipes(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
+    """adapters data check FILE…: every problem as file:line[:col]: field: message; exit 1 when there are any."""
+    if args.data_verb == "audit":
+        return _data_audit(args, rest)
+    from .datasets_io import check
+
+    columns = dict(kv.split("=", 1) for kv in args.columns) if args.columns else None
+    quarantine = args.quarantine or ("quarantine.jsonl" if args.skip_invalid else None)
+    res = check(args.files, args.format, columns, quarantine=quarantine if args.skip_invalid else None)
+    for p in res.problems:
+        print(p)
+    print(f"{res.files} source(s), {res.rows} row(s): {res.valid} valid, {res.bad_rows} invalid, "
+          f"{len(res.problems)} problem(s)", file=sys.stderr)
+    if res.bad_rows and args.skip_invalid:
+        print(f"{res.bad_rows} invalid row(s) written to {res.quarantine}", file=sys.stderr)
+        return 0
+    return 1 if res.problems else 0
+
+
+def _data_audit(args: argparse.Namespace, rest: list[str]) -> int:
+    """adapters data audit RECIPE [--key value …]: the whole data stage with the recipe's tokenizer, no model."""
+    from pathlib import Path
+
+    from .config import load_recipe, parse_overrides
+    from .models import load_tokenizer, resolve_model
+    from .prepare import packing_guard, prepare_data
+
+    recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
+    tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
+    packing_guard(recipe)
+    prepare_data(recipe, tok, Path(args.out))
+    print(f"audit -> {Path(args.out) / 'data_audit.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -55,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("data", help="data tools: `adapters data check FILE…` validates every row")
+    dsub = p.add_subparsers(dest="data_verb", required=True)
+    c = dsub.add_parser("check", help="report every problem as file:line[:col]: field: message; exit 1 on errors",
+                        epilog="example: adapters data check data/demo/train.jsonl --skip-invalid")
+    c.add_argument("files", nargs="+", help=".jsonl/.json/.csv/.parquet files, directories or save_to_disk folders")
+    c.add_argument("--format", choices=["chat", "prompt_completion", "alpaca", "text"], default=None,
+                   help="force a format (default: detect per row)")
+    c.add_argument("--columns", nargs="*", metavar="NAME=COLUMN", help="map columns, e.g. prompt=question")
+    c.add_argument("--skip-invalid", action="store_true", help="write bad rows to the quarantine file, exit 0")
+    c.add_argument("--quarantine", default=None, help="quarantine file (default: ./quarantine.jsonl)")
+    c.set_defaults(func=cmd_data)
+    c = dsub.add_parser("audit", help="validate, clean, split and audit a recipe's data with its tokenizer (no model)",
+                        epilog="example: adapters data audit gemma3-270m-demo --max_length 64")
+    c.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
+    c.add_argument("--out", default="outputs/data-audit", help="folder for data_audit.json (and quarantine.jsonl)")
+    c.set_defaults(func=cmd_data, takes_rest=True)
     return ap
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoints as ckpt
 from .config import Recipe
-from .data import DataError, encode_rows, fingerprint, prompts_and_answers, read_rows, to_dataset
+from .data import prompts_and_answers, to_dataset
 from .evaluate import answer_budget, score
 from .lora import attach_lora, parameter_counts
 from .manifest import git_state, hardware, versions, write_json
@@ -262,27 +262,11 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     tok = load_tokenizer(ref, recipe)
 
     # ------------------------------------------------------------ data
-    data_report: dict[str, Any] = {}
-    train_rows = read_rows(recipe.train_file)
-    train_enc, rep = encode_rows(tok, train_rows, recipe.max_length)
-    data_report["train"] = {"file": recipe.train_file, "sha256": fingerprint(recipe.train_file),
-                            **rep.summary(recipe.max_length)}
-    eval_enc = None
-    if recipe.eval_file:
-        eval_enc, rep = encode_rows(tok, read_rows(recipe.eval_file), recipe.max_length)
-        data_report["eval"] = {"file": recipe.eval_file, "sha256": fingerprint(recipe.eval_file),
-                               **rep.summary(recipe.max_length)}
-    test_rows = read_rows(recipe.test_file) if recipe.test_file else []
-    if recipe.test_file:
-        data_report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file),
-                               "rows": len(test_rows)}
-    if not train_enc:
-        raise DataError(f"{recipe.train_file}: no usable training rows")
-    for split, r in data_report.items():
-        if "tokens" in r:
-            log(f"[data] {split}: {r['kept']}/{r['rows']} rows, {r['tokens']} tokens, "
-                f"{r['trained_share']:.0%} trained, length median {r['length']['median']} max {r['length']['max']}"
-                + (f", {r['dropped']} dropped (first: {r['dropped_rows'][0]['where']})" if r["dropped"] else ""))
+    from .prepare import packing_guard, prepare_data
+
+    packed = packing_guard(recipe, say=log)  # packing only where the attention keeps samples apart
+    train_enc, eval_enc, test_rows, data_report = prepare_data(recipe, tok, run, say=log,
+                                                               write=state.is_main_process)
 
     manifest: dict[str, Any] = {
         "status": "running",
@@ -328,7 +312,8 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     manifest["parameters"] = parameter_counts(model)
     p = manifest["parameters"]
     log(f"[lora] trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)")
-    trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc),
+    trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc, pack_length=recipe.max_length
+                                                                        if packed else None),
                                    to_dataset(eval_enc) if eval_enc else None)
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
