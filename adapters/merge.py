@@ -54,7 +54,13 @@ class MergeError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- memory
 class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 5 ms), and the baseline."""
+    """Peak memory of this process while the block runs (sampled every 5 ms), against its level at the start.
+
+    Two figures: resident set size (RSS, what ``ru_maxrss`` and ``top`` show) and its anonymous part (RSS minus
+    file-backed pages). transformers memory-maps safetensors checkpoints, so RSS also counts clean pages of the
+    base checkpoint that stay mapped while any tensor still points into the file; the kernel drops those under
+    memory pressure without swapping. The anonymous part is the memory the merge really holds.
+    """
 
     def __init__(self, interval: float = 0.005):
         import psutil
@@ -62,17 +68,23 @@ class PeakRSS:
         self._proc = psutil.Process()
         self._interval = interval
         self._stop = threading.Event()
-        self.start_mb = self.peak_mb = 0.0
+        self.start_mb = self.peak_mb = self.start_anon_mb = self.peak_anon_mb = 0.0
 
-    def _rss(self) -> float:
-        return self._proc.memory_info().rss / 2**20
+    def _sample(self) -> tuple[float, float]:
+        m = self._proc.memory_info()
+        return m.rss / 2**20, (m.rss - getattr(m, "shared", 0)) / 2**20
+
+    def _update(self) -> None:
+        rss, anon = self._sample()
+        self.peak_mb, self.peak_anon_mb = max(self.peak_mb, rss), max(self.peak_anon_mb, anon)
 
     def _poll(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak_mb = max(self.peak_mb, self._rss())
+            self._update()
 
     def __enter__(self) -> PeakRSS:
-        self.start_mb = self.peak_mb = self._rss()
+        self.start_mb, self.start_anon_mb = self._sample()
+        self.peak_mb, self.peak_anon_mb = self.start_mb, self.start_anon_mb
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -80,15 +92,17 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._rss())
+        self._update()
 
     def summary(self, model_mb: float) -> dict[str, Any]:
         import resource
 
-        rise = self.peak_mb - self.start_mb
+        rise, rise_anon = self.peak_mb - self.start_mb, self.peak_anon_mb - self.start_anon_mb
+        ratio = (lambda x: round(x / model_mb, 3) if model_mb else None)
         return {"peak_rss_mb": round(self.peak_mb, 1), "start_rss_mb": round(self.start_mb, 1),
-                "peak_rise_mb": round(rise, 1), "model_mb": round(model_mb, 1),
-                "peak_rise_over_model": round(rise / model_mb, 3) if model_mb else None,
+                "peak_rise_mb": round(rise, 1), "model_mb": round(model_mb, 1), "peak_rise_over_model": ratio(rise),
+                "peak_anon_mb": round(self.peak_anon_mb, 1), "start_anon_mb": round(self.start_anon_mb, 1),
+                "peak_anon_rise_mb": round(rise_anon, 1), "peak_anon_rise_over_model": ratio(rise_anon),
                 "process_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -285,9 +299,12 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
                               "dtype": dtype, "probe_file": probe_file, "probes": len(probes),
                               "max_kl": max_kl, "max_shard_size": max_shard_size}
     timing: dict[str, float] = {}
+    peaks: dict[str, float] = {}
 
     def tick(name: str, since: float) -> float:
         timing[name] = round(time.time() - since, 2)
+        # running peaks (RSS, anonymous) at the end of each phase: show which phase set them
+        peaks[name] = [round(mem.peak_mb, 1), round(mem.peak_anon_mb, 1)]
         return time.time()
 
     with PeakRSS() as mem:
@@ -336,7 +353,7 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
                                                **report["vs_adapter_full_precision"]}
     report["heldout"] = heldout
     report["untied_embeddings"] = untied
-    report["memory"] = mem.summary(model_mb)
+    report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": peaks}
     report["seconds"] = {**timing, "total": round(time.time() - t0, 2)}
     report["probe_samples"] = [{"expected": r, "adapter": a, "merged": m}
                                for r, a, m in list(zip(refs, ans_b, ans_m))[:3]]

@@ -322,7 +322,10 @@ def test_peak_rss_on_128m_model(trained_run, tmp_path):
     mem = json.loads((tmp_path / "run" / "merge_report.json").read_text())["memory"]
     print(mem)
     assert 480 < mem["model_mb"] < 500
-    assert mem["peak_rise_over_model"] < 1.5, mem
+    # the memory the merge holds (anonymous RSS) stays within 1.3x the merged model; total RSS also counts clean,
+    # reclaimable pages of the memory-mapped base checkpoint and is recorded next to it
+    assert mem["peak_anon_rise_over_model"] < 1.3, mem
+    assert mem["peak_rss_mb"] >= mem["peak_anon_mb"] and mem["process_ru_maxrss_mb"] >= mem["model_mb"]
 
 
 @pytest.mark.slow
