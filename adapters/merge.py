@@ -423,8 +423,9 @@ def print_report(r: dict[str, Any], log=print) -> None:
             + (f"{a:.3f}" if a is not None else "n/a (no eval.json)"))
     m = r.get("memory") or {}
     if m:
-        log(f"  peak RSS {m['peak_rss_mb']:.0f} MB (rise {m['peak_rise_mb']:.0f} MB = "
-            f"{m['peak_rise_over_model']:.2f}x the {m['model_mb']:.0f} MB model); {r['seconds']['total']:.1f} s")
+        log(f"  memory: model {m['model_mb']:.0f} MB; peak rise {m['peak_anon_rise_mb']:.0f} MB anonymous "
+            f"({m['peak_anon_rise_over_model']:.2f}x), {m['peak_rise_mb']:.0f} MB RSS incl. mapped checkpoint pages "
+            f"({m['peak_rise_over_model']:.2f}x); peak RSS {m['peak_rss_mb']:.0f} MB; {r['seconds']['total']:.1f} s")
     log(f"  verdict: {r['verdict']}" + (f" -> {r['merged_dir']}" if r.get("merged_dir") else ""))
 
 
