@@ -107,15 +107,18 @@ def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[floa
         "vs_sources": {str(r.path): compare(s, got) for r, s in zip(runs, src_logits)},
     }
     heldout: dict[str, Any] = {}
+    scored: dict[str, dict[str, Any]] = {}  # runs usually share one test file: score it once
     for r in runs:
         tf = r.recipe.test_file
         ev = r.path / "eval.json"
         src_em = (json.loads(ev.read_text()).get("tuned") or {}).get("exact_match") if ev.is_file() else None
         entry: dict[str, Any] = {"file": tf, "source_exact_match": src_em}
         if tf and Path(tf).is_file():
-            c, refs_t = prompts_and_answers(read_rows(tf))
-            preds = generate_answers(model, tok, c, budget, bs, f"combined on {Path(tf).name}")
-            entry.update({"combined_exact_match": round(exact_match(preds, refs_t), 4), "n": len(refs_t)})
+            if tf not in scored:
+                c, refs_t = prompts_and_answers(read_rows(tf))
+                preds = generate_answers(model, tok, c, budget, bs, f"combined on {Path(tf).name}")
+                scored[tf] = {"combined_exact_match": round(exact_match(preds, refs_t), 4), "n": len(refs_t)}
+            entry.update(scored[tf])
         heldout[str(r.path)] = entry
     report["heldout"] = heldout
 

@@ -98,7 +98,10 @@ class PeakRSS:
         import resource
 
         rise, rise_anon = self.peak_mb - self.start_mb, self.peak_anon_mb - self.start_anon_mb
-        ratio = (lambda x: round(x / model_mb, 3) if model_mb else None)
+
+        def ratio(x: float) -> float | None:
+            return round(x / model_mb, 3) if model_mb else None
+
         return {"peak_rss_mb": round(self.peak_mb, 1), "start_rss_mb": round(self.start_mb, 1),
                 "peak_rise_mb": round(rise, 1), "model_mb": round(model_mb, 1), "peak_rise_over_model": ratio(rise),
                 "peak_anon_mb": round(self.peak_anon_mb, 1), "start_anon_mb": round(self.start_anon_mb, 1),

@@ -200,11 +200,11 @@ def test_max_kl_failure_exit_code(trained_run, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(m, "merge_into", corrupt)
     run = _copy_run(trained_run, tmp_path / "run")
-    assert cli.main(["merge", str(run), "--max-kl", "1e-3"]) == 1
+    assert cli.main(["merge", str(run), "--max-kl", "1e-3", "--probes", "2"]) == 1
     report = json.loads((run / "merge_report.json").read_text())
     assert report["verdict"] == "fail" and report["vs_adapter_full_precision"]["mean_kl"] > 1e-3
     assert not (run / "merged").exists() and not (run / ".merged.staging").exists()
-    assert cli.main(["merge", str(run), "--max-kl", "1e-3", "--force"]) == 0
+    assert cli.main(["merge", str(run), "--max-kl", "1e-3", "--probes", "2", "--force"]) == 0
     assert json.loads((run / "merge_report.json").read_text())["verdict"] == "forced"
     assert (run / "merged" / "config.json").is_file()
 
@@ -223,7 +223,7 @@ def test_combine_two_adapters(trained_run, tiny_models, tmp_path):
 
     a = _copy_run(trained_run, tmp_path / "a")
     b = _perturbed_run(trained_run, tmp_path / "b")
-    rep = combine_runs([str(a), str(b)], "cat", [1.0, 1.0], None, tmp_path / "ab")
+    rep = combine_runs([str(a), str(b)], "cat", [1.0, 1.0], None, tmp_path / "ab", n_probes=2)
     out = tmp_path / "ab"
     assert {"adapter", "manifest.json", "combine_report.json", "eval.json"} <= {p.name for p in out.iterdir()}
     assert rep["vs_base"]["max_abs_logit_diff"] > 1e-2
@@ -238,7 +238,7 @@ def test_combine_two_adapters(trained_run, tiny_models, tmp_path):
     combined = PeftModel.from_pretrained(base2, out / "adapter")
     torch.testing.assert_close(_logits(combined, ids), want, atol=1e-4, rtol=1e-4)
     # linear with weights, merged into the base: a verified merged/ of the combination
-    rep = combine_runs([str(a), str(b)], "linear", [0.7, 0.3], None, tmp_path / "lin", merged=True)
+    rep = combine_runs([str(a), str(b)], "linear", [0.7, 0.3], None, tmp_path / "lin", merged=True, n_probes=2)
     assert rep["verdict"] == "pass" and (tmp_path / "lin" / "merged" / "config.json").is_file()
     assert json.loads((tmp_path / "lin" / "manifest.json").read_text())["combined_from"][1]["weight"] == 0.3
 
