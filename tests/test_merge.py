@@ -329,13 +329,15 @@ def test_peak_rss_on_128m_model(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_merge_4bit_trained_run(tiny_models, tiny_data, tmp_path):
-    """RELIABILITY 11: a QLoRA run merges on a full-precision reload; both references are checked."""
+def test_merge_int8_trained_run(tiny_models, tiny_data, tmp_path):
+    """RELIABILITY 11: a run trained on a quantized base merges on a full-precision reload; both references are
+    checked. (int8: bitsandbytes' CPU 4-bit kernels need dimensions divisible by 32, which the tiny models lack.)"""
     recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
         tiny_models["llama"], tiny_data, tmp_path, run_name="q", init_lora_weights=False, eval_base=False,
-        load_in_4bit=True, save_steps=1000, eval_strategy="no"))
+        load_in_8bit=True, save_steps=1000, eval_strategy="no"))
     run = train(recipe, path)
-    report = merge_run(run)
+    report = merge_run(run, n_probes=4)
     assert report["verdict"] == "pass"
-    assert report["vs_adapter_as_trained"]["form"] == "4bit-nf4"
+    assert report["vs_adapter_as_trained"]["form"] == "int8"
+    assert report["vs_adapter_as_trained"]["max_abs_logit_diff"] > 0  # the quantized reference really ran
     assert report["vs_adapter_full_precision"]["mean_kl"] < 1e-5
