@@ -78,6 +78,42 @@ def _data_audit(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    from .merge import MergeError, merge_run
+    from .runs import RunError
+
+    try:
+        if args.adapters:
+            from .combine import combine_runs
+
+            if not args.out:
+                raise MergeError("--adapters needs --out DIR (where the combined adapter is written)")
+            report = combine_runs(args.adapters, args.method, args.weights, args.density, args.out,
+                                  merged=args.merged, force=args.force, max_kl=args.max_kl, dtype=args.dtype)
+        else:
+            if not args.run_dir:
+                raise MergeError("give a run directory (adapters merge outputs/<run>) or --adapters RUN_A RUN_B ...")
+            report = merge_run(args.run_dir, max_kl=args.max_kl, force=args.force, dtype=args.dtype,
+                               n_probes=args.probes)
+    except (MergeError, RunError) as e:
+        print(f"adapters merge: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if report.get("verdict") in ("pass", "forced", None) else 1
+
+
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from .export import export_run
+    from .merge import MergeError
+    from .runs import RunError
+
+    try:
+        export_run(args.run_dir, args.to, force=args.force)
+    except (MergeError, RunError) as e:
+        print(f"adapters export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -107,6 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
     c.add_argument("--out", default="outputs/data-audit", help="folder for data_audit.json (and quarantine.jsonl)")
     c.set_defaults(func=cmd_data, takes_rest=True)
+
+    from .merge import DEFAULT_MAX_KL, METHODS
+
+    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision base, verified against the adapter",
+                       epilog="examples: adapters merge outputs/<run>; adapters merge --adapters outputs/a outputs/b "
+                              "--method ties --weights 1 1 --density 0.5 --out outputs/a+b --merged")
+    p.add_argument("run_dir", nargs="?", help="outputs/<run>: writes <run>/merged/ and <run>/merge_report.json")
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                   help="largest mean KL (nats/token) allowed between merged model and adapter model; else exit 1")
+    p.add_argument("--force", action="store_true", help="write merged/ (or --out) even when the check fails")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="merge precision (default: the recipe's dtype)")
+    p.add_argument("--probes", type=int, default=8, help="probe prompts taken from the eval split")
+    p.add_argument("--adapters", nargs="+", metavar="RUN", help="combine these runs' adapters (same base) instead")
+    p.add_argument("--method", choices=METHODS, default="linear", help="PEFT add_weighted_adapter combination_type")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: 1/n for linear and "
+                                                             "cat, 1.0 for the others)")
+    p.add_argument("--density", type=float, help="share of values kept by ties/dare/magnitude_prune (default 0.5)")
+    p.add_argument("--out", help="with --adapters: the new run-like directory (adapter/, manifest, report)")
+    p.add_argument("--merged", action="store_true", help="with --adapters: also merge the combination (<out>/merged)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a run's adapter, tokenizer, chat template and model card to a folder")
+    p.add_argument("run_dir", help="outputs/<run>")
+    p.add_argument("--to", required=True, help="target directory (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing target directory")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
