@@ -114,6 +114,14 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace, rest: list[str]) -> int:
+    from .hub import push
+
+    push(args.run_dir, args.repo_id, merged=args.merged, private=args.private, revision=args.revision,
+         endpoint=args.endpoint, dry_run=args.dry_run, datasets=args.dataset, timeout=args.timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -169,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="target directory (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing target directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="share a run on a model hub: adapter (or merged model), tokenizer, card; "
+                       "the token comes from HF_TOKEN or `hf auth login`",
+                       epilog="example: adapters push outputs/demo --repo-id me/demo-lora --dry-run")
+    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if needed)")
+    p.add_argument("--merged", action="store_true", help="push RUN_DIR/merged instead of the adapter")
+    p.add_argument("--private", action="store_true", help="create the repo private (ignored if it exists)")
+    p.add_argument("--revision", help="branch to commit to (created from main if needed); default main")
+    p.add_argument("--endpoint", help="hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--dataset", action="append", default=[], help="data set id for the card metadata (repeatable)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a hub request is retried")
+    p.add_argument("--dry-run", action="store_true", help="list the files (size, sha256) and write the card only")
+    p.set_defaults(func=cmd_push)
     return ap
 
 
@@ -176,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoints import CheckpointError
     from .config import RecipeError
     from .data import DataError
+    from .hub import HubError
     from .models import ModelSourceError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -186,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args, rest)
-    except (RecipeError, DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (RecipeError, DataError, ModelSourceError, CheckpointError, HubError, FileExistsError, FileNotFoundError) as e:
         print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,217 @@
+"""The model card of a pushed run, built with huggingface_hub ``ModelCard`` / ``ModelCardData``.
+
+The card is deterministic (no timestamps), so pushing the same run twice produces the same README.md and the
+second push is a no-op commit. It carries the run's evidence: hyperparameters, base vs tuned scores, the
+forgetting probe and merge report where they exist, and a manifest summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Recipe keys shown in the card's hyperparameter table, in this order (those absent from the recipe are skipped).
+HYPERPARAMETERS = (
+    "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "max_length", "optim", "weight_decay", "max_grad_norm", "load_in_4bit",
+    "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "dtype", "seed",
+)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    return str(v)
+
+
+def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested report as (dotted key, scalar) rows; long lists are summarised by their length."""
+    if isinstance(d, dict):
+        rows: list[tuple[str, Any]] = []
+        for k, v in d.items():
+            rows += _flat(v, f"{prefix}{k}.")
+        return rows
+    if isinstance(d, list) and (len(d) > 8 or any(isinstance(x, (dict, list)) for x in d)):
+        return [(prefix.rstrip("."), f"[{len(d)} entries]")]
+    return [(prefix.rstrip("."), d)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def eval_section(ev: dict[str, Any] | None, merge: dict[str, Any] | None) -> str:
+    parts = ["## Evaluation"]
+    if not ev or not any(k in ev for k in ("base", "tuned")):
+        parts.append("No held-out evaluation was recorded for this run (`eval.json` is absent).")
+    else:
+        rows = [(k, ev[k].get("exact_match"), ev[k].get("n")) for k in ("base", "tuned") if k in ev]
+        parts.append("Held-out exact match, the base model and the tuned adapter on the same prompts "
+                     f"(greedy, at most {ev.get('max_new_tokens', '?')} new tokens):\n")
+        parts.append(_table(rows, ("model", "exact match", "n")))
+        if "base" in ev and "tuned" in ev:
+            d = ev["tuned"]["exact_match"] - ev["base"]["exact_match"]
+            parts.append(f"\nTraining changed exact match by {d:+.3f}.")
+    parts.append("\n### Forgetting probe")
+    if ev and ev.get("forgetting"):
+        parts.append("What training did to the model's general behaviour (from `eval.json`, `forgetting`):\n")
+        parts.append(_table(_flat(ev["forgetting"]), ("measure", "value")))
+    else:
+        parts.append("Not measured for this run.")
+    parts.append("\n### Merge report")
+    if merge:
+        parts.append("Merging the adapter into a full-precision base (from `merge_report.json`):\n")
+        parts.append(_table(_flat(merge), ("measure", "value")))
+    else:
+        parts.append("This run has not been merged (`merge_report.json` is absent).")
+    return "\n".join(parts)
+
+
+def manifest_section(m: dict[str, Any]) -> str:
+    rows: list[tuple[str, Any]] = []
+    base = m.get("base_model", {})
+    rows.append(("base model", base.get("canonical_name")))
+    if base.get("sha256"):
+        rows.append(("base file sha256", base["sha256"]))
+    rows.append(("base fingerprint", m.get("base_fingerprint")))
+    rows.append(("chat template sha256", m.get("chat_template_sha256")))
+    t = m.get("train", {})
+    for k in ("global_step", "train_loss", "seconds", "approx_tokens_per_s"):
+        if k in t:
+            rows.append((f"train {k}", t[k]))
+    p = m.get("parameters", {})
+    if p:
+        rows.append(("trainable parameters", f"{p.get('trainable'):,} of {p.get('total'):,} "
+                                             f"({p.get('trainable_pct', 0):.3f}%)"))
+    q = m.get("quantization", {})
+    if q:
+        rows.append(("quantization", q.get("method")))
+        for k in ("full_precision", "quantized"):
+            if k in q:
+                rows.append((f"probe loss ({k})", q[k].get("probe_loss")))
+    rows.append(("effective batch size", m.get("effective_batch_size")))
+    rows.append(("world size", m.get("world_size")))
+    for k, v in (m.get("versions") or {}).items():
+        if v:
+            rows.append((k, v))
+    hw = m.get("hardware", {})
+    gpus = ", ".join(g["name"] for g in hw.get("gpus", []))
+    rows.append(("hardware", gpus or f"CPU ({hw.get('cpu_count')} cores)"))
+    g = m.get("git", {})
+    if g.get("commit"):
+        rows.append(("toolkit commit", g["commit"][:12] + (" (dirty)" if g.get("dirty") else "")))
+    return "## Manifest summary\n\nThe full record is in `training_manifest.json` in this repository.\n\n" + \
+        _table([r for r in rows if r[1] is not None], ("field", "value"))
+
+
+def data_section(m: dict[str, Any], datasets: list[str]) -> str:
+    rows = []
+    for split, d in (m.get("data") or {}).items():
+        rows.append((split, Path(d.get("file", "")).name, d.get("kept", d.get("rows")), d.get("tokens", ""),
+                     (d.get("sha256") or "")[:16]))
+    body = "## Training data\n\n"
+    if datasets:
+        body += "Data sets: " + ", ".join(f"`{d}`" for d in datasets) + ".\n\n"
+    return body + _table(rows, ("split", "file", "rows", "tokens", "sha256 (first 16)"))
+
+
+def usage_section(repo_id: str, base: str, merged: bool) -> str:
+    peft = f"""```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")
+model = PeftModel.from_pretrained(base, "{repo_id}")
+tok = AutoTokenizer.from_pretrained("{repo_id}")  # the tokenizer and chat template it was trained with
+msgs = [{{"role": "user", "content": "..."}}]
+ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_special_tokens=True))
+```"""
+    if merged:
+        return f"""## Usage
+
+This repository holds the merged model (the adapter folded into the full-precision base):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")
+tok = AutoTokenizer.from_pretrained("{repo_id}")
+```
+
+With this toolkit: `adapters eval {repo_id}` or `adapters generate {repo_id}`."""
+    return f"""## Usage
+
+With PEFT, on the base model it was trained on:
+
+{peft}
+
+To get a plain model without the PEFT dependency, merge it into a full-precision (not 4-bit) base:
+
+```python
+merged = model.merge_and_unload()
+merged.save_pretrained("merged"); tok.save_pretrained("merged")
+model = AutoModelForCausalLM.from_pretrained("merged")
+```
+
+With this toolkit, the hub id works wherever a run directory does: `adapters eval {repo_id}`,
+`adapters merge {repo_id}`; the base is read from `adapter_config.json` and checked against the recorded
+fingerprint in `training_manifest.json`."""
+
+
+def build_card(manifest: dict[str, Any], run_dir: Path, repo_id: str, merged: bool = False,
+               datasets: list[str] | None = None):
+    """A ``ModelCard`` for the run; ``run_dir`` supplies eval.json and merge_report.json where present."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    base = manifest["base_model"]
+    cfg = manifest.get("config", {})
+    ev = _read_json(run_dir / "eval.json")
+    merge = _read_json(run_dir / "merge_report.json")
+    datasets = list(datasets or [])
+    name = repo_id.split("/")[-1]
+    results = []
+    if ev and "tuned" in ev:
+        results.append(EvalResult(task_type="text-generation", dataset_type="held-out",
+                                  dataset_name=f"held-out test split ({ev['tuned'].get('n')} rows)",
+                                  metric_type="exact_match", metric_name="exact match",
+                                  metric_value=ev["tuned"]["exact_match"]))
+    data = ModelCardData(
+        base_model=base["canonical_name"],
+        base_model_relation="finetune" if merged else "adapter",
+        library_name="transformers" if merged else "peft",
+        pipeline_tag="text-generation",
+        license=base.get("license") or None,
+        datasets=datasets or None,
+        tags=["lora", "sft", "trl", "merged" if merged else "peft"],
+        model_name=name if results else None,
+        eval_results=results or None,
+    )
+    hp = [(k, cfg[k]) for k in HYPERPARAMETERS if k in cfg and cfg[k] is not None]
+    hp.append(("effective batch size", manifest.get("effective_batch_size")))
+    hp += [(k, v) for k, v in sorted((cfg.get("sft_extra") or {}).items())]
+    what = "the merged model" if merged else "a LoRA adapter"
+    body = "\n\n".join([
+        f"# {name}",
+        f"This is {what} for [`{base['canonical_name']}`](https://huggingface.co/{base['canonical_name']}), "
+        f"trained with supervised fine-tuning (TRL `SFTTrainer`, PEFT LoRA) by the `adapters` toolkit "
+        f"(run `{manifest.get('run_name')}`, recipe `{Path(str(manifest.get('recipe_file', ''))).name}`).",
+        eval_section(ev, merge),
+        "## Training hyperparameters\n\n" + _table(hp, ("key", "value")),
+        data_section(manifest, datasets),
+        manifest_section(manifest),
+        usage_section(repo_id, base["canonical_name"], merged),
+    ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")

@@ -1,0 +1,204 @@
+"""Push and pull against a local fake hub with the real huggingface_hub client (RELIABILITY 20, 21)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.config import load_recipe
+from adapters.hub import HubError, push, resolve_adapter
+from adapters.runs import RunError, load_tuned, open_run
+from adapters.train import train
+
+from .conftest import build_model_dir, tiny_overrides
+from .fake_hub import FakeHub
+
+TOKEN = "hf_FAKEtok3n0nlyForTestsXyZ1234567890abc"
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "README.md", "training_manifest.json", "eval.json"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tiny_data, tmp_path_factory):
+    """One tiny finished run, trained with a fake token in the environment (it must end up nowhere)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", TOKEN)
+        out = tmp_path_factory.mktemp("hub_runs")
+        recipe, path = load_recipe("gemma3-270m-demo",
+                                   tiny_overrides(tiny_models["llama"], tiny_data, out, run_name="tiny",
+                                                  max_steps=4, save_steps=2, eval_steps=2, eval_max_new_tokens=4))
+        return train(recipe, path)
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    """A private copy of the run per test, so published.json of one test is not seen by another."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for everything else
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    h = FakeHub(lifetime=120, stall=1.5).start()
+    yield h
+    h.stop()
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_dry_run_lists_files_and_writes_a_valid_card(run_dir):
+    from huggingface_hub import ModelCard
+
+    plan = push(run_dir, "me/tiny-lora", dry_run=True, datasets=["me/demo-format"], log=_quiet)
+    assert {f["path"] for f in plan["files"]} == ADAPTER_FILES
+    for f in plan["files"]:
+        assert f["sha256"] == _sha(Path(f["local"])) and f["size"] == Path(f["local"]).stat().st_size
+    assert not (run_dir / "published.json").exists()
+    assert json.loads((run_dir / "hub" / "dry_run.json").read_text())["files"] == plan["files"]
+
+    canonical = open_run(run_dir).manifest["base_model"]["canonical_name"]
+    card = ModelCard.load(run_dir / "hub" / "README.md")
+    assert card.data.base_model == canonical and card.data.library_name == "peft"
+    assert card.data.pipeline_tag == "text-generation" and card.data.datasets == ["me/demo-format"]
+    assert "/" not in canonical or not Path(canonical).is_absolute()
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert "| base |" in card.text and "| tuned |" in card.text
+    assert f"{ev['tuned']['exact_match']:.6g}" in card.text
+    assert "Forgetting probe" in card.text and "merge_report.json` is absent" in card.text
+    assert "PeftModel.from_pretrained" in card.text and "merge_and_unload" in card.text
+    cfg = json.loads((run_dir / "hub" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == canonical  # never the local cache path
+
+
+def test_card_carries_merge_report_and_forgetting(run_dir):
+    from huggingface_hub import ModelCard
+
+    ev = json.loads((run_dir / "eval.json").read_text())
+    ev["forgetting"] = {"probe_loss": {"base": 2.2, "tuned": 2.4}}
+    (run_dir / "eval.json").write_text(json.dumps(ev))
+    (run_dir / "merge_report.json").write_text(json.dumps({"max_abs_logit_diff": 1.5e-5, "ok": True}))
+    plan = push(run_dir, "me/tiny-lora", dry_run=True, log=_quiet)
+    assert "merge_report.json" in {f["path"] for f in plan["files"]}
+    card = ModelCard.load(run_dir / "hub" / "README.md")
+    assert "probe_loss.tuned | 2.4" in card.text and "max_abs_logit_diff | 1.5e-05" in card.text
+
+
+def test_token_appears_in_no_file_under_the_run(run_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push(run_dir, "me/tiny-lora", dry_run=True, log=_quiet)
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files) and any(p.name == "trainer_state.json" for p in files)
+    assert (run_dir / "hub" / "README.md") in files
+    needle = TOKEN.encode()
+    leaks = [str(p) for p in files if needle in p.read_bytes()]
+    assert leaks == []
+
+
+def test_push_uploads_the_planned_files_once_and_is_idempotent(run_dir, hub):
+    plan = push(run_dir, "me/tiny-lora", dry_run=True, log=_quiet)
+    rec = push(run_dir, "me/tiny-lora", endpoint=hub.url, backoff=0.01, log=_quiet)
+    remote = hub.files("me/tiny-lora")
+    assert set(remote) - {".gitattributes"} == ADAPTER_FILES
+    for f in plan["files"]:
+        assert remote[f["path"]] == Path(f["local"]).read_bytes(), f["path"]
+    assert hub.commits == 1 and rec["verified"] and rec["commit"] == hub.repos["me/tiny-lora"]["branches"]["main"]
+    assert f"Bearer {TOKEN}" in hub.auth  # the token came from HF_TOKEN, by header only
+    published = json.loads((run_dir / "published.json").read_text())
+    assert published["commit"] == rec["commit"] and {f["path"] for f in published["files"]} == ADAPTER_FILES
+
+    again = push(run_dir, "me/tiny-lora", endpoint=hub.url, backoff=0.01, log=_quiet)
+    assert hub.commits == 1 and again["commit"] == rec["commit"]  # same files: no new commit
+    needle = TOKEN.encode()
+    assert not [p for p, d in remote.items() if needle in d]
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_push_to_a_branch(run_dir, hub):
+    rec = push(run_dir, "me/tiny-lora", revision="exp/1", endpoint=hub.url, backoff=0.01, log=_quiet)
+    assert rec["revision"] == "exp/1" and set(hub.files("me/tiny-lora", "exp/1")) - {".gitattributes"} == ADAPTER_FILES
+    assert set(hub.files("me/tiny-lora", "main")) == {".gitattributes"}
+
+
+def test_push_retries_a_500(run_dir, hub):
+    hub.faults["commit"] = [500]
+    rec = push(run_dir, "me/retry", endpoint=hub.url, backoff=0.01, log=_quiet)
+    assert sum(1 for m, p in hub.calls if p.endswith("/commit/main")) == 2
+    assert hub.commits == 1 and rec["verified"]
+
+
+def test_push_timeout_after_commit_retries_as_a_no_op(run_dir, hub):
+    hub.faults["commit"] = ["timeout"]  # the commit lands, the answer is lost
+    msgs: list[str] = []
+    rec = push(run_dir, "me/timeout", endpoint=hub.url, backoff=0.01, timeout=0.5, log=msgs.append)
+    assert any("retrying" in m for m in msgs)
+    assert hub.commits == 1, "the retry must not commit the same files again"
+    assert rec["commit"] == hub.repos["me/timeout"]["branches"]["main"]
+    assert json.loads((run_dir / "published.json").read_text())["commit"] == rec["commit"]
+
+
+def test_push_that_keeps_failing_writes_no_published_record(run_dir, hub):
+    before = {p: _sha(p) for p in (run_dir / "adapter").iterdir()}
+    hub.faults["commit"] = [503, 503, 503]
+    with pytest.raises(HubError, match="after 3 attempts"):
+        push(run_dir, "me/down", endpoint=hub.url, attempts=3, backoff=0.01, log=_quiet)
+    assert not (run_dir / "published.json").exists()
+    assert {p: _sha(p) for p in (run_dir / "adapter").iterdir()} == before
+    assert hub.commits == 0
+
+
+def test_push_without_token_is_refused(run_dir, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(HubError, match="HF_TOKEN"):
+        push(run_dir, "me/x", endpoint=hub.url, log=_quiet)
+
+
+def test_pull_hub_id_loads_like_the_run_and_refuses_a_wrong_base(run_dir, hub, tiny_models, tmp_path, monkeypatch):
+    push(run_dir, "me/pull", endpoint=hub.url, backoff=0.01, log=_quiet)
+    # the base is named in adapter_config.json by its canonical name ("llama", the tiny model's folder name):
+    # resolve it from the folder that holds it
+    monkeypatch.chdir(tiny_models["llama"].parent)
+    pulled = resolve_adapter("me/pull", endpoint=hub.url)
+    assert Path(pulled.ref.path) == tiny_models["llama"].resolve()
+    assert (pulled.adapter_dir / "adapter_model.safetensors").is_file()
+    ids = torch.tensor([[2, 5, 9, 11, 7]])
+    model, _ = load_tuned(pulled, quantize=False)
+    local, _ = load_tuned(open_run(run_dir), quantize=False)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, local(input_ids=ids).logits, atol=1e-5)
+
+    other = build_model_dir(tmp_path / "other", "llama", seed=1)  # same shapes, other weights
+    wrong = resolve_adapter("me/pull", endpoint=hub.url, base=str(other))
+    with pytest.raises(RunError, match="base_fingerprint"):
+        load_tuned(wrong, quantize=False)
+
+
+def test_resolve_adapter_errors(tmp_path):
+    with pytest.raises(HubError, match="neither a run directory"):
+        resolve_adapter(tmp_path)
+    with pytest.raises(HubError, match="not a hub id"):
+        resolve_adapter(str(tmp_path / "missing" / "x" / "y"))
+
+
+def test_cli_push_dry_run_and_bad_repo_id(run_dir, capsys):
+    from adapters.cli import main
+
+    assert main(["push", str(run_dir), "--repo-id", "me/tiny-lora", "--dry-run"]) == 0
+    assert "README.md" in capsys.readouterr().out
+    assert main(["push", str(run_dir), "--repo-id", "no-slash", "--dry-run"]) == 2
+    assert "ORG/NAME" in capsys.readouterr().err
