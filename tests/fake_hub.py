@@ -3,7 +3,7 @@
 
 Listens on 127.0.0.1 only, on a free port, and shuts itself down after ``lifetime`` seconds if the test forgets.
 Faults are injected per endpoint: ``hub.faults["commit"] = [500]`` answers the next commit with a 500;
-``"timeout"`` applies the commit, then holds the response for ``hub.stall`` seconds so the client times out.
+``"corrupt"`` stores one file altered; ``"timeout"`` applies the commit, then holds the response for ``hub.stall`` seconds so the client times out.
 """
 
 from __future__ import annotations
@@ -192,6 +192,9 @@ class FakeHub:
             else:
                 return h._send(400, {"error": f"fake hub does not support {item['key']}"})
         assert header and header["summary"], "commit without a summary"
+        if fault == "corrupt":  # the hub stores something else than what was sent
+            first = sorted(p for p in new if p != ".gitattributes")[0]
+            new[first] = new[first] + b"\n"
         digest = hashlib.sha1(sha.encode())
         for p in sorted(new):
             digest.update(p.encode() + b"\0" + new[p])

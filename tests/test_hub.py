@@ -85,10 +85,11 @@ def test_dry_run_lists_files_and_writes_a_valid_card(run_dir):
     assert cfg["base_model_name_or_path"] == canonical  # never the local cache path
 
 
-def test_card_carries_merge_report_and_forgetting(run_dir):
+def test_card_carries_eval_merge_report_and_forgetting(run_dir):
     from huggingface_hub import ModelCard
 
     ev = json.loads((run_dir / "eval.json").read_text())
+    ev["base"]["exact_match"], ev["tuned"]["exact_match"] = 0.125, 0.875
     ev["forgetting"] = {"probe_loss": {"base": 2.2, "tuned": 2.4}}
     (run_dir / "eval.json").write_text(json.dumps(ev))
     (run_dir / "merge_report.json").write_text(json.dumps({"max_abs_logit_diff": 1.5e-5, "ok": True}))
@@ -96,6 +97,57 @@ def test_card_carries_merge_report_and_forgetting(run_dir):
     assert "merge_report.json" in {f["path"] for f in plan["files"]}
     card = ModelCard.load(run_dir / "hub" / "README.md")
     assert "probe_loss.tuned | 2.4" in card.text and "max_abs_logit_diff | 1.5e-05" in card.text
+    assert "| base | 0.125 | 8 |" in card.text and "| tuned | 0.875 | 8 |" in card.text and "+0.750" in card.text
+    assert card.data.eval_results[0].metric_value == 0.875
+
+
+def test_card_names_the_canonical_base_and_inherits_its_license(run_dir):
+    from huggingface_hub import ModelCard
+
+    mf = run_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["base_model"].update(canonical_name="google/gemma-3-270m", license="gemma")  # as for the embedded default
+    mf.write_text(json.dumps(m))
+    push(run_dir, "me/tiny-lora", dry_run=True, log=_quiet)
+    card = ModelCard.load(run_dir / "hub" / "README.md")
+    assert card.data.base_model == "google/gemma-3-270m" and card.data.license == "gemma"
+    assert m["base_model"]["path"] not in card.content  # never the local cache path
+    pub = json.loads((run_dir / "hub" / "training_manifest.json").read_text())
+    assert pub["config"]["model_name_or_path"] == "google/gemma-3-270m" and str(run_dir.parent) not in json.dumps(pub)
+
+
+def test_nan_adapter_is_never_pushed(run_dir):
+    from safetensors.torch import load_file, save_file
+
+    from adapters.checkpoints import CheckpointError
+
+    f = run_dir / "adapter" / "adapter_model.safetensors"
+    t = load_file(str(f))
+    next(v for k, v in t.items() if "lora_A" in k)[0, 0] = float("nan")
+    save_file(t, str(f))
+    with pytest.raises(CheckpointError, match="NaN"):
+        push(run_dir, "me/tiny-lora", dry_run=True, log=_quiet)
+
+
+def test_merged_push_uploads_the_merged_model(run_dir, hub):
+    from huggingface_hub import ModelCard
+
+    model, tok = load_tuned(open_run(run_dir), quantize=False)
+    model.merge_and_unload().save_pretrained(run_dir / "merged")
+    tok.save_pretrained(run_dir / "merged")
+    push(run_dir, "me/tiny-merged", merged=True, endpoint=hub.url, backoff=0.01, log=_quiet)
+    remote = set(hub.files("me/tiny-merged"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= remote
+    assert "adapter_model.safetensors" not in remote
+    card = ModelCard.load(run_dir / "hub" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.base_model_relation == "finetune"
+
+
+def test_remote_mismatch_writes_no_published_record(run_dir, hub):
+    hub.faults["commit"] = ["corrupt"]
+    with pytest.raises(HubError, match="do not match"):
+        push(run_dir, "me/corrupt", endpoint=hub.url, backoff=0.01, log=_quiet)
+    assert not (run_dir / "published.json").exists()
 
 
 def test_token_appears_in_no_file_under_the_run(run_dir, monkeypatch):
