@@ -13,10 +13,29 @@ from typing import Any
 
 # Recipe keys shown in the card's hyperparameter table, in this order (those absent from the recipe are skipped).
 HYPERPARAMETERS = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "learning_rate",
-    "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "max_length", "optim", "weight_decay", "max_grad_norm", "load_in_4bit",
-    "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "dtype", "seed",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_rslora",
+    "use_dora",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "optim",
+    "weight_decay",
+    "max_grad_norm",
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "dtype",
+    "seed",
 )
 
 
@@ -58,8 +77,15 @@ def eval_section(ev: dict[str, Any] | None, merge: dict[str, Any] | None) -> str
         parts.append("No held-out evaluation was recorded for this run (`eval.json` is absent).")
     else:
         rows = [(k, ev[k].get("exact_match"), ev[k].get("n")) for k in ("base", "tuned") if k in ev]
-        parts.append("Held-out exact match, the base model and the tuned adapter on the same prompts "
-                     f"(greedy, at most {ev.get('max_new_tokens', '?')} new tokens):\n")
+        who = (
+            "the base model and the tuned adapter"
+            if "base" in ev and "tuned" in ev
+            else ("the tuned adapter (the base was not scored)" if "tuned" in ev else "the base model")
+        )
+        parts.append(
+            f"Held-out exact match of {who} on the same prompts "
+            f"(greedy, at most {ev.get('max_new_tokens', '?')} new tokens):\n"
+        )
         parts.append(_table(rows, ("model", "exact match", "n")))
         if "base" in ev and "tuned" in ev:
             d = ev["tuned"]["exact_match"] - ev["base"]["exact_match"]
@@ -93,8 +119,9 @@ def manifest_section(m: dict[str, Any]) -> str:
             rows.append((f"train {k}", t[k]))
     p = m.get("parameters", {})
     if p:
-        rows.append(("trainable parameters", f"{p.get('trainable'):,} of {p.get('total'):,} "
-                                             f"({p.get('trainable_pct', 0):.3f}%)"))
+        rows.append(
+            ("trainable parameters", f"{p.get('trainable'):,} of {p.get('total'):,} ({p.get('trainable_pct', 0):.3f}%)")
+        )
     q = m.get("quantization", {})
     if q:
         rows.append(("quantization", q.get("method")))
@@ -112,15 +139,23 @@ def manifest_section(m: dict[str, Any]) -> str:
     g = m.get("git", {})
     if g.get("commit"):
         rows.append(("toolkit commit", g["commit"][:12] + (" (dirty)" if g.get("dirty") else "")))
-    return "## Manifest summary\n\nThe full record is in `training_manifest.json` in this repository.\n\n" + \
-        _table([r for r in rows if r[1] is not None], ("field", "value"))
+    return "## Manifest summary\n\nThe full record is in `training_manifest.json` in this repository.\n\n" + _table(
+        [r for r in rows if r[1] is not None], ("field", "value")
+    )
 
 
 def data_section(m: dict[str, Any], datasets: list[str]) -> str:
     rows = []
     for split, d in (m.get("data") or {}).items():
-        rows.append((split, Path(d.get("file", "")).name, d.get("kept", d.get("rows")), d.get("tokens", ""),
-                     (d.get("sha256") or "")[:16]))
+        rows.append(
+            (
+                split,
+                Path(d.get("file", "")).name,
+                d.get("kept", d.get("rows")),
+                d.get("tokens", ""),
+                (d.get("sha256") or "")[:16],
+            )
+        )
     body = "## Training data\n\n"
     if datasets:
         body += "Data sets: " + ", ".join(f"`{d}`" for d in datasets) + ".\n\n"
@@ -171,8 +206,9 @@ With this toolkit, the hub id works wherever a run directory does: `adapters eva
 fingerprint in `training_manifest.json`."""
 
 
-def build_card(manifest: dict[str, Any], run_dir: Path, repo_id: str, merged: bool = False,
-               datasets: list[str] | None = None):
+def build_card(
+    manifest: dict[str, Any], run_dir: Path, repo_id: str, merged: bool = False, datasets: list[str] | None = None
+):
     """A ``ModelCard`` for the run; ``run_dir`` supplies eval.json and merge_report.json where present."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -184,10 +220,16 @@ def build_card(manifest: dict[str, Any], run_dir: Path, repo_id: str, merged: bo
     name = repo_id.split("/")[-1]
     results = []
     if ev and "tuned" in ev:
-        results.append(EvalResult(task_type="text-generation", dataset_type="held-out",
-                                  dataset_name=f"held-out test split ({ev['tuned'].get('n')} rows)",
-                                  metric_type="exact_match", metric_name="exact match",
-                                  metric_value=ev["tuned"]["exact_match"]))
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type="held-out",
+                dataset_name=f"held-out test split ({ev['tuned'].get('n')} rows)",
+                metric_type="exact_match",
+                metric_name="exact match",
+                metric_value=ev["tuned"]["exact_match"],
+            )
+        )
     data = ModelCardData(
         base_model=base["canonical_name"],
         base_model_relation="finetune" if merged else "adapter",
@@ -203,15 +245,17 @@ def build_card(manifest: dict[str, Any], run_dir: Path, repo_id: str, merged: bo
     hp.append(("effective batch size", manifest.get("effective_batch_size")))
     hp += [(k, v) for k, v in sorted((cfg.get("sft_extra") or {}).items())]
     what = "the merged model" if merged else "a LoRA adapter"
-    body = "\n\n".join([
-        f"# {name}",
-        f"This is {what} for [`{base['canonical_name']}`](https://huggingface.co/{base['canonical_name']}), "
-        f"trained with supervised fine-tuning (TRL `SFTTrainer`, PEFT LoRA) by the `adapters` toolkit "
-        f"(run `{manifest.get('run_name')}`, recipe `{Path(str(manifest.get('recipe_file', ''))).name}`).",
-        eval_section(ev, merge),
-        "## Training hyperparameters\n\n" + _table(hp, ("key", "value")),
-        data_section(manifest, datasets),
-        manifest_section(manifest),
-        usage_section(repo_id, base["canonical_name"], merged),
-    ])
+    body = "\n\n".join(
+        [
+            f"# {name}",
+            f"This is {what} for [`{base['canonical_name']}`](https://huggingface.co/{base['canonical_name']}), "
+            f"trained with supervised fine-tuning (TRL `SFTTrainer`, PEFT LoRA) by the `adapters` toolkit "
+            f"(run `{manifest.get('run_name')}`, recipe `{Path(str(manifest.get('recipe_file', ''))).name}`).",
+            eval_section(ev, merge),
+            "## Training hyperparameters\n\n" + _table(hp, ("key", "value")),
+            data_section(manifest, datasets),
+            manifest_section(manifest),
+            usage_section(repo_id, base["canonical_name"], merged),
+        ]
+    )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")

@@ -110,8 +110,21 @@ def _write_text(path: Path, text: str) -> None:
 
 def public_manifest(m: dict[str, Any]) -> dict[str, Any]:
     """The manifest without local paths or per-step logs: what a pulled adapter is checked against."""
-    keep = ("run_name", "base_fingerprint", "base_config", "chat_template_sha256", "seed", "world_size",
-            "effective_batch_size", "quantization", "parameters", "train", "adapter", "versions", "status")
+    keep = (
+        "run_name",
+        "base_fingerprint",
+        "base_config",
+        "chat_template_sha256",
+        "seed",
+        "world_size",
+        "effective_batch_size",
+        "quantization",
+        "parameters",
+        "train",
+        "adapter",
+        "versions",
+        "status",
+    )
     out = {k: m[k] for k in keep if k in m}
     base = m.get("base_model", {})
     out["base_model"] = {k: base.get(k) for k in ("canonical_name", "kind", "sha256", "license")}
@@ -123,16 +136,20 @@ def public_manifest(m: dict[str, Any]) -> dict[str, Any]:
     cfg.pop("output_root", None)
     out["config"] = cfg
     out["recipe_file"] = Path(str(m.get("recipe_file", ""))).name
-    out["data"] = {s: {**{k: v for k, v in d.items() if k not in ("dropped_rows",)}, "file": Path(d["file"]).name}
-                   for s, d in (m.get("data") or {}).items() if isinstance(d, dict) and "file" in d}
+    out["data"] = {
+        s: {**{k: v for k, v in d.items() if k not in ("dropped_rows",)}, "file": Path(d["file"]).name}
+        for s, d in (m.get("data") or {}).items()
+        if isinstance(d, dict) and "file" in d
+    }
     out["git"] = {"commit": (m.get("git") or {}).get("commit"), "dirty": (m.get("git") or {}).get("dirty")}
     hw = m.get("hardware") or {}
     out["hardware"] = {k: hw[k] for k in ("machine", "cpu_count", "cuda", "gpus") if k in hw}
     return out
 
 
-def stage(run_dir: str | Path, repo_id: str, merged: bool = False, datasets: list[str] | None = None
-          ) -> tuple[Run, list[Upload]]:
+def stage(
+    run_dir: str | Path, repo_id: str, merged: bool = False, datasets: list[str] | None = None
+) -> tuple[Run, list[Upload]]:
     """Write RUN_DIR/hub/ (card, adapter_config.json with the canonical base, manifest summary) and return the
     exact list of files one push uploads, sorted by path in repo."""
     from .card import build_card
@@ -184,8 +201,14 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError))
 
 
-def with_retries(fn: Callable[[], Any], what: str, attempts: int = 5, backoff: float = 1.0,
-                 max_wait: float = 30.0, log: Callable[[str], None] = print) -> Any:
+def with_retries(
+    fn: Callable[[], Any],
+    what: str,
+    attempts: int = 5,
+    backoff: float = 1.0,
+    max_wait: float = 30.0,
+    log: Callable[[str], None] = print,
+) -> Any:
     for i in range(attempts):
         try:
             return fn()
@@ -243,21 +266,39 @@ def verify_remote(remote: list, uploads: list[Upload]) -> dict[str, Any]:
     return {u.path_in_repo: by_path[u.path_in_repo].blob_id for u in uploads}
 
 
-def push(run_dir: str | Path, repo_id: str, *, merged: bool = False, private: bool = False,
-         revision: str | None = None, endpoint: str | None = None, dry_run: bool = False,
-         datasets: list[str] | None = None, attempts: int = 5, backoff: float = 1.0, timeout: float | None = 60.0,
-         log: Callable[[str], None] = print) -> dict[str, Any]:
+def push(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    merged: bool = False,
+    private: bool = False,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    dry_run: bool = False,
+    datasets: list[str] | None = None,
+    attempts: int = 5,
+    backoff: float = 1.0,
+    timeout: float | None = 60.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Push a finished run; returns the published record (or, with ``dry_run``, the plan)."""
     if repo_id.count("/") != 1 or repo_id.startswith("/") or repo_id.endswith("/"):
         raise HubError(f"--repo-id {repo_id!r}: expected ORG/NAME")
     run, uploads = stage(run_dir, repo_id, merged=merged, datasets=datasets)
     total = sum(u.size for u in uploads)
-    log(f"[push] {len(uploads)} files, {total:,} bytes -> {repo_id}@{revision or 'main'}"
-        + (" (dry run: nothing is sent)" if dry_run else ""))
+    log(
+        f"[push] {len(uploads)} files, {total:,} bytes -> {repo_id}@{revision or 'main'}"
+        + (" (dry run: nothing is sent)" if dry_run else "")
+    )
     for u in uploads:
         log(f"[push]   {u.path_in_repo:32s} {u.size:>12,d}  sha256 {u.sha256}")
-    plan = {"repo_id": repo_id, "revision": revision or "main", "merged": merged, "total_bytes": total,
-            "files": [u.row() for u in uploads]}
+    plan = {
+        "repo_id": repo_id,
+        "revision": revision or "main",
+        "merged": merged,
+        "total_bytes": total,
+        "files": [u.row() for u in uploads],
+    }
     if dry_run:
         write_json(run.path / STAGE / "dry_run.json", plan)
         log(f"[push] card written to {run.path / STAGE / 'README.md'}")
@@ -269,30 +310,49 @@ def push(run_dir: str | Path, repo_id: str, *, merged: bool = False, private: bo
         raise HubError("HF_HUB_OFFLINE is set: unset it to push (or use --dry-run)")
     api = HfApi(endpoint=endpoint)  # no token argument: huggingface_hub reads HF_TOKEN or its login
     if not _token_values():
-        raise HubError("no hub token: set HF_TOKEN in the environment or run `hf auth login` (never pass it as "
-                       "an argument)")
+        raise HubError(
+            "no hub token: set HF_TOKEN in the environment or run `hf auth login` (never pass it as an argument)"
+        )
     kw = dict(attempts=attempts, backoff=backoff, log=log)
     branch = revision or "main"
     with client_timeout(timeout):
-        with_retries(lambda: api.create_repo(repo_id, private=private or None, exist_ok=True),
-                     f"create_repo {repo_id}", **kw)
+        with_retries(
+            lambda: api.create_repo(repo_id, private=private or None, exist_ok=True), f"create_repo {repo_id}", **kw
+        )
         if branch != "main":
-            with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True),
-                         f"create_branch {repo_id}@{branch}", **kw)
+            with_retries(
+                lambda: api.create_branch(repo_id, branch=branch, exist_ok=True),
+                f"create_branch {repo_id}@{branch}",
+                **kw,
+            )
         run_name = run.manifest.get("run_name", run.path.name)
 
         def commit():  # fresh operations each attempt: huggingface_hub mutates them
             ops = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.local)) for u in uploads]
-            return api.create_commit(repo_id, operations=ops, revision=branch,
-                                     commit_message=f"{'Merged model' if merged else 'Adapter'} from run {run_name}",
-                                     commit_description="Pushed by `adapters push`.")
+            return api.create_commit(
+                repo_id,
+                operations=ops,
+                revision=branch,
+                commit_message=f"{'Merged model' if merged else 'Adapter'} from run {run_name}",
+                commit_description="Pushed by `adapters push`.",
+            )
 
         info = with_retries(commit, f"commit to {repo_id}@{branch}", **kw)
-        remote = with_retries(lambda: list(api.list_repo_tree(repo_id, revision=info.oid, recursive=True)),
-                              f"list files of {repo_id}@{info.oid[:12]}", **kw)
+        remote = with_retries(
+            lambda: list(api.list_repo_tree(repo_id, revision=info.oid, recursive=True)),
+            f"list files of {repo_id}@{info.oid[:12]}",
+            **kw,
+        )
     oids = verify_remote(remote, uploads)
-    record = {**plan, "endpoint": api.endpoint, "commit": info.oid, "commit_url": str(info.commit_url),
-              "verified": True, "remote_oids": oids, "pushed": datetime.now().isoformat(timespec="seconds")}
+    record = {
+        **plan,
+        "endpoint": api.endpoint,
+        "commit": info.oid,
+        "commit_url": str(info.commit_url),
+        "verified": True,
+        "remote_oids": oids,
+        "pushed": datetime.now().isoformat(timespec="seconds"),
+    }
     write_json(run.path / PUBLISHED, record)
     assert_token_free([run.path / PUBLISHED])
     log(f"[push] verified {len(uploads)} files at {repo_id}@{info.oid[:12]}; record -> {run.path / PUBLISHED}")
@@ -342,8 +402,9 @@ def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     return HubRun(path, manifest, recipe, ref)
 
 
-def resolve_adapter(id_or_path: str | Path, revision: str | None = None, endpoint: str | None = None,
-                    base: str | None = None) -> Run:
+def resolve_adapter(
+    id_or_path: str | Path, revision: str | None = None, endpoint: str | None = None, base: str | None = None
+) -> Run:
     """A run directory, an adapter folder or a hub id (``org/name``) -> a Run that ``runs.load_tuned`` accepts.
 
     A hub id is downloaded with ``snapshot_download`` (cached); ``load_tuned`` then refuses a base whose fingerprint

@@ -117,8 +117,11 @@ class FakeHub:
             if rid in self.repos:
                 return h._send(409, {"error": "You already created this model repo", "url": f"{self.url}/{rid}"})
             sha = hashlib.sha1(f"init {rid}".encode()).hexdigest()
-            self.repos[rid] = {"private": p.get("visibility") == "private", "branches": {"main": sha},
-                               "commits": {sha: {".gitattributes": b"*.safetensors filter=lfs\n"}}}
+            self.repos[rid] = {
+                "private": p.get("visibility") == "private",
+                "branches": {"main": sha},
+                "commits": {sha: {".gitattributes": b"*.safetensors filter=lfs\n"}},
+            }
             return h._send(200, {"url": f"{self.url}/{rid}", "name": rid})
         if parts[:2] == ["api", "validate-yaml"]:
             return h._send(200, {"errors": [], "warnings": []})
@@ -131,9 +134,15 @@ class FakeHub:
                 sha, files = self._resolve(h, rid, rev)
                 if sha is None:
                     return None
-                out = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                        "oid": git_oid(files[f["path"]]) if f["path"] in files else None}
-                       for f in json.loads(body)["files"]]
+                out = [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": git_oid(files[f["path"]]) if f["path"] in files else None,
+                    }
+                    for f in json.loads(body)["files"]
+                ]
                 return h._send(200, {"files": out, "commitOid": sha})
             if verb == "commit":
                 return self._commit(h, rid, rev, body)
@@ -148,17 +157,28 @@ class FakeHub:
                 sha, files = self._resolve(h, rid, rev)
                 if sha is None:
                     return None
-                return h._send(200, {"id": rid, "modelId": rid, "sha": sha, "private": self.repos[rid]["private"],
-                                     "siblings": [{"rfilename": p} for p in sorted(files)]})
+                return h._send(
+                    200,
+                    {
+                        "id": rid,
+                        "modelId": rid,
+                        "sha": sha,
+                        "private": self.repos[rid]["private"],
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    },
+                )
             if verb == "tree":
                 sha, files = self._resolve(h, rid, rev)
                 if sha is None:
                     return None
                 prefix = "/".join(rest[1:])
-                rows = [{"type": "file", "oid": git_oid(d), "size": len(d), "path": p}
-                        for p, d in sorted(files.items()) if p.startswith(prefix)]
+                rows = [
+                    {"type": "file", "oid": git_oid(d), "size": len(d), "path": p}
+                    for p, d in sorted(files.items())
+                    if p.startswith(prefix)
+                ]
                 if query.get("recursive", ["False"])[0].lower() != "true":
-                    rows = [r for r in rows if "/" not in r["path"][len(prefix):].lstrip("/")]
+                    rows = [r for r in rows if "/" not in r["path"][len(prefix) :].lstrip("/")]
                 return h._send(200, rows)
         if len(parts) >= 5 and parts[2] == "resolve":  # /{org}/{name}/resolve/{rev}/{path}
             rid, rev, path = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
@@ -206,5 +226,4 @@ class FakeHub:
             self.commits += 1
         if fault == "timeout":  # applied, but the answer comes too late: the client must retry
             time.sleep(self.stall)
-        return h._send(200, {"commitUrl": f"{self.url}/{rid}/commit/{new_sha}", "commitOid": new_sha,
-                             "success": True})
+        return h._send(200, {"commitUrl": f"{self.url}/{rid}/commit/{new_sha}", "commitOid": new_sha, "success": True})

@@ -19,8 +19,16 @@ from .conftest import build_model_dir, tiny_overrides
 from .fake_hub import FakeHub
 
 TOKEN = "hf_FAKEtok3n0nlyForTestsXyZ1234567890abc"
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "README.md", "training_manifest.json", "eval.json"}
+ADAPTER_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "README.md",
+    "training_manifest.json",
+    "eval.json",
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +37,19 @@ def trained(tiny_models, tiny_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", TOKEN)
         out = tmp_path_factory.mktemp("hub_runs")
-        recipe, path = load_recipe("gemma3-270m-demo",
-                                   tiny_overrides(tiny_models["llama"], tiny_data, out, run_name="tiny",
-                                                  max_steps=4, save_steps=2, eval_steps=2, eval_max_new_tokens=4))
+        recipe, path = load_recipe(
+            "gemma3-270m-demo",
+            tiny_overrides(
+                tiny_models["llama"],
+                tiny_data,
+                out,
+                run_name="tiny",
+                max_steps=4,
+                save_steps=2,
+                eval_steps=2,
+                eval_max_new_tokens=4,
+            ),
+        )
         return train(recipe, path)
 
 
@@ -240,6 +258,21 @@ def test_pull_hub_id_loads_like_the_run_and_refuses_a_wrong_base(run_dir, hub, t
         load_tuned(wrong, quantize=False)
 
 
+def test_verify_remote_compares_lfs_files_by_sha256(tmp_path):
+    from huggingface_hub.hf_api import RepoFile
+
+    from adapters.hub import Upload, verify_remote
+
+    u = Upload("adapter_model.safetensors", tmp_path / "x", 10, "ab" * 32, "cd" * 20)
+    lfs = RepoFile(path=u.path_in_repo, size=10, oid="ee" * 20, lfs={"size": 10, "oid": "ab" * 32, "pointerSize": 130})
+    assert verify_remote([lfs], [u]) == {u.path_in_repo: "ee" * 20}
+    other = RepoFile(path=u.path_in_repo, size=10, oid="ee" * 20, lfs={"size": 10, "oid": "ff" * 32, "pointerSize": 1})
+    with pytest.raises(HubError, match="adapter_model.safetensors: remote size/hash differ"):
+        verify_remote([other], [u])
+    with pytest.raises(HubError, match="missing"):
+        verify_remote([], [u])
+
+
 def test_resolve_adapter_errors(tmp_path):
     with pytest.raises(HubError, match="neither a run directory"):
         resolve_adapter(tmp_path)
@@ -254,3 +287,33 @@ def test_cli_push_dry_run_and_bad_repo_id(run_dir, capsys):
     assert "README.md" in capsys.readouterr().out
     assert main(["push", str(run_dir), "--repo-id", "no-slash", "--dry-run"]) == 2
     assert "ORG/NAME" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_demo_dry_run_card(tmp_path, tiny_data, monkeypatch):
+    """The embedded default (Gemma 3 270M), 3 short steps: its card names google/gemma-3-270m and carries the eval."""
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        {
+            "output_root": str(tmp_path),
+            "run_name": "demo",
+            "max_steps": 3,
+            "save_steps": 3,
+            "eval_steps": 3,
+            "per_device_train_batch_size": 4,
+            "eval_base": False,
+            "quant_probe": False,
+            "report_to": "none",
+            "eval_file": str(tiny_data["val"]),
+            "test_file": str(tiny_data["test"]),
+        },
+    )
+    run = train(recipe, path)
+    push(run, "me/gemma-demo-lora", dry_run=True, log=_quiet)
+    card = ModelCard.load(run / "hub" / "README.md")
+    assert card.data.base_model == "google/gemma-3-270m" and card.data.library_name == "peft"
+    assert card.data.license == "gemma" and "| tuned |" in card.text
+    assert not [p for p in run.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
