@@ -146,11 +146,14 @@ def manifest_section(m: dict[str, Any]) -> str:
 
 def data_section(m: dict[str, Any], datasets: list[str]) -> str:
     rows = []
-    for split, d in (m.get("data") or {}).items():
+    for split in ("train", "eval", "test"):
+        d = (m.get("data") or {}).get(split)
+        if not isinstance(d, dict):
+            continue
         rows.append(
             (
                 split,
-                Path(d.get("file", "")).name,
+                Path(d["file"]).name if isinstance(d.get("file"), str) else "(split from train)",
                 d.get("kept", d.get("rows")),
                 d.get("tokens", ""),
                 (d.get("sha256") or "")[:16],

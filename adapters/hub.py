@@ -136,10 +136,14 @@ def public_manifest(m: dict[str, Any]) -> dict[str, Any]:
     cfg.pop("output_root", None)
     out["config"] = cfg
     out["recipe_file"] = Path(str(m.get("recipe_file", ""))).name
-    out["data"] = {
-        s: {**{k: v for k, v in d.items() if k not in ("dropped_rows",)}, "file": Path(d["file"]).name}
-        for s, d in (m.get("data") or {}).items()
-        if isinstance(d, dict) and "file" in d
+    data = m.get("data") or {}
+    out["data"] = {  # split summaries only: other data-report entries may hold local paths
+        s: {
+            **{k: v for k, v in data[s].items() if k != "dropped_rows"},
+            "file": Path(data[s]["file"]).name if isinstance(data[s].get("file"), str) else None,
+        }
+        for s in ("train", "eval", "test")
+        if isinstance(data.get(s), dict)
     }
     out["git"] = {"commit": (m.get("git") or {}).get("commit"), "dirty": (m.get("git") or {}).get("dirty")}
     hw = m.get("hardware") or {}

@@ -131,7 +131,7 @@ def test_card_names_the_canonical_base_and_inherits_its_license(run_dir):
     push(run_dir, "me/tiny-lora", dry_run=True, log=_quiet)
     card = ModelCard.load(run_dir / "hub" / "README.md")
     assert card.data.base_model == "google/gemma-3-270m" and card.data.license == "gemma"
-    assert m["base_model"]["path"] not in card.content  # never the local cache path
+    assert m["base_model"]["path"] not in card.content and str(run_dir.parent) not in card.content  # no local paths
     pub = json.loads((run_dir / "hub" / "training_manifest.json").read_text())
     assert pub["config"]["model_name_or_path"] == "google/gemma-3-270m" and str(run_dir.parent) not in json.dumps(pub)
 
