@@ -152,15 +152,16 @@ def test_nan_adapter_is_never_pushed(run_dir):
 def test_merged_push_uploads_the_merged_model(run_dir, hub):
     from huggingface_hub import ModelCard
 
-    model, tok = load_tuned(open_run(run_dir), quantize=False)
-    model.merge_and_unload().save_pretrained(run_dir / "merged")
-    tok.save_pretrained(run_dir / "merged")
+    from adapters.merge import merge_run
+
+    merge_run(run_dir, n_probes=2, log=_quiet)  # the real merge verb: merged/ + merge_report.json
     push(run_dir, "me/tiny-merged", merged=True, endpoint=hub.url, backoff=0.01, log=_quiet)
     remote = set(hub.files("me/tiny-merged"))
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= remote
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "merge_report.json"} <= remote
     assert "adapter_model.safetensors" not in remote
     card = ModelCard.load(run_dir / "hub" / "README.md")
     assert card.data.library_name == "transformers" and card.data.base_model_relation == "finetune"
+    assert "### Merge report" in card.text and "merge_report.json` is absent" not in card.text
 
 
 def test_remote_mismatch_writes_no_published_record(run_dir, hub):
