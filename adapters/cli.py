@@ -114,6 +114,12 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main_args
+
+    return main_args(args, rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -169,13 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="target directory (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing target directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="plain TRL+PEFT baseline vs our path: tokens/s, memory, MFU, loss gate",
+                       epilog="example: adapters bench --scenarios ragged --padding_free false  (force a switch)")
+    p.add_argument("--model", help="architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), "
+                   "llama-3.1-8b, qwen2.5-1.5b, tiny-qwen2")
+    p.add_argument("--scenarios", default="fixed,ragged", help="comma list of fixed, ragged")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (CPU 8, GPU 25)")
+    p.add_argument("--warmup", type=int, help="untimed first steps (CPU 2, GPU 5)")
+    p.add_argument("--batch", type=int, help="per-device batch, fixed scenario (4)")
+    p.add_argument("--ragged-batch", type=int, help="per-device batch, ragged scenario (8)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-len", type=int, help="fixed length and ragged cap (CPU 512, GPU 2048)")
+    p.add_argument("--median", type=int, help="ragged median length (CPU 150, GPU 600)")
+    p.add_argument("--quant", choices=["nf4", "none"], help="base quantization of both runs (GPU nf4, CPU none)")
+    p.add_argument("--gate-batches", type=int, default=2, help="first micro-batches whose losses must agree")
+    p.add_argument("--out", default="outputs/bench", help="where bench.json and bench.md go")
+    p.set_defaults(func=cmd_bench, takes_rest=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .bench import BenchError
     from .checkpoints import CheckpointError
     from .config import RecipeError
     from .data import DataError
+    from .fast import FastPathError
     from .models import ModelSourceError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -186,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args, rest)
-    except (RecipeError, DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (RecipeError, DataError, BenchError, FastPathError, ModelSourceError, CheckpointError, FileExistsError,
+            FileNotFoundError) as e:
         print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
         return 2
 
