@@ -181,16 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), "
                    "llama-3.1-8b, qwen2.5-1.5b, tiny-qwen2")
     p.add_argument("--scenarios", default="fixed,ragged", help="comma list of fixed, ragged")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (CPU 8, GPU 25)")
-    p.add_argument("--warmup", type=int, help="untimed first steps (CPU 2, GPU 5)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (CPU 5, GPU 25)")
+    p.add_argument("--warmup", type=int, help="untimed first steps (CPU 1, GPU 5)")
     p.add_argument("--batch", type=int, help="per-device batch, fixed scenario (4)")
     p.add_argument("--ragged-batch", type=int, help="per-device batch, ragged scenario (8)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-len", type=int, help="fixed length and ragged cap (CPU 512, GPU 2048)")
-    p.add_argument("--median", type=int, help="ragged median length (CPU 150, GPU 600)")
+    p.add_argument("--max-len", type=int, help="fixed length and ragged cap (CPU 256, GPU 2048)")
+    p.add_argument("--median", type=int, help="ragged median length (CPU 80, GPU 600)")
     p.add_argument("--quant", choices=["nf4", "none"], help="base quantization of both runs (GPU nf4, CPU none)")
     p.add_argument("--gate-batches", type=int, default=2, help="first micro-batches whose losses must agree")
     p.add_argument("--out", default="outputs/bench", help="where bench.json and bench.md go")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU bench (1: steadiest on a "
+                   "shared machine)")
     p.set_defaults(func=cmd_bench, takes_rest=True)
     return ap
 

@@ -30,6 +30,23 @@ SWITCHES = ("padding_free", "use_liger_kernel", "torch_compile")
 ISOLATING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
+MIN_PADDING = 0.1  # padding-free pays once batches would be at least this much padding
+
+
+def padding_share(lengths: list[int], batch: int, trials: int = 64, seed: int = 0) -> float:
+    """Expected share of padded positions when ``batch`` random samples are padded to the longest one."""
+    if batch < 2 or len(lengths) < 2:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(lengths, dtype=torch.float64)
+    pad = real = 0.0
+    for _ in range(trials):
+        b = t[torch.randperm(len(t), generator=g)[:batch]]
+        real += float(b.sum())
+        pad += float(b.max() * len(b) - b.sum())
+    return pad / (pad + real)
+
+
 class FastPathError(ValueError):
     """A switch was asked for where it cannot work; the message names the key."""
 
@@ -88,10 +105,12 @@ def plan(
     cuda: bool | None = None,
     activation_gib: float | None = None,
     budget_gib: float | None = None,
+    padding: float | None = None,
 ) -> Plan:
     """Decide each switch. ``settings`` maps switch names to auto/true/false (missing = auto).
 
     ``activation_gib``/``budget_gib`` feed the gradient-checkpointing decision (only decided when both are given).
+    ``padding`` is the expected share of padded positions in a batch (``padding_share``); None means unknown.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     p = Plan()
@@ -119,8 +138,12 @@ def plan(
         p.set("padding_free", False, f"{attn} is not known to keep packed samples apart", "auto")
     elif per_device_batch < 2:
         p.set("padding_free", False, "per-device batch 1 has no padding to remove", "auto")
+    elif padding is not None and padding < MIN_PADDING:
+        # measured on CPU/SDPA: with equal lengths the flattened row's block mask costs more than it saves
+        p.set("padding_free", False, f"batches are only {padding:.0%} padding (< {MIN_PADDING:.0%})", "auto")
     else:
-        p.set("padding_free", True, f"no padding computed; {attn} masks samples apart via position_ids", "auto")
+        share = "" if padding is None else f"batches would be {padding:.0%} padding; "
+        p.set("padding_free", True, f"{share}{attn} masks samples apart via position_ids", "auto")
 
     # ---- Liger kernels
     want = check_switch("use_liger_kernel", settings.get("use_liger_kernel"))
@@ -205,12 +228,16 @@ def memory_budget_gib(fraction: float = 0.85) -> float:
         return 4.0
 
 
-def for_recipe(recipe) -> Plan:
-    """The plan for a training recipe (adapters.train.build_trainer)."""
+def for_recipe(recipe, train_ds=None) -> Plan:
+    """The plan for a training recipe (adapters.train.build_trainer); ``train_ds`` gives the length profile."""
     settings = {k: getattr(recipe, k, AUTO) for k in SWITCHES}
+    padding = None
+    if train_ds is not None and "input_ids" in train_ds.column_names:
+        padding = padding_share([len(x) for x in train_ds["input_ids"]], recipe.per_device_train_batch_size)
     return plan(
         settings,
         attn_implementation=recipe.attn_implementation,
         per_device_batch=recipe.per_device_train_batch_size,
         packing=bool(recipe.sft_extra.get("packing", False)),
+        padding=padding,
     )

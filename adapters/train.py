@@ -183,7 +183,7 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     has_eval = eval_ds is not None and recipe.eval_strategy != "no"
     from .fast import for_recipe
 
-    fast = for_recipe(recipe)  # padding_free / liger / compile switches, each auto or set by the recipe
+    fast = for_recipe(recipe, train_ds)  # padding_free / liger / compile switches, each auto or set by the recipe
     args = SFTConfig(
         output_dir=str(run / "checkpoints"),
         learning_rate=recipe.learning_rate,

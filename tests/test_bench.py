@@ -98,6 +98,10 @@ def test_plan_switches_auto_and_overrides():
         fast.plan({"padding_free": True}, attn_implementation="flex_attention", per_device_batch=8, cuda=False)
     with pytest.raises(fast.FastPathError, match="use_liger_kernel"):
         fast.plan({"use_liger_kernel": True}, attn_implementation="sdpa", per_device_batch=8, cuda=False)
+    # equal lengths: nothing to remove, and the flattened row's block mask would cost more than it saves
+    assert fast.padding_share([64] * 32, 8) == 0.0 and fast.padding_share(make_lengths(64, "ragged", 256, 60), 8) > 0.3
+    assert fast.plan({}, attn_implementation="sdpa", per_device_batch=8, padding=0.0).padding_free is False
+    assert fast.plan({}, attn_implementation="sdpa", per_device_batch=8, padding=0.4).padding_free is True
     gc_small = fast.plan({}, attn_implementation="sdpa", per_device_batch=8, activation_gib=1.0, budget_gib=10.0)
     gc_big = fast.plan({}, attn_implementation="sdpa", per_device_batch=8, activation_gib=20.0, budget_gib=10.0)
     assert gc_small.gradient_checkpointing is False and gc_big.gradient_checkpointing is True
