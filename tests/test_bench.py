@@ -115,9 +115,11 @@ def test_recipe_switch_values_are_checked(tiny_models, tiny_data, tmp_path):
     assert recipe.padding_free is False and "padding_free" not in recipe.sft_extra
 
 
-@pytest.mark.parametrize("setting,expect", [("auto", True), (False, False)])
-def test_build_trainer_applies_the_switches(setting, expect, tiny_models, tiny_data, tmp_path):
-    from adapters.data import encode_rows, read_rows, to_dataset
+@pytest.mark.parametrize("setting,ragged,expect", [("auto", True, True), ("auto", False, False), (False, True, False)])
+def test_build_trainer_applies_the_switches(setting, ragged, expect, tiny_models, tiny_data, tmp_path):
+    from datasets import Dataset
+
+    from adapters.data import encode_rows, read_rows
     from adapters.lora import attach_lora
     from adapters.models import load_model, load_tokenizer, resolve_model
     from adapters.train import build_trainer
@@ -127,12 +129,18 @@ def test_build_trainer_applies_the_switches(setting, expect, tiny_models, tiny_d
     ref = resolve_model(recipe.model_name_or_path)
     tok = load_tokenizer(ref, recipe)
     enc, _ = encode_rows(tok, read_rows(recipe.train_file)[:8], recipe.max_length)
+    # ragged: rows cut to very different lengths; else: all cut to the shortest row's length (no padding at all)
+    short = min(len(e.input_ids) for e in enc)
+    cuts = [max(4, len(e.input_ids) // (1 + 3 * (i % 2))) if ragged else short for i, e in enumerate(enc)]
+    ds = Dataset.from_dict({"input_ids": [e.input_ids[:n] for e, n in zip(enc, cuts)],
+                            "labels": [e.labels[:n] for e, n in zip(enc, cuts)]})
     model = attach_lora(load_model(ref, recipe), recipe)
-    trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", to_dataset(enc), None)
+    trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", ds, None)
     assert trainer.args.padding_free is expect and trainer.padding_free is expect
     assert trainer.args.max_length == (None if expect else recipe.max_length)
     assert trainer.fast_path["padding_free"]["value"] is expect
-    batch = trainer.data_collator([{"input_ids": e.input_ids, "labels": e.labels} for e in enc[:3]])
+    assert trainer.fast_path["padding_free"]["source"] == ("auto" if setting == "auto" else "recipe")
+    batch = trainer.data_collator([ds[i] for i in range(3)])
     assert ("position_ids" in batch) is expect
 
 
