@@ -122,6 +122,12 @@ def cmd_push(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main_args
+
+    return main_args(args, rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -191,13 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a hub request is retried")
     p.add_argument("--dry-run", action="store_true", help="list the files (size, sha256) and write the card only")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("bench", help="plain TRL+PEFT baseline vs our path: tokens/s, memory, MFU, loss gate",
+                       epilog="example: adapters bench --scenarios ragged --padding_free false  (force a switch)")
+    p.add_argument("--model", help="architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), "
+                   "llama-3.1-8b, qwen2.5-1.5b, tiny-qwen2")
+    p.add_argument("--scenarios", default="fixed,ragged", help="comma list of fixed, ragged")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (CPU 5, GPU 25)")
+    p.add_argument("--warmup", type=int, help="untimed first steps (CPU 1, GPU 5)")
+    p.add_argument("--batch", type=int, help="per-device batch, fixed scenario (4)")
+    p.add_argument("--ragged-batch", type=int, help="per-device batch, ragged scenario (8)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-len", type=int, help="fixed length and ragged cap (CPU 256, GPU 2048)")
+    p.add_argument("--median", type=int, help="ragged median length (CPU 80, GPU 600)")
+    p.add_argument("--quant", choices=["nf4", "none"], help="base quantization of both runs (GPU nf4, CPU none)")
+    p.add_argument("--gate-batches", type=int, default=2, help="first micro-batches whose losses must agree")
+    p.add_argument("--out", default="outputs/bench", help="where bench.json and bench.md go")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU bench (1: steadiest on a "
+                   "shared machine)")
+    p.set_defaults(func=cmd_bench, takes_rest=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .bench import BenchError
     from .checkpoints import CheckpointError
     from .config import RecipeError
     from .data import DataError
+    from .fast import FastPathError
     from .hub import HubError
     from .models import ModelSourceError
 
@@ -209,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args, rest)
-    except (RecipeError, DataError, ModelSourceError, CheckpointError, HubError, FileExistsError, FileNotFoundError) as e:
+    except (RecipeError, DataError, BenchError, FastPathError, ModelSourceError, CheckpointError, HubError,
+            FileExistsError, FileNotFoundError) as e:
         print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

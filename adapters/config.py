@@ -140,6 +140,13 @@ class Recipe:
     bf16: bool = False
     fp16: bool = False
     report_to: Any = "tensorboard"
+    padding_free: Any = "auto"
+    """auto, true or false. Flatten each batch into one row with per-sample position ids (no padding computed);
+    auto turns it on where the attention keeps samples apart (sdpa, eager, flash; flex on CUDA) and batch > 1."""
+    use_liger_kernel: Any = "auto"
+    """auto, true or false. Liger's RMSNorm/RoPE/SwiGLU kernels through TRL; auto: on where liger_kernel and CUDA exist."""
+    torch_compile: Any = "auto"
+    """auto, true or false. torch.compile the model through the Trainer; auto leaves it off (not measured to pay)."""
 
     # ---------------------------------------------------------------- evaluation
     eval_base: bool = True
@@ -170,6 +177,13 @@ class Recipe:
             raise RecipeError(f"dtype: expected float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.max_length <= 0:
             raise RecipeError(f"max_length: must be > 0, got {self.max_length}")
+        from .fast import SWITCHES, FastPathError, check_switch
+
+        for name in SWITCHES:
+            try:
+                setattr(self, name, check_switch(name, getattr(self, name)))
+            except FastPathError as e:
+                raise RecipeError(str(e)) from None
 
     @property
     def quantized(self) -> bool:

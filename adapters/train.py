@@ -181,6 +181,9 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, not per process
     use_cpu = not torch.cuda.is_available()
     has_eval = eval_ds is not None and recipe.eval_strategy != "no"
+    from .fast import for_recipe
+
+    fast = for_recipe(recipe, train_ds)  # padding_free / liger / compile switches, each auto or set by the recipe
     args = SFTConfig(
         output_dir=str(run / "checkpoints"),
         learning_rate=recipe.learning_rate,
@@ -206,7 +209,7 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
         seed=recipe.seed,
         data_seed=recipe.seed,
         report_to=recipe.report_to,
-        max_length=recipe.max_length,
+        max_length=recipe.max_length if not fast.padding_free else None,
         use_cpu=use_cpu,
         dataloader_pin_memory=not use_cpu,
         dataset_kwargs={"skip_prepare_dataset": True},  # we tokenized and masked by position ourselves
@@ -214,10 +217,12 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
         # must not wrap it again. transformers 5.2x renamed the flag.
         **{_ckpt_flag(SFTConfig): False},
         **recipe.sft_extra,
+        **fast.sft_kwargs(),
     )
     guard = make_callbacks()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                       processing_class=tok, callbacks=[guard])
+    trainer.fast_path = fast.report()
     return trainer, guard
 
 
@@ -315,6 +320,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc, pack_length=recipe.max_length
                                                                         if packed else None),
                                    to_dataset(eval_enc) if eval_enc else None)
+    manifest["fast_path"] = trainer.fast_path
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.time() - t_train

@@ -1,0 +1,155 @@
+"""The benchmark, its correctness gate, and the optimized path's switches (CPU, tiny shapes, no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapters import fast
+from adapters.bench import BenchError, bench, gate, make_lengths
+from adapters.config import RecipeError, load_recipe
+
+from .conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    res = bench(model="tiny-llama", scenarios=("ragged",), steps=3, warmup=1, ragged_batch=4, max_len=64, median=24,
+                out=out, log=lambda *_: None)
+    return out, res
+
+
+def test_bench_writes_both_rows_and_a_gate(tiny_bench):
+    out, res = tiny_bench
+    saved = json.loads((out / "bench.json").read_text())
+    assert [r["path"] for r in saved["rows"]] == ["baseline", "ours"]
+    base, ours = saved["rows"]
+    for r in (base, ours):
+        assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["time_to_first_step_s"] > 0
+        assert 0 < r["mfu_vs_measured"] and 0 < r["mfu_vs_989"] < r["mfu_vs_measured"]
+        assert len(r["losses"]) == 2
+    # both runs counted the same real tokens; the baseline computed padding on top
+    assert base["real_tokens"] == ours["real_tokens"] and base["computed_tokens"] > ours["computed_tokens"]
+    assert ours["switches"]["padding_free"]["value"] is True and base["gradient_checkpointing"] is True
+    comp = saved["comparisons"][0]
+    assert comp["gate"]["verdict"] == "PASS", comp["gate"]
+    assert "| ragged | ours |" in (out / "bench.md").read_text()
+
+
+def test_gate_marks_a_perturbed_loss_invalid(tiny_bench):
+    _, res = tiny_bench
+    base, ours = res["rows"][0]["losses"], res["rows"][1]["losses"]
+    assert gate(base, ours)["verdict"] == "PASS"
+    bad = [ours[0] * (1 + 2e-3), *ours[1:]]
+    g = gate(base, bad)
+    assert g["verdict"] == "INVALID" and g["max_rel_diff"] > 1e-3
+    assert gate(base, [float("nan"), *ours[1:]])["verdict"] == "INVALID"
+    assert gate(base, ours[:1])["verdict"] == "INVALID"
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+def test_padding_free_loss_equals_padded_loss(arch, attn):
+    """Same batch, fp32: TRL's padding-free collator + position-id masking gives the padded loss and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, 97), attn_implementation=attn, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    g = torch.Generator().manual_seed(3)
+    examples = [{"input_ids": torch.randint(3, 97, (n,), generator=g).tolist()} for n in (17, 5, 30, 11)]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss  # as TRL's compute_loss: a cache disables packed masking
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert flat["input_ids"].shape == (1, 63) and "attention_mask" not in flat
+    flat = {k: flat[k] for k in ("input_ids", "labels", "position_ids")}
+    lp, gp = loss_and_grads(padded)
+    lf, gf = loss_and_grads(flat)
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
+    for k in gp:
+        torch.testing.assert_close(gf[k], gp[k], rtol=1e-4, atol=1e-6, msg=k)
+    # without per-sample positions, attention crosses samples and the loss differs: the check above can fail
+    crossed, _ = loss_and_grads({"input_ids": flat["input_ids"], "labels": flat["labels"]})
+    assert abs(crossed - lp) > 1e-4
+
+
+def test_plan_switches_auto_and_overrides():
+    p = fast.plan({}, attn_implementation="sdpa", per_device_batch=8, cuda=False)
+    assert p.padding_free is True and p.report()["padding_free"]["source"] == "auto"
+    assert p.use_liger_kernel is False and p.torch_compile is False  # no CUDA / Triton here
+    assert fast.plan({}, attn_implementation="sdpa", per_device_batch=1, cuda=False).padding_free is False
+    assert fast.plan({}, attn_implementation="sdpa", per_device_batch=8, packing=True).padding_free is False
+    assert fast.plan({"padding_free": "false"}, attn_implementation="sdpa", per_device_batch=8).padding_free is False
+    # flex_attention has no backward on CPU (FACTS.md): auto declines, an explicit request is refused
+    assert fast.plan({}, attn_implementation="flex_attention", per_device_batch=8, cuda=False).padding_free is False
+    with pytest.raises(fast.FastPathError, match="padding_free"):
+        fast.plan({"padding_free": True}, attn_implementation="flex_attention", per_device_batch=8, cuda=False)
+    with pytest.raises(fast.FastPathError, match="use_liger_kernel"):
+        fast.plan({"use_liger_kernel": True}, attn_implementation="sdpa", per_device_batch=8, cuda=False)
+    # equal lengths: nothing to remove, and the flattened row's block mask would cost more than it saves
+    assert fast.padding_share([64] * 32, 8) == 0.0 and fast.padding_share(make_lengths(64, "ragged", 256, 60), 8) > 0.3
+    assert fast.plan({}, attn_implementation="sdpa", per_device_batch=8, padding=0.0).padding_free is False
+    assert fast.plan({}, attn_implementation="sdpa", per_device_batch=8, padding=0.4).padding_free is True
+    gc_small = fast.plan({}, attn_implementation="sdpa", per_device_batch=8, activation_gib=1.0, budget_gib=10.0)
+    gc_big = fast.plan({}, attn_implementation="sdpa", per_device_batch=8, activation_gib=20.0, budget_gib=10.0)
+    assert gc_small.gradient_checkpointing is False and gc_big.gradient_checkpointing is True
+
+
+def test_recipe_switch_values_are_checked(tiny_models, tiny_data, tmp_path):
+    with pytest.raises(RecipeError, match="padding_free: expected auto, true or false"):
+        load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free="maybe"))
+    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path,
+                                                               padding_free="false"))
+    assert recipe.padding_free is False and "padding_free" not in recipe.sft_extra
+
+
+@pytest.mark.parametrize("setting,ragged,expect", [("auto", True, True), ("auto", False, False), (False, True, False)])
+def test_build_trainer_applies_the_switches(setting, ragged, expect, tiny_models, tiny_data, tmp_path):
+    from datasets import Dataset
+
+    from adapters.data import encode_rows, read_rows
+    from adapters.lora import attach_lora
+    from adapters.models import load_model, load_tokenizer, resolve_model
+    from adapters.train import build_trainer
+
+    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path,
+                                                               padding_free=setting))
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+    enc, _ = encode_rows(tok, read_rows(recipe.train_file)[:8], recipe.max_length)
+    # ragged: rows cut to very different lengths; else: all cut to the shortest row's length (no padding at all)
+    short = min(len(e.input_ids) for e in enc)
+    cuts = [max(4, len(e.input_ids) // (1 + 3 * (i % 2))) if ragged else short for i, e in enumerate(enc)]
+    ds = Dataset.from_dict({"input_ids": [e.input_ids[:n] for e, n in zip(enc, cuts)],
+                            "labels": [e.labels[:n] for e, n in zip(enc, cuts)]})
+    model = attach_lora(load_model(ref, recipe), recipe)
+    trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", ds, None)
+    assert trainer.args.padding_free is expect and trainer.padding_free is expect
+    assert trainer.args.max_length == (None if expect else recipe.max_length)
+    assert trainer.fast_path["padding_free"]["value"] is expect
+    assert trainer.fast_path["padding_free"]["source"] == ("auto" if setting == "auto" else "recipe")
+    batch = trainer.data_collator([ds[i] for i in range(3)])
+    assert ("position_ids" in batch) is expect
+
+
+def test_bench_rejects_bad_arguments(tmp_path):
+    with pytest.raises(BenchError, match="--model"):
+        bench(model="gpt-9", out=tmp_path)
+    with pytest.raises(BenchError, match="unknown switch"):
+        bench(model="tiny-llama", overrides={"padding_fre": True}, out=tmp_path)
+    with pytest.raises(BenchError, match="--steps"):
+        bench(model="tiny-llama", steps=2, warmup=2, out=tmp_path)
+    lens = make_lengths(200, "ragged", 128, 40)
+    assert max(lens) <= 128 and 20 < sorted(lens)[100] < 80
