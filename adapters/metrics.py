@@ -22,14 +22,15 @@ def label_metrics(predictions: list[str], references: list[str], labels: list[st
 
     ``confusion[i][j]`` counts rows whose true label is ``classes[i]`` and predicted label ``classes[j]``;
     ``classes`` is the declared labels plus ``<other>`` for answers outside the set. A class never predicted has
-    precision 0, a class never present has recall 0 (no division by zero).
+    precision 0, a class never present has recall 0 (no division by zero). Labels match case-insensitively after
+    whitespace normalisation.
     """
-    norm = {normalise_answer(lab): lab for lab in labels}
+    norm = {normalise_answer(lab).casefold(): lab for lab in labels}
     classes = list(labels) + [OTHER]
     index = {c: i for i, c in enumerate(classes)}
 
     def to_class(text: str) -> str:
-        return norm.get(normalise_answer(text), OTHER)
+        return norm.get(normalise_answer(text).casefold(), OTHER)
 
     confusion = [[0] * len(classes) for _ in classes]
     for p, r in zip(predictions, references):
