@@ -28,8 +28,24 @@ def extra_callbacks(*cbs):
             _EXTRA.remove(cb)
 
 
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_report_to(report_to: Any) -> None:
+    """A logger named in report_to must be importable; say which package to install instead of failing mid-setup."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        pkg = REPORTERS.get(str(name))
+        if pkg and importlib.util.find_spec(pkg) is None:
+            raise RecipeError(f"report_to: {name!r} is not installed (pip install {pkg}); "
+                              f"or use report_to: tensorboard (the default) or none")
+
+
 def config_fields(recipe: Recipe, has_eval: bool) -> dict[str, Any]:
     """SFTConfig fields: the recipe's pass-through ones plus those early stopping needs."""
+    check_report_to(recipe.report_to)
     extra = dict(recipe.sft_extra)
     if recipe.early_stopping_patience is None:
         return extra

@@ -165,3 +165,27 @@ def test_report_md_from_evaluation(tmp_path):
     assert "| exact_match | 0.5000 | 1.0000 |" in text and "| macro_f1 |" in text
     assert "| 5.0000 | 5.1000 | +2.00% |" in text and "| x\\|y | a | b | a |" in text
     assert "![task metrics](task_metrics.png)" in text and "None: no negative transfer" in text
+
+
+def test_report_to_needs_the_logger_installed(monkeypatch):
+    import importlib.util
+
+    from adapters.control import check_report_to
+
+    check_report_to("tensorboard")
+    check_report_to("none")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"report_to: 'wandb' is not installed \(pip install wandb\)"):
+        check_report_to(["tensorboard", "wandb"])
+
+
+def test_sweep_refuses_without_validation_split(tmp_path):
+    from pathlib import Path
+
+    from adapters.sweep import sweep
+
+    with pytest.raises(RecipeError, match="a sweep needs a validation split"):
+        sweep(Recipe(eval_strategy="no"), Path("x.yaml"), 3, out_dir=tmp_path)
+    with pytest.raises(RecipeError, match="--trials: must be >= 1"):
+        sweep(Recipe(eval_strategy="steps"), Path("x.yaml"), 0, out_dir=tmp_path)
