@@ -112,7 +112,7 @@ class Recipe:
 
     # ---------------------------------------------------------------- evaluation
     eval_base: bool = True
-    """Score the base model on the test split before training, for the before/after comparison."""
+    """Score the base model (the tuned model with its adapter disabled) on the test split, for before/after."""
     eval_max_new_tokens: int | None = None
     """Generation budget; default: the longest test answer in tokens plus a margin."""
     eval_generation_batch_size: int = 20

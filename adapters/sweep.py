@@ -2,7 +2,7 @@
 
 TPE sampler, median pruner fed by the validation loss at every evaluation (a TrainerCallback reports it and raises
 ``optuna.TrialPruned``). The objective is the lowest validation loss of the trial. Each trial is a normal run under
-``outputs/sweep-<recipe>-<time>/trial-NNN/`` (task scoring after training is skipped to save time).
+``outputs/sweep-<recipe>-<time>/trial-NNN/`` (task scoring and the quantization probe are skipped to save time).
 
 The search space is the recipe's ``sweep:`` mapping on top of DEFAULT_SPACE. Per key:
 
@@ -203,7 +203,7 @@ def sweep(recipe: Recipe, recipe_path: Path, trials: int, overrides: dict[str, A
     def objective(trial) -> float:
         params = suggest(trial, space)
         t = dataclasses.replace(recipe, **params, run_name=f"trial-{trial.number:03d}", output_root=str(out),
-                                eval_after_train=False, eval_base=False)
+                                eval_after_train=False, eval_base=False, quant_probe=False)
         log(f"[sweep] trial {trial.number}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in params.items()))
         with extra_callbacks(pruning_callback(trial)):

@@ -75,6 +75,13 @@ def test_eval_verb_rescoring_and_errors(finished_run, tmp_path, capsys):
     assert (run / "report.md").is_file()
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "manifest.json: missing" in capsys.readouterr().err
+    # a run that did not finish is never scored as if it had (and its files stay as they are)
+    mf = run / "manifest.json"
+    mf.write_text(mf.read_text().replace('"status": "complete"', '"status": "running"'))
+    before = (run / "eval.json").read_bytes()
+    assert main(["eval", str(run)]) == 2
+    assert "status is 'running', not 'complete'" in capsys.readouterr().err
+    assert (run / "eval.json").read_bytes() == before
 
 
 def test_generate_prompt_interactive_and_merged_missing(finished_run, capsys):
