@@ -158,7 +158,7 @@ def evaluate_model(model, tok, recipe, run_dir: str | Path, log_history: list[di
     evaluation: dict[str, Any] = {}
     has_adapter = hasattr(model, "disable_adapter")
     base = base and has_adapter
-    rows = read_rows(recipe.test_file) if recipe.test_file else []
+    rows = read_rows(recipe.test_file, recipe.data_format, recipe.data_columns) if recipe.test_file else []
     if limit is not None:
         rows = rows[:limit]
     conversations, references = prompts_and_answers(rows)
