@@ -11,7 +11,7 @@ REPO    ?=
 # Where there is no NVIDIA GPU, install the CPU build of torch (a plain `torch` requirement pulls several GB of CUDA).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
 
-.PHONY: install train merge eval push test test-all lint format bench data clean help
+.PHONY: install train merge eval sweep generate push test test-all lint format bench data clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,10 @@ merge:  ## merge an adapter into a full-precision base: make merge RUN=outputs/<
 
 eval:  ## score a run again: make eval RUN=outputs/<run>
 	$(BIN)/adapters eval $(RUN) $(ARGS)
+
+TRIALS  ?= 3
+sweep:  ## hyperparameter search: make sweep [RECIPE=…] [TRIALS=3] [ARGS="--max_steps 10"]
+	$(BIN)/adapters sweep $(RECIPE) --trials $(TRIALS) $(ARGS)
 
 push:  ## share a run: make push RUN=outputs/<run> REPO=org/name
 	$(BIN)/adapters push $(RUN) --repo-id $(REPO) $(ARGS)

@@ -128,6 +128,31 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return main_args(args, rest)
 
 
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from .report import evaluate_run
+
+    ev = evaluate_run(args.run_dir, base=not args.no_base, limit=args.limit)
+    return 1 if args.strict and any(f["name"] == "negative_transfer" for f in ev["flags"]) else 0
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from .generate import run_generate
+
+    which = "merged" if args.merged else "base" if args.base else "tuned"
+    run_generate(args.run_dir, args.prompt, which, args.max_new_tokens, args.system)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, rest: list[str]) -> int:
+    from .config import load_recipe, parse_overrides
+    from .sweep import sweep
+
+    overrides = parse_overrides(rest)
+    recipe, path = load_recipe(args.recipe, overrides)
+    sweep(recipe, path, args.trials, overrides, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -216,6 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU bench (1: steadiest on a "
                    "shared machine)")
     p.set_defaults(func=cmd_bench, takes_rest=True)
+
+    p = sub.add_parser("eval", help="base vs tuned on the held-out split, forgetting probe, flags -> eval.json, report.md",
+                       epilog="example: adapters eval outputs/gemma3-270m-demo-20260101-120000 --limit 20")
+    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
+    p.add_argument("--no-base", action="store_true", help="score the tuned model only")
+    p.add_argument("--limit", type=int, default=None, help="score at most N held-out rows")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the negative-transfer flag is raised")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="answer prompts with a run's model and chat template (stdin lines if no --prompt)",
+                       epilog="example: adapters generate outputs/<run> --prompt 'Format: ...'")
+    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
+    p.add_argument("--prompt", default=None, help="one prompt; without it, each stdin line is a prompt")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--merged", action="store_true", help="use RUN_DIR/merged (from `adapters merge`)")
+    g.add_argument("--base", action="store_true", help="use the base model without the adapter")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sweep", help="Optuna search (TPE + median pruning on validation loss); writes the best recipe",
+                       epilog="example: adapters sweep gemma3-270m-demo --trials 3 --max_steps 10")
+    p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe")
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--out", default=None, help="sweep directory (default outputs/sweep-<recipe>-<time>)")
+    p.set_defaults(func=cmd_sweep, takes_rest=True)
     return ap
 
 
@@ -225,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import RecipeError
     from .data import DataError
     from .fast import FastPathError
+    from .forgetting import ProbeError
     from .hub import HubError
     from .models import ModelSourceError
+    from .runs import RunError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -237,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except (RecipeError, DataError, BenchError, FastPathError, ModelSourceError, CheckpointError, HubError,
-            FileExistsError, FileNotFoundError) as e:
+            RunError, ProbeError, FileExistsError, FileNotFoundError) as e:
         print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

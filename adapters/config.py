@@ -150,10 +150,35 @@ class Recipe:
 
     # ---------------------------------------------------------------- evaluation
     eval_base: bool = True
-    """Score the base model on the test split before training, for the before/after comparison."""
+    """Score the base model (the tuned model with its adapter disabled) on the test split, for before/after."""
     eval_max_new_tokens: int | None = None
     """Generation budget; default: the longest test answer in tokens plus a margin."""
     eval_generation_batch_size: int = 20
+    eval_after_train: bool = True
+    """At the end of `train`, run `adapters eval`: task metrics, forgetting probe, flags, report.md."""
+    eval_limit: int | None = None
+    """Score at most this many held-out rows (None: all of them)."""
+    labels: list[str] | None = None
+    """Label set of a classification task: adds accuracy, per-class precision/recall/F1, macro-F1, confusion matrix."""
+    rouge_l: bool = False
+    """Also report ROUGE-L F1 (longest common subsequence of words) for free-text answers."""
+    eval_samples: int = 5
+    """Rows shown in report.md's sample table (prompt, expected, base, tuned)."""
+    forgetting_probe: str | None = None
+    """Text file for the forgetting probe (passages separated by blank lines); None: Python stdlib docstrings."""
+    forgetting_probe_tokens: int = 2048
+    """Token budget of the forgetting probe (each passage is cut to max_length tokens)."""
+    forgetting_threshold: float = 0.05
+    """Warn (flag 'forgetting') when the probe perplexity rises by more than this fraction (0.05 = 5%)."""
+    overfit_window: int = 3
+    """K: flag overfitting when validation loss rose over the last K evaluations while training loss fell."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement of metric_for_best_model (default eval_loss) and
+    restore the best checkpoint (sets load_best_model_at_end)."""
+    early_stopping_threshold: float = 0.0
+    """Smallest change of the metric that counts as an improvement for early stopping."""
+    sweep: dict[str, Any] = field(default_factory=dict)
+    """Search space of `adapters sweep`: key: [low, high] (a range) or [a, b, c] (choices); see adapters/sweep.py."""
 
     # ---------------------------------------------------------------- pass-through
     sft_extra: dict[str, Any] = field(default_factory=dict)

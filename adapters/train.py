@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from . import checkpoints as ckpt
+from . import control as trainctl
 from .config import Recipe
-from .data import prompts_and_answers, to_dataset
-from .evaluate import answer_budget, score
+from .data import to_dataset
 from .lora import attach_lora, parameter_counts
 from .manifest import git_state, hardware, versions, write_json
 from .models import ModelRef, load_model, load_tokenizer, model_memory_mb, probe_loss, resolve_model
@@ -216,13 +216,14 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
         # Checkpointing was already set up on the base by attach_lora (with the k-bit preparation); the Trainer
         # must not wrap it again. transformers 5.2x renamed the flag.
         **{_ckpt_flag(SFTConfig): False},
-        **recipe.sft_extra,
+        **trainctl.config_fields(recipe, has_eval),  # recipe pass-through + early stopping
         **fast.sft_kwargs(),
     )
     guard = make_callbacks()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                       processing_class=tok, callbacks=[guard])
     trainer.fast_path = fast.report()
+    trainctl.install(trainer, recipe)  # eval perplexity, early stopping, sweep pruning
     return trainer, guard
 
 
@@ -304,14 +305,6 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
                                for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                                          "tie_word_embeddings")}
 
-    conversations, references = prompts_and_answers(test_rows)
-    budget = recipe.eval_max_new_tokens or answer_budget(tok, references) if references else 0
-    evaluation: dict[str, Any] = {}
-    if recipe.eval_base and references and state.is_main_process:
-        evaluation["base"] = score(model, tok, conversations, references, budget,
-                                   recipe.eval_generation_batch_size, "base model")
-        log(f"[eval] base model exact match on {len(references)} held-out rows: {evaluation['base']['exact_match']:.3f}")
-
     # ------------------------------------------------------------ LoRA + training
     model = attach_lora(model, recipe)
     manifest["parameters"] = parameter_counts(model)
@@ -336,11 +329,6 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     if state.is_main_process:
         manifest["adapter"] = save_adapter(trainer.model, tok, run / "adapter", ref.path)
         log(f"[save] adapter -> {run / 'adapter'}")
-        if references:
-            evaluation["tuned"] = score(trainer.model, tok, conversations, references, budget,
-                                        recipe.eval_generation_batch_size, "tuned model")
-            evaluation["max_new_tokens"] = budget
-            write_json(run / "eval.json", evaluation)
         from .plots import loss_curve
 
         loss_curve(trainer.state.log_history, run / "loss_curve.png", title=run.name)
@@ -356,12 +344,10 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
             "finished": datetime.now().isoformat(timespec="seconds"),
         })
         write_json(run / "manifest.json", manifest)
-        if "base" in evaluation or "tuned" in evaluation:
-            log("")
-            log(f"  held-out exact match ({len(references)} rows)")
-            for k in ("base", "tuned"):
-                if k in evaluation:
-                    log(f"    {k:6s} {evaluation[k]['exact_match']:.3f}")
+        if recipe.eval_after_train:  # base (adapter disabled) vs tuned, forgetting probe, flags, report.md
+            from .report import evaluate_model
+
+            evaluate_model(trainer.model, tok, recipe, run, trainer.state.log_history, base=recipe.eval_base, log=log)
         log(f"[done] {run} in {manifest['wall_seconds']:.0f}s")
     state.wait_for_everyone()
     sys.stdout.flush()

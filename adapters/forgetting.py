@@ -1,0 +1,130 @@
+"""Forgetting probe: perplexity of the base and the tuned model on general text the task data did not contain.
+
+The default probe is built at run time from the docstrings of Python standard-library modules, which every machine
+that runs this toolkit has. The selection is deterministic: a fixed module list, names in sorted order, passages in
+order. A user file (passages separated by blank lines) replaces it (recipe key ``forgetting_probe``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Prose-heavy, stable modules (documentation text, not code).
+STDLIB_MODULES = ("argparse", "calendar", "collections", "csv", "difflib", "functools", "heapq", "itertools",
+                  "json", "logging", "pathlib", "random", "shutil", "statistics", "string", "textwrap", "threading",
+                  "unittest", "urllib.parse", "zipfile")
+MIN_CHARS = 200
+
+
+class ProbeError(ValueError):
+    """The probe file is missing, unreadable or empty; the message names the file."""
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+
+
+def stdlib_passages() -> list[str]:
+    """Docstring paragraphs of STDLIB_MODULES and their public members, deterministic for a Python version."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        for attr in sorted(a for a in vars(mod) if not a.startswith("_")):
+            obj = getattr(mod, attr)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+                docs.append(inspect.getdoc(obj) or "")
+        for d in docs:
+            for p in _paragraphs(d):
+                # prose only: long enough, mostly letters, not a code sample
+                letters = sum(c.isalpha() or c.isspace() for c in p)
+                if len(p) >= MIN_CHARS and letters / len(p) > 0.85 and ">>>" not in p and p not in seen:
+                    seen.add(p)
+                    out.append(p)
+    return out
+
+
+def probe_passages(path: str | None) -> tuple[str, list[str]]:
+    """(probe name, passages)."""
+    if not path:
+        v = sys.version_info
+        return f"python{v.major}.{v.minor}-stdlib-docstrings", stdlib_passages()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProbeError(f"{p}: forgetting_probe file not found") from None
+    except UnicodeDecodeError as e:
+        raise ProbeError(f"{p}: forgetting_probe: not UTF-8 (byte offset {e.start})") from None
+    passages = _paragraphs(text)
+    if not passages:
+        raise ProbeError(f"{p}: forgetting_probe file holds no text")
+    return p.name, passages
+
+
+def encode_probe(tok, passages: list[str], max_length: int, token_budget: int) -> list[list[int]]:
+    """Token ids per passage (with the tokenizer's BOS), each cut to max_length, until the budget is spent."""
+    chunks: list[list[int]] = []
+    total = 0
+    for text in passages:
+        ids = tok(text, add_special_tokens=True)["input_ids"][:max_length]
+        if len(ids) < 2:
+            continue
+        chunks.append(ids)
+        total += len(ids) - 1
+        if total >= token_budget:
+            break
+    return chunks
+
+
+@torch.no_grad()
+def perplexity(model, chunks: list[list[int]]) -> float:
+    """exp(mean next-token loss over every probe token); one passage per forward, so no padding is involved."""
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for ids in chunks:
+        x = torch.tensor([ids], device=device)
+        loss = model(input_ids=x, labels=x).loss.float().item()
+        nll += loss * (len(ids) - 1)
+        count += len(ids) - 1
+    return math.exp(nll / count) if count else float("nan")
+
+
+def probe(model, tok, recipe, base: bool = True, log=print) -> dict[str, Any]:
+    """``{"probe", "ppl_base", "ppl_tuned", "rise", "tokens", "passages", "sha256"}`` for a PeftModel: the base is
+    the same model with its adapter disabled, so both numbers come from one set of weights in memory."""
+    name, passages = probe_passages(recipe.forgetting_probe)
+    chunks = encode_probe(tok, passages, min(recipe.max_length, 512), recipe.forgetting_probe_tokens)
+    if not chunks:
+        raise ProbeError(f"forgetting probe {name}: no passage has two tokens or more")
+    digest = hashlib.sha256(repr(chunks).encode()).hexdigest()
+    out: dict[str, Any] = {"probe": name, "tokens": sum(len(c) - 1 for c in chunks), "passages": len(chunks),
+                           "sha256": digest}
+    ppl_tuned = perplexity(model, chunks)
+    out["ppl_tuned"] = round(ppl_tuned, 4)
+    if base:
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+        with ctx:
+            ppl_base = perplexity(model, chunks)
+        out["ppl_base"] = round(ppl_base, 4)
+        out["rise"] = round((ppl_tuned - ppl_base) / ppl_base, 4)
+    else:
+        out["ppl_base"] = None
+        out["rise"] = None
+    log(f"[forgetting] {name}: {out['tokens']} tokens, perplexity base {out['ppl_base']} tuned {out['ppl_tuned']}"
+        + (f" ({out['rise']:+.1%})" if out["rise"] is not None else ""))
+    return out
