@@ -190,7 +190,7 @@ def load_model(ref: ModelRef, recipe: Recipe, quantize: bool = True):
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(recipe.dtype),
         trust_remote_code=recipe.trust_remote_code,
-        device_map=device_map_for_process(),
+        device_map=recipe.device_map or device_map_for_process(),
     )
     if recipe.attn_implementation:
         kwargs["attn_implementation"] = recipe.attn_implementation

@@ -238,6 +238,9 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     log(f"[run] {run}")
 
     ref = resolve_model(recipe.model_name_or_path)
+    from .preflight import before_train
+
+    before_train(recipe, ref.path)  # known-bad recipe / launcher / model combinations fail here, naming the fix
     tok = load_tokenizer(ref, recipe)
 
     # ------------------------------------------------------------ data
