@@ -176,4 +176,13 @@ def before_train(recipe: Recipe, model_path: str | None = None) -> None:
             config = AutoConfig.from_pretrained(model_path, trust_remote_code=recipe.trust_remote_code)
         except Exception:  # an unreadable config fails later, at load, with the loader's own message
             config = None
-    check(recipe, launch_from_env(), config)
+    launch = launch_from_env()
+    check(recipe, launch, config)
+    import torch
+
+    if (launch.fsdp or launch.distributed_type == "DEEPSPEED") and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # accelerate enables FSDP/DeepSpeed for GPU worlds only
+            print(f"[preflight] warning: {launch.distributed_type} was requested but there is no CUDA GPU; the "
+                  "processes run as plain data parallel on CPU (gloo), parameters are not sharded", flush=True)

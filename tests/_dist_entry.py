@@ -40,7 +40,16 @@ def _audit(event: str, args) -> None:
             record["writes"].append([event, os.fsdecode(args[0])])
 
 
+TRAINERS: list = []
+
+
 def _dump() -> None:
+    if TRAINERS:  # how the parameters ended up: DTensor shards under FSDP2, plain tensors under DDP
+        from adapters.distributed import sharding
+
+        trainer = TRAINERS[0]
+        record["sharding"] = sharding(trainer)
+        record["param_types"] = sorted({type(p).__name__ for p in trainer.model.parameters()})
     TRACE.mkdir(parents=True, exist_ok=True)
     (TRACE / f"rank{RANK}.json").write_text(json.dumps(record))
 
@@ -75,6 +84,7 @@ def main() -> int:
     def build_traced(*a, **kw):
         trainer, guard = build(*a, **kw)
         _trace_collator(trainer)
+        TRAINERS.append(trainer)
         return trainer, guard
 
     train_mod.build_trainer = build_traced
