@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def _quiet_libraries() -> None:
@@ -15,6 +14,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices meant for library authors
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call int8 dtype notes on CPU
@@ -43,6 +43,74 @@ def cmd_recipes(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
+    """adapters data check FILE…: every problem as file:line[:col]: field: message; exit 1 when there are any."""
+    if args.data_verb == "audit":
+        return _data_audit(args, rest)
+    from .datasets_io import check
+
+    columns = dict(kv.split("=", 1) for kv in args.columns) if args.columns else None
+    quarantine = args.quarantine or ("quarantine.jsonl" if args.skip_invalid else None)
+    res = check(args.files, args.format, columns, quarantine=quarantine if args.skip_invalid else None)
+    for p in res.problems:
+        print(p)
+    print(f"{res.files} source(s), {res.rows} row(s): {res.valid} valid, {res.bad_rows} invalid, "
+          f"{len(res.problems)} problem(s)", file=sys.stderr)
+    if res.bad_rows and args.skip_invalid:
+        print(f"{res.bad_rows} invalid row(s) written to {res.quarantine}", file=sys.stderr)
+        return 0
+    return 1 if res.problems else 0
+
+
+def _data_audit(args: argparse.Namespace, rest: list[str]) -> int:
+    """adapters data audit RECIPE [--key value …]: the whole data stage with the recipe's tokenizer, no model."""
+    from pathlib import Path
+
+    from .config import load_recipe, parse_overrides
+    from .models import load_tokenizer, resolve_model
+    from .prepare import packing_guard, prepare_data
+
+    recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
+    tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
+    packing_guard(recipe)
+    prepare_data(recipe, tok, Path(args.out))
+    print(f"audit -> {Path(args.out) / 'data_audit.json'}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    from .merge import MergeError, merge_run
+    from .runs import RunError
+
+    try:
+        if args.adapters:
+            from .combine import combine_runs
+
+            if not args.out:
+                raise MergeError("--adapters needs --out DIR (where the combined adapter is written)")
+            report = combine_runs(args.adapters, args.method, args.weights, args.density, args.out,
+                                  merged=args.merged, force=args.force, max_kl=args.max_kl, dtype=args.dtype)
+        else:
+            if not args.run_dir:
+                raise MergeError("give a run directory (adapters merge outputs/<run>) or --adapters RUN_A RUN_B ...")
+            report = merge_run(args.run_dir, max_kl=args.max_kl, force=args.force, dtype=args.dtype,
+                               n_probes=args.probes)
+    except (MergeError, RunError) as e:
+        print(f"adapters merge: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if report.get("verdict") in ("pass", "forced", None) else 1
+
+
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from .export import export_run
+    from .merge import MergeError
+    from .runs import RunError
+
+    try:
+        export_run(args.run_dir, args.to, force=args.force)
+    except (MergeError, RunError) as e:
+        print(f"adapters export: error: {e}", file=sys.stderr)
+        return 2
 def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .config import load_recipe, parse_overrides
     from .plan import plan, smoke
@@ -84,6 +152,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("data", help="data tools: `adapters data check FILE…` validates every row")
+    dsub = p.add_subparsers(dest="data_verb", required=True)
+    c = dsub.add_parser("check", help="report every problem as file:line[:col]: field: message; exit 1 on errors",
+                        epilog="example: adapters data check data/demo/train.jsonl --skip-invalid")
+    c.add_argument("files", nargs="+", help=".jsonl/.json/.csv/.parquet files, directories or save_to_disk folders")
+    c.add_argument("--format", choices=["chat", "prompt_completion", "alpaca", "text"], default=None,
+                   help="force a format (default: detect per row)")
+    c.add_argument("--columns", nargs="*", metavar="NAME=COLUMN", help="map columns, e.g. prompt=question")
+    c.add_argument("--skip-invalid", action="store_true", help="write bad rows to the quarantine file, exit 0")
+    c.add_argument("--quarantine", default=None, help="quarantine file (default: ./quarantine.jsonl)")
+    c.set_defaults(func=cmd_data)
+    c = dsub.add_parser("audit", help="validate, clean, split and audit a recipe's data with its tokenizer (no model)",
+                        epilog="example: adapters data audit gemma3-270m-demo --max_length 64")
+    c.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
+    c.add_argument("--out", default="outputs/data-audit", help="folder for data_audit.json (and quarantine.jsonl)")
+    c.set_defaults(func=cmd_data, takes_rest=True)
+
+    from .merge import DEFAULT_MAX_KL, METHODS
+
+    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision base, verified against the adapter",
+                       epilog="examples: adapters merge outputs/<run>; adapters merge --adapters outputs/a outputs/b "
+                              "--method ties --weights 1 1 --density 0.5 --out outputs/a+b --merged")
+    p.add_argument("run_dir", nargs="?", help="outputs/<run>: writes <run>/merged/ and <run>/merge_report.json")
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                   help="largest mean KL (nats/token) allowed between merged model and adapter model; else exit 1")
+    p.add_argument("--force", action="store_true", help="write merged/ (or --out) even when the check fails")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="merge precision (default: the recipe's dtype)")
+    p.add_argument("--probes", type=int, default=8, help="probe prompts taken from the eval split")
+    p.add_argument("--adapters", nargs="+", metavar="RUN", help="combine these runs' adapters (same base) instead")
+    p.add_argument("--method", choices=METHODS, default="linear", help="PEFT add_weighted_adapter combination_type")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: 1/n for linear and "
+                                                             "cat, 1.0 for the others)")
+    p.add_argument("--density", type=float, help="share of values kept by ties/dare/magnitude_prune (default 0.5)")
+    p.add_argument("--out", help="with --adapters: the new run-like directory (adapter/, manifest, report)")
+    p.add_argument("--merged", action="store_true", help="with --adapters: also merge the combination (<out>/merged)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a run's adapter, tokenizer, chat template and model card to a folder")
+    p.add_argument("run_dir", help="outputs/<run>")
+    p.add_argument("--to", required=True, help="target directory (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing target directory")
+    p.set_defaults(func=cmd_export)
     return ap
 
 

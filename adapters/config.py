@@ -87,6 +87,37 @@ class Recipe:
     """Held-out split scored by exact match for the base and the tuned model."""
     max_length: int = 512
     """Longest tokenized example; rows whose answer would be cut are dropped and reported, never truncated."""
+    data_format: str | None = None
+    """chat, prompt_completion, alpaca or text; None detects chat/prompt_completion/alpaca per row (text is never
+    guessed: it trains on every token)."""
+    data_columns: dict[str, str] | None = None
+    """Rename source columns to the format's names, e.g. {prompt: question, completion: answer}."""
+    skip_invalid: bool = False
+    """Invalid rows go to a quarantine file (count reported) instead of stopping the run."""
+    quarantine_file: str | None = None
+    """Where skipped rows go; default <run_dir>/quarantine.jsonl."""
+    dedup: bool = True
+    """Drop exact and near-exact (whitespace/case) duplicate training rows."""
+    min_answer_chars: int = 1
+    max_answer_chars: int | None = None
+    max_prompt_chars: int | None = None
+    """Length filters in characters, applied before tokenization (each step's count is reported)."""
+    val_split: float = 0.0
+    """Fraction of the training rows held out for validation (by seed) when eval_file is null."""
+    data_mix: dict[str, float] | None = None
+    """Extra training sources with weights, e.g. {data/a.jsonl: 1.0, data/b.parquet: 0.5}; a weight is a sampling
+    multiplier (2.0 = every row twice, 0.5 = a seeded half). train_file keeps weight 1 unless listed."""
+    augment_prompt_templates: list[str] | None = None
+    """Opt-in: one variant of each single-turn training row per template, e.g. ['{prompt}', 'Q: {prompt}']."""
+    general_data_file: str | None = None
+    general_data_share: float = 0.0
+    """Opt-in: share of the final training rows drawn from general_data_file, to limit forgetting."""
+    audit_max_dropped_share: float = 0.1
+    """Stop before training when more than this share of training rows is dropped (answer cut, nothing trained)."""
+    audit_min_trained_share: float = 0.01
+    """Stop when fewer than this share of training tokens carry a label."""
+    audit_require_eos: bool = True
+    """Stop unless every kept row trains the EOS/end-of-turn token that closes its answer."""
 
     # ---------------------------------------------------------------- training (trl.SFTConfig)
     learning_rate: float = 2e-4

@@ -7,12 +7,12 @@ EOS / end-of-turn token that closes each answer is supervised even when the pad 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 IGNORE_INDEX = -100
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -28,6 +28,8 @@ class Row:
     file: str
     line: int
     messages: list[dict[str, str]]
+    text: str | None = None
+    """Plain-text rows (data_format: text) have no messages and train on every token."""
 
     @property
     def where(self) -> str:
@@ -98,53 +100,33 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
-def normalise_row(obj: dict[str, Any], where: str) -> list[dict[str, str]]:
+def normalise_row(obj: dict[str, Any], where: str, data_format: str | None = None,
+                  columns: dict[str, str] | None = None) -> list[dict[str, str]]:
     """Turn a raw row into a list of {role, content} turns, or raise a DataError naming the field."""
-    if "messages" in obj or "conversations" in obj:
-        key = "messages" if "messages" in obj else "conversations"
-        turns = obj[key]
-        if not isinstance(turns, list) or not turns:
-            raise DataError(f"{where}: {key}: expected a non-empty list of turns")
-        out = []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict):
-                raise DataError(f"{where}: {key}[{i}]: expected an object with role and content")
-            role = t.get("role", t.get("from"))
-            content = t.get("content", t.get("value"))
-            if role is None:
-                raise DataError(f"{where}: {key}[{i}].role: missing")
-            role = ROLE_ALIASES.get(str(role), str(role))
-            if role not in ROLES:
-                raise DataError(f"{where}: {key}[{i}].role: unknown role {role!r} (expected one of {sorted(ROLES)})")
-            if not isinstance(content, str) or not content.strip():
-                raise DataError(f"{where}: {key}[{i}].content: missing or empty")
-            out.append({"role": role, "content": content})
-        body = [t for t in out if t["role"] != "system"]
-        for i, t in enumerate(body):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if t["role"] != expected:
-                raise DataError(f"{where}: {key}: turns must alternate user/assistant; turn {i + 1} is {t['role']!r}")
-        if not body or body[-1]["role"] != "assistant":
-            raise DataError(f"{where}: {key}: no assistant turn to learn from (the last turn must be the assistant's)")
-        return out
-    if "prompt" in obj or "completion" in obj:
-        for k in ("prompt", "completion"):
-            if not isinstance(obj.get(k), str) or not obj[k].strip():
-                raise DataError(f"{where}: {k}: missing or empty")
-        return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
-    raise DataError(f"{where}: messages: missing (expected 'messages' or 'prompt'/'completion')")
+    from .datasets_io import normalise
+
+    messages, _, problems, _ = normalise(obj, data_format, columns)
+    if problems:
+        raise DataError(f"{where}: {problems[0][0]}: {problems[0][1]}")
+    return messages or []
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    return [Row(str(path), ln, normalise_row(obj, f"{path}:{ln}")) for ln, obj in iter_jsonl(path)]
+def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:
+    """Every row of a source (file, directory or saved dataset); the first problem raises, with how many more."""
+    from .datasets_io import scan
+
+    s = scan(path, data_format, columns)
+    if s.problems:
+        more = f" (and {len(s.problems) - 1} more problem(s); run `adapters data check {path}`)" \
+            if len(s.problems) > 1 else ""
+        raise DataError(f"{s.problems[0]}{more}")
+    return s.rows
 
 
 def fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    from .datasets_io import fingerprint as fp
+
+    return fp(path)
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -179,6 +161,15 @@ def encode_messages(tok, messages: list[dict[str, str]], where: str = "?") -> tu
     return full, labels
 
 
+def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
+    """Plain text: BOS (untrained) + text + EOS, every token after BOS trained."""
+    ids = _ids(tok, text) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    labels = list(ids)
+    if tok.bos_token_id is not None:
+        ids, labels = [tok.bos_token_id] + ids, [IGNORE_INDEX] + labels
+    return ids, labels
+
+
 def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0.5) -> tuple[list[Encoded], EncodeReport]:
     """Encode rows; a row whose trained tokens would be cut by ``max_length`` is dropped and reported.
 
@@ -188,7 +179,8 @@ def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0
     out: list[Encoded] = []
     for row in rows:
         report.rows += 1
-        ids, labels = encode_messages(tok, row.messages, row.where)
+        ids, labels = encode_text(tok, row.text) if row.text is not None else encode_messages(tok, row.messages,
+                                                                                                row.where)
         report.lengths.append(len(ids))
         if len(ids) > max_length:
             report.dropped.append({"where": row.where, "tokens": len(ids), "reason": f"longer than max_length={max_length}; the answer would be cut"})
@@ -210,10 +202,16 @@ def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0
     return out, report
 
 
-def to_dataset(encoded: list[Encoded]):
+def to_dataset(encoded: list[Encoded], pack_length: int | None = None):
+    """A datasets.Dataset of input_ids/labels; with ``pack_length``, packed by TRL (best fit decreasing)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    if pack_length:
+        from trl import pack_dataset
+
+        ds = pack_dataset(ds, pack_length, strategy="bfd")
+    return ds
 
 
 def prompts_and_answers(rows: list[Row]) -> tuple[list[list[dict[str, str]]], list[str]]:

@@ -223,8 +223,13 @@ def load_tokenizer(ref: ModelRef, recipe: Recipe):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=recipe.trust_remote_code,
-                                        **({"revision": recipe.revision} if recipe.revision else {}))
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=recipe.trust_remote_code,
+                                            **({"revision": recipe.revision} if recipe.revision else {}))
+    except (OSError, ValueError) as e:
+        hint = " (no model hub is reachable: use a local directory, a .gguf file or embedded:gemma-3-270m)" \
+            if ref.kind == "hub" else ""
+        raise ModelSourceError(f"model {ref.source!r}: cannot load the tokenizer from {ref.path}: {e}{hint}") from None
     if recipe.chat_template:
         p = Path(recipe.chat_template)
         tok.chat_template = p.read_text(encoding="utf-8") if p.suffix == ".jinja" else builtin_template(

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoints as ckpt
 from .config import Recipe
-from .data import DataError, encode_rows, fingerprint, prompts_and_answers, read_rows, to_dataset
+from .data import prompts_and_answers, to_dataset
 from .evaluate import answer_budget, score
 from .lora import attach_lora, parameter_counts
 from .manifest import git_state, hardware, versions, write_json
@@ -84,35 +84,62 @@ def _free(model) -> None:
         torch.cuda.empty_cache()
 
 
-def quantization_report(ref: ModelRef, recipe: Recipe, batch) -> tuple[Any, dict[str, Any]]:
-    """Load the base (quantized if the recipe says so); report the probe loss full precision vs quantized."""
+GENERAL_PROBE = [
+    "The history of the city goes back more than two thousand years, to a small settlement on the river.",
+    "To make the sauce, melt the butter in a pan, add the flour and stir until the mixture turns golden.",
+]
+
+
+def _general_batch(tok) -> dict[str, torch.Tensor]:
+    """General English text, loss on every token: what quantization does to the model beyond the task."""
+    enc = tok(GENERAL_PROBE, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def _probe(model, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    out = {f"{name}_loss": round(probe_loss(model, b), 4) for name, b in batches.items()}
+    out["memory_mb"] = round(model_memory_mb(model), 1)
+    return out
+
+
+def quantization_report(ref: ModelRef, recipe: Recipe, batches: dict[str, dict[str, torch.Tensor]]):
+    """Load the base (quantized if the recipe says so) and measure the quantization damage.
+
+    With quantization on, the full-precision model is loaded first and both are scored on the same probe batches:
+    ``task`` (the first training rows, loss on the answers) and ``general`` (plain English, every token).
+    """
     report: dict[str, Any] = {"method": "none"}
     if recipe.quantized:
         report["method"] = "int8" if recipe.load_in_8bit else (
             f"4bit-{recipe.bnb_4bit_quant_type}" + ("+double_quant" if recipe.bnb_4bit_use_double_quant else ""))
         if recipe.quant_probe:
             full = load_model(ref, recipe, quantize=False)
-            report["full_precision"] = {"probe_loss": round(probe_loss(full, batch), 4),
-                                        "memory_mb": round(model_memory_mb(full), 1)}
+            report["full_precision"] = _probe(full, batches)
             _free(full)
     model = load_model(ref, recipe, quantize=True)
-    key = "quantized" if recipe.quantized else "full_precision"
-    report[key] = {"probe_loss": round(probe_loss(model, batch), 4), "memory_mb": round(model_memory_mb(model), 1)}
+    report["quantized" if recipe.quantized else "full_precision"] = _probe(model, batches)
     if "full_precision" in report and "quantized" in report:
-        a, b = report["full_precision"]["probe_loss"], report["quantized"]["probe_loss"]
-        report["loss_rise"] = round(b - a, 4)
-        report["loss_rise_pct"] = round(100 * (b - a) / a, 2) if a else None
+        for name in batches:
+            a, b = report["full_precision"][f"{name}_loss"], report["quantized"][f"{name}_loss"]
+            report[f"{name}_loss_change"] = round(b - a, 4)
+            report[f"{name}_loss_change_pct"] = round(100 * (b - a) / a, 2) if a else None
     return model, report
 
 
 def print_quant_report(r: dict[str, Any]) -> None:
+    names = [k[: -len("_loss")] for k in (r.get("full_precision") or r.get("quantized") or {}) if k.endswith("_loss")]
     log(f"[quant] method: {r['method']}")
-    log(f"[quant] {'':16s}{'probe loss':>12s}{'memory MB':>12s}")
+    log(f"[quant] {'':16s}" + "".join(f"{n + ' loss':>14s}" for n in names) + f"{'memory MB':>12s}")
     for key in ("full_precision", "quantized"):
         if key in r:
-            log(f"[quant] {key:16s}{r[key]['probe_loss']:12.4f}{r[key]['memory_mb']:12.1f}")
-    if "loss_rise" in r:
-        log(f"[quant] quantization raised the probe loss by {r['loss_rise']:+.4f} ({r['loss_rise_pct']:+.1f}%)")
+            log(f"[quant] {key:16s}" + "".join(f"{r[key][n + '_loss']:14.4f}" for n in names)
+                + f"{r[key]['memory_mb']:12.1f}")
+    for n in names:
+        if f"{n}_loss_change" in r:
+            log(f"[quant] quantization changed the {n} probe loss by {r[f'{n}_loss_change']:+.4f} "
+                f"({r[f'{n}_loss_change_pct']:+.1f}%)")
 
 
 def make_callbacks():
@@ -151,7 +178,7 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     class Trainer(ckpt.AtomicCheckpointMixin, SFTTrainer):
         pass
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, not per process
     use_cpu = not torch.cuda.is_available()
     has_eval = eval_ds is not None and recipe.eval_strategy != "no"
     args = SFTConfig(
@@ -244,27 +271,11 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     tok = load_tokenizer(ref, recipe)
 
     # ------------------------------------------------------------ data
-    data_report: dict[str, Any] = {}
-    train_rows = read_rows(recipe.train_file)
-    train_enc, rep = encode_rows(tok, train_rows, recipe.max_length)
-    data_report["train"] = {"file": recipe.train_file, "sha256": fingerprint(recipe.train_file),
-                            **rep.summary(recipe.max_length)}
-    eval_enc = None
-    if recipe.eval_file:
-        eval_enc, rep = encode_rows(tok, read_rows(recipe.eval_file), recipe.max_length)
-        data_report["eval"] = {"file": recipe.eval_file, "sha256": fingerprint(recipe.eval_file),
-                               **rep.summary(recipe.max_length)}
-    test_rows = read_rows(recipe.test_file) if recipe.test_file else []
-    if recipe.test_file:
-        data_report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file),
-                               "rows": len(test_rows)}
-    if not train_enc:
-        raise DataError(f"{recipe.train_file}: no usable training rows")
-    for split, r in data_report.items():
-        if "tokens" in r:
-            log(f"[data] {split}: {r['kept']}/{r['rows']} rows, {r['tokens']} tokens, "
-                f"{r['trained_share']:.0%} trained, length median {r['length']['median']} max {r['length']['max']}"
-                + (f", {r['dropped']} dropped (first: {r['dropped_rows'][0]['where']})" if r["dropped"] else ""))
+    from .prepare import packing_guard, prepare_data
+
+    packed = packing_guard(recipe, say=log)  # packing only where the attention keeps samples apart
+    train_enc, eval_enc, test_rows, data_report = prepare_data(recipe, tok, run, say=log,
+                                                               write=state.is_main_process)
 
     manifest: dict[str, Any] = {
         "status": "running",
@@ -287,7 +298,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         write_json(run / "manifest.json", manifest)
 
     # ------------------------------------------------------------ model, quantization damage, base score
-    model, qreport = quantization_report(ref, recipe, _probe_batch(train_enc))
+    model, qreport = quantization_report(ref, recipe, {"task": _probe_batch(train_enc), "general": _general_batch(tok)})
     print_quant_report(qreport)
     manifest["quantization"] = qreport
     from .runs import base_fingerprint
@@ -310,7 +321,8 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     manifest["parameters"] = parameter_counts(model)
     p = manifest["parameters"]
     log(f"[lora] trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)")
-    trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc),
+    trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc, pack_length=recipe.max_length
+                                                                        if packed else None),
                                    to_dataset(eval_enc) if eval_enc else None)
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -47,12 +47,13 @@ def build_tokenizer(pad_is_eos: bool = False):
     return tok
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int, **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.2)
+    common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "qwen2":
@@ -62,13 +63,13 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def build_model_dir(path: Path, arch: str, pad_is_eos: bool = False, seed: int = 0) -> Path:
+def build_model_dir(path: Path, arch: str, pad_is_eos: bool = False, seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     tok = build_tokenizer(pad_is_eos=pad_is_eos)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), **overrides))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

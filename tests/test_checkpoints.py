@@ -95,3 +95,33 @@ def test_marker_is_written_last(tiny_models, tiny_data, tmp_path):
     run = train_mod.train(recipe, path)
     marker = json.loads((run / "checkpoints" / "checkpoint-3" / MARKER).read_text())
     assert marker["step"] == 3 and marker["tensors"] > 0
+
+
+def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tiny_models, tiny_data, tmp_path, monkeypatch):
+    """RELIABILITY row 10: a NaN loss stops the run; nothing NaN is saved; the last good checkpoint is intact."""
+    real_attach = train_mod.attach_lora
+    calls = {"n": 0}
+
+    def attach_with_poison(model, recipe):
+        peft_model = real_attach(model, recipe)
+
+        def poison(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] > 4:  # from the 5th training forward (step 5, batch 1 per step) on
+                    return output * float("nan")
+            return output
+
+        peft_model.get_base_model().model.norm.register_forward_hook(poison)
+        return peft_model
+
+    monkeypatch.setattr(train_mod, "attach_lora", attach_with_poison)
+    recipe, path = _recipe(tiny_models, tiny_data, tmp_path, "nan", max_steps=9)
+    with pytest.raises(train_mod.TrainingDiverged, match="non-finite"):
+        train_mod.train(recipe, path)
+    run = tmp_path / "nan"
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "diverged" and m["diverged"]["step"] == 5
+    assert not (run / "adapter").exists()
+    assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+    validate_adapter_dir(run / "checkpoints" / "checkpoint-3")
