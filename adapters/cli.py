@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs per run (processes, unless --nproc)")
     p.add_argument("--gpu-mem", type=float, default=24.0, help="memory of one GPU in GiB (default 24)")
     p.add_argument("--nproc", type=int, default=None, help="processes (overrides the accelerate config's)")
-    p.add_argument("--accelerate-config", default=None,
-                   help="an accelerate config file or a shipped name: " + ", ".join(
-                       sorted(x.stem for x in (Path(__file__).parent / "accelerate_configs").glob("*.yaml"))))
+    from .preflight import CONFIG_DIR
+
+    p.add_argument("--accelerate-config", default=None, help="an accelerate config file or a shipped name: "
+                   + ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))))
     p.add_argument("--smoke", action="store_true", help="also train a tiny twin a few steps on CPU, merge, reload")
     p.add_argument("--smoke-steps", type=int, default=3)
     p.set_defaults(func=cmd_plan, takes_rest=True)
