@@ -24,8 +24,25 @@ install: $(BIN)/python  ## create .venv and install the project with its extras 
 	$(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install -e ".[demo,tune,dev]"
 
-train:  ## fine-tune: make train [RECIPE=gemma3-270m-demo] [ARGS="--max_steps 10"]
+# Several processes (NPROC>1) go through `accelerate launch`; ACCELERATE_CONFIG is a file or the name of a shipped
+# config in adapters/accelerate_configs/ (ddp, fsdp2-qlora, zero2, zero3, multi-node). Without a config on a machine
+# with no GPU, --multi_gpu still starts NPROC CPU processes that form a gloo world (used by the tests).
+NPROC   ?= 1
+ACCELERATE_CONFIG ?=
+NODE_RANK ?=
+MAIN_ADDR ?=
+MAIN_PORT ?=
+ACC_CFG_FILE = $(if $(ACCELERATE_CONFIG),$(if $(wildcard $(ACCELERATE_CONFIG)),$(ACCELERATE_CONFIG),adapters/accelerate_configs/$(ACCELERATE_CONFIG:.yaml=).yaml))
+LAUNCH_ARGS = --num_processes $(NPROC) $(if $(ACC_CFG_FILE),--config_file $(ACC_CFG_FILE),--multi_gpu) \
+	$(if $(NODE_RANK),--machine_rank $(NODE_RANK)) $(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) \
+	$(if $(MAIN_PORT),--main_process_port $(MAIN_PORT))
+
+train:  ## fine-tune: make train [RECIPE=gemma3-270m-demo] [ARGS="--max_steps 10"] [NPROC=2 [ACCELERATE_CONFIG=ddp]]
+ifeq ($(NPROC)$(ACCELERATE_CONFIG),1)
 	$(BIN)/adapters train $(RECIPE) $(ARGS)
+else
+	$(BIN)/accelerate launch $(LAUNCH_ARGS) -m adapters train $(RECIPE) $(ARGS)
+endif
 
 merge:  ## merge an adapter into a full-precision base: make merge RUN=outputs/<run>
 	$(BIN)/adapters merge $(RUN) $(ARGS)

@@ -25,8 +25,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def validate_adapter_dir(path: str | Path, require_nonzero_b: bool = True) -> dict[str, Any]:
-    """Load the adapter's safetensors and check it; raise CheckpointError naming the path and the fault."""
+def validate_adapter_dir(path: str | Path, require_nonzero_b: bool = True,
+                         expected_modules: int | None = None) -> dict[str, Any]:
+    """Load the adapter's safetensors and check it; raise CheckpointError naming the path and the fault.
+
+    ``expected_modules``: the number of LoRA-wrapped modules of the live model; the file must hold a lora_A and a
+    lora_B for each (a distributed save that gathered nothing, or only one shard, fails here).
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -45,6 +50,11 @@ def validate_adapter_dir(path: str | Path, require_nonzero_b: bool = True) -> di
         if not torch.isfinite(t.float()).all():
             raise CheckpointError(f"{f}: tensor {name} has NaN or inf values")
     b = [t for n, t in tensors.items() if "lora_B" in n]
+    if expected_modules is not None:
+        a_count = sum(1 for n in tensors if "lora_A" in n)
+        if a_count != expected_modules or len(b) != expected_modules:
+            raise CheckpointError(f"{f}: holds {a_count} lora_A and {len(b)} lora_B tensors, expected "
+                                  f"{expected_modules} of each (one per targeted module)")
     if require_nonzero_b and b and all(float(t.abs().max()) == 0.0 for t in b):
         raise CheckpointError(f"{f}: every lora_B is zero, so the adapter is the identity (a broken save?)")
     return {"tensors": len(tensors), "lora_B": len(b)}
@@ -106,8 +116,13 @@ class AtomicCheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_active = False
+        # Every rank writes its own RNG state (and, under DeepSpeed, its shards) into the staged folder: wait for all
+        # of them before the main process validates and renames it, or a late rank writes into a folder gone.
+        _barrier(self.args.world_size)
         if self.args.should_save:
-            info = validate_adapter_dir(staged)
+            from .distributed import lora_module_count
+
+            info = validate_adapter_dir(staged, expected_modules=lora_module_count(self.model) or None)
             (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, **info}) + "\n")
             _fsync_dir_tree(staged)
             final = real_root / name
@@ -123,8 +138,12 @@ class AtomicCheckpointMixin:
 
             rotate_checkpoints(output_dir=str(real_root), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        if self.args.world_size > 1:
-            import torch.distributed as dist
+        _barrier(self.args.world_size)
 
-            if dist.is_initialized():
-                dist.barrier()
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()

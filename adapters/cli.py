@@ -111,6 +111,18 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     except (MergeError, RunError) as e:
         print(f"adapters export: error: {e}", file=sys.stderr)
         return 2
+def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from .config import load_recipe, parse_overrides
+    from .plan import plan, smoke
+
+    recipe, path = load_recipe(args.recipe, parse_overrides(rest))
+    print(plan(recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, nproc=args.nproc,
+               accelerate_config=args.accelerate_config))
+    if args.smoke:
+        r = smoke(recipe, path, steps=args.smoke_steps)
+        print(f"smoke: ok in {r['seconds']}s on {r['twin']}: {r['steps']} steps, loss {r['train_loss']}, "
+              f"quantization {r['quantization']}, merged+reloaded logits max diff {r['merge_max_abs_diff']:.1e}")
+        print(f"smoke: changed for a CPU run of seconds: {r['adjusted']}")
     return 0
 
 
@@ -162,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe (see `adapters recipes`)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last complete checkpoint")
     p.set_defaults(func=cmd_train, takes_rest=True)
+
+    p = sub.add_parser("plan", help="preflight checks, per-GPU memory estimate, largest micro-batch; --smoke runs "
+                       "the recipe on a tiny random twin of its model", epilog="example: adapters plan "
+                       "llama-3.2-1b-qlora --gpus 8 --gpu-mem 24 --accelerate-config fsdp2-qlora --smoke")
+    p.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per run (processes, unless --nproc)")
+    p.add_argument("--gpu-mem", type=float, default=24.0, help="memory of one GPU in GiB (default 24)")
+    p.add_argument("--nproc", type=int, default=None, help="processes (overrides the accelerate config's)")
+    from .preflight import CONFIG_DIR
+
+    p.add_argument("--accelerate-config", default=None, help="an accelerate config file or a shipped name: "
+                   + ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))))
+    p.add_argument("--smoke", action="store_true", help="also train a tiny twin a few steps on CPU, merge, reload")
+    p.add_argument("--smoke-steps", type=int, default=3)
+    p.set_defaults(func=cmd_plan, takes_rest=True)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
@@ -279,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from .forgetting import ProbeError
     from .hub import HubError
     from .models import ModelSourceError
+    from .preflight import PreflightError
     from .runs import RunError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -290,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except (RecipeError, DataError, BenchError, FastPathError, ModelSourceError, CheckpointError, HubError,
-            RunError, ProbeError, FileExistsError, FileNotFoundError) as e:
+            RunError, ProbeError, PreflightError, FileExistsError, FileNotFoundError) as e:
         print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -48,6 +48,9 @@ class Recipe:
     chat_template: str | None = None
     """None: the tokenizer's own template, else a built-in name (e.g. 'gemma') or a path to a .jinja file.
     Models that ship no template fall back to the built-in one for their family."""
+    device_map: str | None = None
+    """None: one whole model per process, on the local rank's GPU (the only valid choice under several processes).
+    'auto': spread one model over every visible GPU (single process only; `adapters plan` refuses it otherwise)."""
 
     # ---------------------------------------------------------------- quantization (BitsAndBytesConfig)
     load_in_4bit: bool = False

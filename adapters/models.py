@@ -190,7 +190,7 @@ def load_model(ref: ModelRef, recipe: Recipe, quantize: bool = True):
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(recipe.dtype),
         trust_remote_code=recipe.trust_remote_code,
-        device_map=device_map_for_process(),
+        device_map=recipe.device_map or device_map_for_process(),
     )
     if recipe.attn_implementation:
         kwargs["attn_implementation"] = recipe.attn_implementation
@@ -200,9 +200,21 @@ def load_model(ref: ModelRef, recipe: Recipe, quantize: bool = True):
     if qc is not None:
         kwargs["quantization_config"] = qc
     try:
-        return AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except OSError as e:
         raise ModelSourceError(f"model {ref.source!r}: cannot load from {ref.path}: {e}") from None
+    if qc is not None:
+        keep_bnb_cpu_layout_trainable(model)
+    return model
+
+
+def keep_bnb_cpu_layout_trainable(model) -> None:
+    """bitsandbytes on AVX512-BF16 CPUs repacks a 4-bit weight into an inference-only layout at its first eval-mode
+    forward (our quantization probe and base scoring do one); training a layer with a bias afterwards then fails
+    (Qwen2's q/k/v), and tiny layers cannot be repacked at all. The layout is a CPU inference speed-up only: off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

@@ -227,15 +227,20 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     return trainer, guard
 
 
-def save_adapter(model, tok, out: Path, base_path: str) -> dict[str, Any]:
-    """Write the final adapter atomically: staging folder, validate, rename."""
+def save_adapter(model, tok, out: Path, base_path: str, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the final adapter atomically: staging folder, validate, rename.
+
+    ``state_dict``: the gathered full tensors under FSDP / ZeRO-3 (see ``distributed.gathered_adapter_state``).
+    """
     staging = out.with_name(f".{out.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)
     model.peft_config["default"].base_model_name_or_path = base_path
-    model.save_pretrained(str(staging))
+    model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
     tok.save_pretrained(str(staging))
-    info = ckpt.validate_adapter_dir(staging)
+    from .distributed import lora_module_count
+
+    info = ckpt.validate_adapter_dir(staging, expected_modules=lora_module_count(model) or None)
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
@@ -248,14 +253,15 @@ def template_hash(tok) -> str:
 
 # ---------------------------------------------------------------------------------------------------- train
 def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
-    from accelerate import PartialState
+    from .distributed import process_state
 
-    state = PartialState()
+    state = process_state()  # gloo world on CPU, NCCL on GPUs; a bare PartialState() on CPU reports 1 process
     t0 = time.time()
     set_seed(recipe.seed)
     run = run_dir_for(recipe, recipe_path, resume)
     if run.exists() and not resume and any(run.iterdir()):
         raise FileExistsError(f"{run} already exists; pass --resume to continue it or choose another --run_name")
+    state.wait_for_everyone()  # every rank has checked before the main process creates the folder
     resume_from = None
     if resume:
         resume_from = ckpt.last_good_checkpoint(run / "checkpoints", log=log)
@@ -265,6 +271,9 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     log(f"[run] {run}")
 
     ref = resolve_model(recipe.model_name_or_path)
+    from .preflight import before_train
+
+    before_train(recipe, ref.path)  # known-bad recipe / launcher / model combinations fail here, naming the fix
     tok = load_tokenizer(ref, recipe)
 
     # ------------------------------------------------------------ data
@@ -326,8 +335,11 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
                                f"checkpoint is {ckpt.last_good_checkpoint(run / 'checkpoints', log=log)}")
 
     # ------------------------------------------------------------ save, score, record
+    from .distributed import gathered_adapter_state
+
+    full_state = gathered_adapter_state(trainer)  # collective under FSDP / ZeRO-3 (every rank), else None
     if state.is_main_process:
-        manifest["adapter"] = save_adapter(trainer.model, tok, run / "adapter", ref.path)
+        manifest["adapter"] = save_adapter(trainer.model, tok, run / "adapter", ref.path, state_dict=full_state)
         log(f"[save] adapter -> {run / 'adapter'}")
         from .plots import loss_curve
 

@@ -132,9 +132,9 @@ def test_existing_run_is_not_overwritten(tiny_models, tiny_data, tmp_path):
     assert (run / "precious.txt").read_text() == "x"
 
 
-def test_quantized_4bit_run_reports_both_losses(tiny_data, tmp_path):
-    # hidden 128: bitsandbytes' CPU inference repacking needs in_features >= its 64-element block
-    model_dir = build_model_dir(tmp_path / "llama128", "llama", hidden_size=128, intermediate_size=256)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v carry a bias
+def test_quantized_4bit_run_reports_both_losses(arch, tiny_models, tiny_data, tmp_path):
+    model_dir = tiny_models[arch]
     recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
         model_dir, tiny_data, tmp_path, run_name="q4", load_in_4bit=True, max_steps=2, eval_base=False,
         test_file=None, eval_strategy="no"))

@@ -1,0 +1,111 @@
+"""`adapters plan`: meta-device counts, the memory estimate, config fallbacks, and the tiny-twin smoke run."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.config import load_recipe
+from tests.conftest import REPO, tiny_overrides
+
+RECIPES = sorted(p.stem for p in (REPO / "adapters" / "recipes").glob("*.yaml"))
+
+
+def test_counts_match_the_real_model(tiny_models):
+    """Counting on the meta device gives exactly what transformers and PEFT build for real."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapters.lora import lora_config
+    from adapters.plan import count_parameters
+
+    for arch in ("llama", "gemma3"):
+        recipe = load_recipe("llama-3.2-1b-qlora", {"model_name_or_path": str(tiny_models[arch])})[0]
+        config = AutoConfig.from_pretrained(tiny_models[arch])
+        counts = count_parameters(config, recipe)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+        assert counts.quantizable + counts.other == sum(p.numel() for p in model.parameters())
+        peft = get_peft_model(model, lora_config(recipe))
+        assert counts.lora == peft.get_nb_trainable_parameters()[0]
+        assert counts.lora_modules == 2 * 7
+
+
+def test_estimate_orders_and_micro_batch():
+    from transformers import AutoConfig
+
+    from adapters.plan import GIB, KNOWN_CONFIGS, count_parameters, estimate
+    from adapters.preflight import launch_from_config
+
+    values = dict(KNOWN_CONFIGS["llama-3.2-1b"])
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    r4 = load_recipe("llama-3.2-1b-qlora")[0]
+    counts = count_parameters(config, r4)
+    assert 1.2e9 < counts.quantizable + counts.other < 1.3e9  # Llama 3.2 1B: 1.24B with tied embeddings
+    e4 = estimate(r4, counts)
+    e8 = estimate(load_recipe("llama-3.2-1b-qlora", {"load_in_4bit": False, "load_in_8bit": True})[0], counts)
+    e16 = estimate(load_recipe("llama-3.2-1b-qlora", {"load_in_4bit": False})[0], counts)
+    assert e4.weights < e8.weights < e16.weights
+    assert e16.weights == pytest.approx(2 * 1.236e9, rel=0.01)  # bf16: 2 bytes per parameter
+    assert e4.activations_per_sample_ckpt < e4.activations_per_sample_no_ckpt / 5
+    assert e4.max_batch(24 * GIB) < e4.max_batch(80 * GIB)
+    assert e4.total(e4.max_batch(24 * GIB)) <= 24 * GIB < e4.total(e4.max_batch(24 * GIB) + 1)
+    fsdp = estimate(load_recipe("llama-3.2-1b-qlora", {"bnb_4bit_quant_storage": "bfloat16"})[0], counts,
+                    launch_from_config("fsdp2-qlora", num_processes=4))
+    assert fsdp.weights == pytest.approx(e4.weights / 4)
+
+
+def test_plan_report_and_hub_fallback():
+    from adapters.plan import plan
+
+    text = plan(load_recipe("qwen2.5-1.5b-qlora")[0], gpus=2, gpu_mem_gib=16)
+    assert "preflight: ok" in text and "built-in qwen2.5-1.5b config (hub not reachable" in text
+    for part in ("weights (4-bit)", "LoRA params + grads + optimizer state", "gradient checkpointing",
+                 "no checkpointing", "logits", "largest micro-batch that fits"):
+        assert part in text
+
+
+def test_plan_unknown_model_and_fp16_gemma(tiny_models, capsys):
+    from adapters.cli import main
+
+    assert main(["plan", "llama-3.2-1b-qlora", "--model_name_or_path", "someorg/mystery-7b"]) == 2
+    assert "no built-in config" in capsys.readouterr().err
+    rc = main(["plan", "gemma3-270m-demo", "--model_name_or_path", str(tiny_models["gemma3"]), "--fp16", "true"])
+    assert rc == 2
+    assert "fp16 on a bf16-only model" in capsys.readouterr().err
+    rc = main(["plan", "llama-3.2-1b-qlora", "--accelerate-config", "zero3", "--nproc", "2"])
+    assert rc == 2 and "ZeRO-3 with load_in_4bit" in capsys.readouterr().err
+
+
+def test_twin_keeps_the_architecture():
+    from transformers import AutoConfig
+
+    from adapters.plan import KNOWN_CONFIGS, twin_config
+
+    values = dict(KNOWN_CONFIGS["gemma-3-270m"])
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    twin = twin_config(config)
+    assert twin.model_type == config.model_type and twin.num_hidden_layers == 2 and twin.hidden_size == 64
+    assert "full_attention" in twin.layer_types and len(twin.layer_types) == 2
+    assert config.num_hidden_layers == 18  # the original is untouched
+
+
+def test_smoke_on_a_local_model(tiny_models, tiny_data, tmp_path):
+    """The 4-bit QLoRA recipe on a twin of a local model: trains, merges on a full-precision reload, reloads."""
+    from adapters.plan import smoke
+
+    ov = tiny_overrides(tiny_models["qwen2"], tiny_data, tmp_path)
+    ov.update(load_in_4bit=True, dtype="bfloat16", bf16=True)
+    recipe, path = load_recipe("qwen2.5-1.5b-qlora", ov)
+    r = smoke(recipe, path, steps=2)
+    assert r["ok"] and r["steps"] == 2 and r["quantization"].startswith("4bit")
+    assert r["merge_max_abs_diff"] < 1e-3
+    assert r["adjusted"]["bf16"] is False  # reported, not silent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_smoke_on_every_shipped_recipe(name):
+    from adapters.plan import smoke
+
+    recipe, path = load_recipe(name)
+    r = smoke(recipe, path, steps=2)
+    assert r["ok"] and r["steps"] == 2 and r["merge_max_abs_diff"] < 1e-3
