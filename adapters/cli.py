@@ -111,6 +111,9 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     except (MergeError, RunError) as e:
         print(f"adapters export: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .config import load_recipe, parse_overrides
     from .plan import plan, smoke

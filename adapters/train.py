@@ -360,7 +360,9 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
             from .report import evaluate_model
 
             evaluate_model(trainer.model, tok, recipe, run, trainer.state.log_history, base=recipe.eval_base, log=log)
-        log(f"[done] {run} in {manifest['wall_seconds']:.0f}s")
+            manifest["wall_seconds_with_eval"] = round(time.time() - t0, 1)
+            write_json(run / "manifest.json", manifest)
+        log(f"[done] {run} in {time.time() - t0:.0f}s")
     state.wait_for_everyone()
     sys.stdout.flush()
     return run
