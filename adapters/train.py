@@ -219,6 +219,8 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
         **trainctl.config_fields(recipe, has_eval),  # recipe pass-through + early stopping
         **fast.sft_kwargs(),
     )
+    if "disable_tqdm" not in recipe.sft_extra:
+        args.disable_tqdm = False  # transformers hides the bar when its logger is quiet; we quiet it, we want the bar
     guard = make_callbacks()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                       processing_class=tok, callbacks=[guard])
