@@ -319,6 +319,7 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
         t = tick("load", t)
         ref_b = probe_logits(model, probes)
         ans_b = generate_answers(model, tok, convs, budget, bs, "adapter (full precision)")
+        heldout_fp = _heldout_predictions(run, model, tok, budget, bs, "adapter, full precision (held-out)")
         t = tick("reference_full_precision", t)
         merged, untied = merge_into(model)
         del model, base
@@ -338,7 +339,7 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
         got_r = probe_logits(reloaded, probes)
         report["reloaded_vs_merged"] = compare(got, got_r)
         report["reloaded_vs_adapter_full_precision"] = compare(ref_b, got_r)
-        heldout = _heldout(run, reloaded, tok, budget, bs)
+        heldout = _heldout(run, reloaded, tok, budget, bs, heldout_fp)
         free(reloaded)
         reloaded = None
         t = tick("reload_and_score", t)
@@ -387,8 +388,16 @@ def _qform(run: Run) -> str:
     return "int8" if r.load_in_8bit else f"4bit-{r.bnb_4bit_quant_type}"
 
 
-def _heldout(run: Run, model, tok, budget: int, bs: int) -> dict[str, Any]:
-    """Exact match of the merged model on the test split, next to the adapter's from eval.json."""
+def _heldout_predictions(run: Run, model, tok, budget: int, bs: int, desc: str) -> list[str] | None:
+    if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
+        return None
+    convs, _ = prompts_and_answers(read_rows(run.recipe.test_file))
+    return generate_answers(model, tok, convs, budget, bs, desc)
+
+
+def _heldout(run: Run, model, tok, budget: int, bs: int, adapter_fp_preds: list[str] | None = None) -> dict[str, Any]:
+    """Exact match of the merged model on the test split, next to the adapter's: on the full-precision base (the
+    like-for-like comparison, same rows) and as trained (from eval.json, quantized base when the recipe was)."""
     res: dict[str, Any] = {"file": run.recipe.test_file}
     ev = run.path / "eval.json"
     if ev.is_file():
@@ -401,6 +410,9 @@ def _heldout(run: Run, model, tok, budget: int, bs: int) -> dict[str, Any]:
     convs, refs = prompts_and_answers(read_rows(run.recipe.test_file))
     preds = generate_answers(model, tok, convs, budget, bs, "merged (held-out)")
     res["merged_exact_match"] = round(exact_match(preds, refs), 4)
+    if adapter_fp_preds is not None:
+        res["adapter_full_precision_exact_match"] = round(exact_match(adapter_fp_preds, refs), 4)
+        res["answers_identical_to_adapter_full_precision"] = sum(a == b for a, b in zip(preds, adapter_fp_preds))
     res["n"] = len(refs)
     return res
 
@@ -422,8 +434,11 @@ def print_report(r: dict[str, Any], log=print) -> None:
     h = r.get("heldout") or {}
     if h.get("merged_exact_match") is not None:
         a = h.get("adapter_exact_match")
-        log(f"  held-out exact match ({h.get('n')} rows): merged {h['merged_exact_match']:.3f}, adapter "
-            + (f"{a:.3f}" if a is not None else "n/a (no eval.json)"))
+        fp = h.get("adapter_full_precision_exact_match")
+        log(f"  held-out exact match ({h.get('n')} rows): merged {h['merged_exact_match']:.3f}"
+            + (f", adapter on full-precision base {fp:.3f} ({h['answers_identical_to_adapter_full_precision']}/"
+               f"{h.get('n')} answers identical)" if fp is not None else "")
+            + ", adapter as trained " + (f"{a:.3f}" if a is not None else "n/a (no eval.json)"))
     m = r.get("memory") or {}
     if m:
         log(f"  memory: model {m['model_mb']:.0f} MB; peak rise {m['peak_anon_rise_mb']:.0f} MB anonymous "
