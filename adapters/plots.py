@@ -1,4 +1,4 @@
-"""Loss curves from the Trainer's log history, drawn with matplotlib."""
+"""The spine's loss curve (outputs/<run>/loss_curve.png); drawn by the report's plotter so there is one plot style."""
 
 from __future__ import annotations
 
@@ -7,26 +7,6 @@ from typing import Any
 
 
 def loss_curve(log_history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    import matplotlib
+    from .report import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
-    if not train and not val:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", marker=".")
-    if val:
-        ax.plot(*zip(*val), label="validation loss", marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return plot_curves(log_history, Path(path), title=title)
