@@ -26,7 +26,7 @@ def _last_trained_span(e: Encoded) -> list[int]:
     start = end
     while start > 0 and e.labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    return e.input_ids[start: end + 1] if end >= 0 else []
+    return e.input_ids[start : end + 1] if end >= 0 else []
 
 
 def audit(encoded: list[Encoded], report: EncodeReport, max_length: int, stop_ids: list[int]) -> dict[str, Any]:
@@ -59,9 +59,14 @@ def audit(encoded: list[Encoded], report: EncodeReport, max_length: int, stop_id
         "eos_trained": bool(encoded) and eos_rows == len(encoded),
         "stop_token_ids": sorted(stop),
         "rows_trained_from_first_token": prompt_trained,
-        "length": {"min": lengths[0], "median": statistics.median(lengths), "p95": _pct(lengths, 0.95),
-                   "max": lengths[-1], "max_length": max_length,
-                   "over_max_length": sum(1 for x in lengths if x > max_length)},
+        "length": {
+            "min": lengths[0],
+            "median": statistics.median(lengths),
+            "p95": _pct(lengths, 0.95),
+            "max": lengths[-1],
+            "max_length": max_length,
+            "over_max_length": sum(1 for x in lengths if x > max_length),
+        },
     }
 
 
@@ -69,14 +74,19 @@ def violations(a: dict[str, Any], max_dropped_share: float, min_trained_share: f
     out = []
     if a["dropped_share"] > max_dropped_share:
         first = (a["truncated_answer_rows"] + a["no_trained_token_rows"])[0]
-        out.append(f"{a['dropped']} of {a['rows']} rows dropped ({a['dropped_share']:.1%} > audit_max_dropped_share="
-                   f"{max_dropped_share}); first: {first['where']}: {first['reason']}")
+        out.append(
+            f"{a['dropped']} of {a['rows']} rows dropped ({a['dropped_share']:.1%} > audit_max_dropped_share="
+            f"{max_dropped_share}); first: {first['where']}: {first['reason']}"
+        )
     if a["kept"] and a["trained_share"] < min_trained_share:
-        out.append(f"only {a['trained_share']:.1%} of tokens are trained (< audit_min_trained_share="
-                   f"{min_trained_share})")
+        out.append(
+            f"only {a['trained_share']:.1%} of tokens are trained (< audit_min_trained_share={min_trained_share})"
+        )
     if require_eos and a["kept"] and not a["eos_trained"]:
-        out.append(f"only {a['eos_trained_rows']} of {a['kept']} rows train their closing EOS/end-of-turn token "
-                   f"{a['stop_token_ids']}; the model would not learn to stop (audit_require_eos)")
+        out.append(
+            f"only {a['eos_trained_rows']} of {a['kept']} rows train their closing EOS/end-of-turn token "
+            f"{a['stop_token_ids']}; the model would not learn to stop (audit_require_eos)"
+        )
     if not a["kept"]:
         out.append("no row has a trained token")
     return out
@@ -84,10 +94,12 @@ def violations(a: dict[str, Any], max_dropped_share: float, min_trained_share: f
 
 def format_audit(name: str, a: dict[str, Any]) -> list[str]:
     ln = a["length"]
-    lines = [f"[audit] {name}: {a['kept']}/{a['rows']} rows kept, {a['trained_tokens']}/{a['tokens']} tokens trained "
-             f"({a['trained_share']:.1%}), EOS trained in {a['eos_trained_rows']}/{a['kept']} rows",
-             f"[audit] {name}: tokens min {ln['min']} median {ln['median']} p95 {ln['p95']} max {ln['max']} "
-             f"(max_length {ln['max_length']}, {ln['over_max_length']} over)"]
+    lines = [
+        f"[audit] {name}: {a['kept']}/{a['rows']} rows kept, {a['trained_tokens']}/{a['tokens']} tokens trained "
+        f"({a['trained_share']:.1%}), EOS trained in {a['eos_trained_rows']}/{a['kept']} rows",
+        f"[audit] {name}: tokens min {ln['min']} median {ln['median']} p95 {ln['p95']} max {ln['max']} "
+        f"(max_length {ln['max_length']}, {ln['over_max_length']} over)",
+    ]
     for d in (a["truncated_answer_rows"] + a["no_trained_token_rows"])[:5]:
         lines.append(f"[audit] {name}: dropped {d['where']}: {d['reason']}")
     return lines

@@ -25,8 +25,9 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def validate_adapter_dir(path: str | Path, require_nonzero_b: bool = True,
-                         expected_modules: int | None = None) -> dict[str, Any]:
+def validate_adapter_dir(
+    path: str | Path, require_nonzero_b: bool = True, expected_modules: int | None = None
+) -> dict[str, Any]:
     """Load the adapter's safetensors and check it; raise CheckpointError naming the path and the fault.
 
     ``expected_modules``: the number of LoRA-wrapped modules of the live model; the file must hold a lora_A and a
@@ -53,8 +54,10 @@ def validate_adapter_dir(path: str | Path, require_nonzero_b: bool = True,
     if expected_modules is not None:
         a_count = sum(1 for n in tensors if "lora_A" in n)
         if a_count != expected_modules or len(b) != expected_modules:
-            raise CheckpointError(f"{f}: holds {a_count} lora_A and {len(b)} lora_B tensors, expected "
-                                  f"{expected_modules} of each (one per targeted module)")
+            raise CheckpointError(
+                f"{f}: holds {a_count} lora_A and {len(b)} lora_B tensors, expected "
+                f"{expected_modules} of each (one per targeted module)"
+            )
     if require_nonzero_b and b and all(float(t.abs().max()) == 0.0 for t in b):
         raise CheckpointError(f"{f}: every lora_B is zero, so the adapter is the identity (a broken save?)")
     return {"tensors": len(tensors), "lora_B": len(b)}
@@ -136,8 +139,12 @@ class AtomicCheckpointMixin:
                     self.state.best_model_checkpoint = str(best)
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=str(real_root), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=str(real_root),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
         _barrier(self.args.world_size)
 
 

@@ -21,6 +21,7 @@ def exact_key(row: Row) -> str:
 
 def near_key(row: Row) -> str:
     """The row after whitespace and case normalisation: rows equal under it are near-exact duplicates."""
+
     def norm(x: str) -> str:
         return _WS.sub(" ", x).strip().casefold()
 
@@ -39,12 +40,22 @@ def prompt(row: Row) -> str:
 
 
 def _step(name: str, before: int, removed: list[Row]) -> dict[str, Any]:
-    return {"step": name, "before": before, "removed": len(removed), "after": before - len(removed),
-            "examples": [r.where for r in removed[:10]]}
+    return {
+        "step": name,
+        "before": before,
+        "removed": len(removed),
+        "after": before - len(removed),
+        "examples": [r.where for r in removed[:10]],
+    }
 
 
-def clean_rows(rows: list[Row], dedup: bool = True, min_answer_chars: int = 1, max_answer_chars: int | None = None,
-               max_prompt_chars: int | None = None) -> tuple[list[Row], list[dict[str, Any]]]:
+def clean_rows(
+    rows: list[Row],
+    dedup: bool = True,
+    min_answer_chars: int = 1,
+    max_answer_chars: int | None = None,
+    max_prompt_chars: int | None = None,
+) -> tuple[list[Row], list[dict[str, Any]]]:
     """Drop exact duplicates, near-exact duplicates, empty answers, and rows outside the length limits."""
     steps: list[dict[str, Any]] = []
 
@@ -70,9 +81,15 @@ def clean_rows(rows: list[Row], dedup: bool = True, min_answer_chars: int = 1, m
     # An answer with no letter or digit ("", "...", "-") teaches nothing but to emit punctuation.
     rows = filt(rows, lambda r: not any(c.isalnum() for c in answer(r)), "empty_answers")
     if min_answer_chars > 1 or max_answer_chars or max_prompt_chars:
-        rows = filt(rows, lambda r: len(answer(r)) < min_answer_chars
-                    or (max_answer_chars is not None and len(answer(r)) > max_answer_chars)
-                    or (max_prompt_chars is not None and len(prompt(r)) > max_prompt_chars), "length_filter")
+        rows = filt(
+            rows,
+            lambda r: (
+                len(answer(r)) < min_answer_chars
+                or (max_answer_chars is not None and len(answer(r)) > max_answer_chars)
+                or (max_prompt_chars is not None and len(prompt(r)) > max_prompt_chars)
+            ),
+            "length_filter",
+        )
     return rows, steps
 
 

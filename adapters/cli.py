@@ -54,8 +54,11 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     res = check(args.files, args.format, columns, quarantine=quarantine if args.skip_invalid else None)
     for p in res.problems:
         print(p)
-    print(f"{res.files} source(s), {res.rows} row(s): {res.valid} valid, {res.bad_rows} invalid, "
-          f"{len(res.problems)} problem(s)", file=sys.stderr)
+    print(
+        f"{res.files} source(s), {res.rows} row(s): {res.valid} valid, {res.bad_rows} invalid, "
+        f"{len(res.problems)} problem(s)",
+        file=sys.stderr,
+    )
     if res.bad_rows and args.skip_invalid:
         print(f"{res.bad_rows} invalid row(s) written to {res.quarantine}", file=sys.stderr)
         return 0
@@ -88,13 +91,23 @@ def cmd_merge(args: argparse.Namespace, rest: list[str]) -> int:
 
             if not args.out:
                 raise MergeError("--adapters needs --out DIR (where the combined adapter is written)")
-            report = combine_runs(args.adapters, args.method, args.weights, args.density, args.out,
-                                  merged=args.merged, force=args.force, max_kl=args.max_kl, dtype=args.dtype)
+            report = combine_runs(
+                args.adapters,
+                args.method,
+                args.weights,
+                args.density,
+                args.out,
+                merged=args.merged,
+                force=args.force,
+                max_kl=args.max_kl,
+                dtype=args.dtype,
+            )
         else:
             if not args.run_dir:
                 raise MergeError("give a run directory (adapters merge outputs/<run>) or --adapters RUN_A RUN_B ...")
-            report = merge_run(args.run_dir, max_kl=args.max_kl, force=args.force, dtype=args.dtype,
-                               n_probes=args.probes)
+            report = merge_run(
+                args.run_dir, max_kl=args.max_kl, force=args.force, dtype=args.dtype, n_probes=args.probes
+            )
     except (MergeError, RunError) as e:
         print(f"adapters merge: error: {e}", file=sys.stderr)
         return 2
@@ -119,12 +132,17 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .plan import plan, smoke
 
     recipe, path = load_recipe(args.recipe, parse_overrides(rest))
-    print(plan(recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, nproc=args.nproc,
-               accelerate_config=args.accelerate_config))
+    print(
+        plan(
+            recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, nproc=args.nproc, accelerate_config=args.accelerate_config
+        )
+    )
     if args.smoke:
         r = smoke(recipe, path, steps=args.smoke_steps)
-        print(f"smoke: ok in {r['seconds']}s on {r['twin']}: {r['steps']} steps, loss {r['train_loss']}, "
-              f"quantization {r['quantization']}, merged+reloaded logits max diff {r['merge_max_abs_diff']:.1e}")
+        print(
+            f"smoke: ok in {r['seconds']}s on {r['twin']}: {r['steps']} steps, loss {r['train_loss']}, "
+            f"quantization {r['quantization']}, merged+reloaded logits max diff {r['merge_max_abs_diff']:.1e}"
+        )
         print(f"smoke: changed for a CPU run of seconds: {r['adjusted']}")
     return 0
 
@@ -132,8 +150,17 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_push(args: argparse.Namespace, rest: list[str]) -> int:
     from .hub import push
 
-    push(args.run_dir, args.repo_id, merged=args.merged, private=args.private, revision=args.revision,
-         endpoint=args.endpoint, dry_run=args.dry_run, datasets=args.dataset, timeout=args.timeout)
+    push(
+        args.run_dir,
+        args.repo_id,
+        merged=args.merged,
+        private=args.private,
+        revision=args.revision,
+        endpoint=args.endpoint,
+        dry_run=args.dry_run,
+        datasets=args.dataset,
+        timeout=args.timeout,
+    )
     return 0
 
 
@@ -172,23 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = ap.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("train", help="fine-tune with a recipe; any recipe key can be overridden with --key value",
-                       epilog="example: adapters train gemma3-270m-demo --max_steps 10 --run_name quick")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with a recipe; any recipe key can be overridden with --key value",
+        epilog="example: adapters train gemma3-270m-demo --max_steps 10 --run_name quick",
+    )
     p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe (see `adapters recipes`)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last complete checkpoint")
     p.set_defaults(func=cmd_train, takes_rest=True)
 
-    p = sub.add_parser("plan", help="preflight checks, per-GPU memory estimate, largest micro-batch; --smoke runs "
-                       "the recipe on a tiny random twin of its model", epilog="example: adapters plan "
-                       "llama-3.2-1b-qlora --gpus 8 --gpu-mem 24 --accelerate-config fsdp2-qlora --smoke")
+    p = sub.add_parser(
+        "plan",
+        help="preflight checks, per-GPU memory estimate, largest micro-batch; --smoke runs "
+        "the recipe on a tiny random twin of its model",
+        epilog="example: adapters plan "
+        "llama-3.2-1b-qlora --gpus 8 --gpu-mem 24 --accelerate-config fsdp2-qlora --smoke",
+    )
     p.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per run (processes, unless --nproc)")
     p.add_argument("--gpu-mem", type=float, default=24.0, help="memory of one GPU in GiB (default 24)")
     p.add_argument("--nproc", type=int, default=None, help="processes (overrides the accelerate config's)")
     from .preflight import CONFIG_DIR
 
-    p.add_argument("--accelerate-config", default=None, help="an accelerate config file or a shipped name: "
-                   + ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))))
+    p.add_argument(
+        "--accelerate-config",
+        default=None,
+        help="an accelerate config file or a shipped name: "
+        + ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))),
+    )
     p.add_argument("--smoke", action="store_true", help="also train a tiny twin a few steps on CPU, merge, reload")
     p.add_argument("--smoke-steps", type=int, default=3)
     p.set_defaults(func=cmd_plan, takes_rest=True)
@@ -198,36 +236,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools: `adapters data check FILE…` validates every row")
     dsub = p.add_subparsers(dest="data_verb", required=True)
-    c = dsub.add_parser("check", help="report every problem as file:line[:col]: field: message; exit 1 on errors",
-                        epilog="example: adapters data check data/demo/train.jsonl --skip-invalid")
+    c = dsub.add_parser(
+        "check",
+        help="report every problem as file:line[:col]: field: message; exit 1 on errors",
+        epilog="example: adapters data check data/demo/train.jsonl --skip-invalid",
+    )
     c.add_argument("files", nargs="+", help=".jsonl/.json/.csv/.parquet files, directories or save_to_disk folders")
-    c.add_argument("--format", choices=["chat", "prompt_completion", "alpaca", "text"], default=None,
-                   help="force a format (default: detect per row)")
+    c.add_argument(
+        "--format",
+        choices=["chat", "prompt_completion", "alpaca", "text"],
+        default=None,
+        help="force a format (default: detect per row)",
+    )
     c.add_argument("--columns", nargs="*", metavar="NAME=COLUMN", help="map columns, e.g. prompt=question")
     c.add_argument("--skip-invalid", action="store_true", help="write bad rows to the quarantine file, exit 0")
     c.add_argument("--quarantine", default=None, help="quarantine file (default: ./quarantine.jsonl)")
     c.set_defaults(func=cmd_data)
-    c = dsub.add_parser("audit", help="validate, clean, split and audit a recipe's data with its tokenizer (no model)",
-                        epilog="example: adapters data audit gemma3-270m-demo --max_length 64")
+    c = dsub.add_parser(
+        "audit",
+        help="validate, clean, split and audit a recipe's data with its tokenizer (no model)",
+        epilog="example: adapters data audit gemma3-270m-demo --max_length 64",
+    )
     c.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
     c.add_argument("--out", default="outputs/data-audit", help="folder for data_audit.json (and quarantine.jsonl)")
     c.set_defaults(func=cmd_data, takes_rest=True)
 
     from .merge import DEFAULT_MAX_KL, METHODS
 
-    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision base, verified against the adapter",
-                       epilog="examples: adapters merge outputs/<run>; adapters merge --adapters outputs/a outputs/b "
-                              "--method ties --weights 1 1 --density 0.5 --out outputs/a+b --merged")
+    p = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into a full-precision base, verified against the adapter",
+        epilog="examples: adapters merge outputs/<run>; adapters merge --adapters outputs/a outputs/b "
+        "--method ties --weights 1 1 --density 0.5 --out outputs/a+b --merged",
+    )
     p.add_argument("run_dir", nargs="?", help="outputs/<run>: writes <run>/merged/ and <run>/merge_report.json")
-    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
-                   help="largest mean KL (nats/token) allowed between merged model and adapter model; else exit 1")
+    p.add_argument(
+        "--max-kl",
+        type=float,
+        default=DEFAULT_MAX_KL,
+        help="largest mean KL (nats/token) allowed between merged model and adapter model; else exit 1",
+    )
     p.add_argument("--force", action="store_true", help="write merged/ (or --out) even when the check fails")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="merge precision (default: the recipe's dtype)")
     p.add_argument("--probes", type=int, default=8, help="probe prompts taken from the eval split")
     p.add_argument("--adapters", nargs="+", metavar="RUN", help="combine these runs' adapters (same base) instead")
     p.add_argument("--method", choices=METHODS, default="linear", help="PEFT add_weighted_adapter combination_type")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: 1/n for linear and "
-                                                             "cat, 1.0 for the others)")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        help="one weight per adapter (default: 1/n for linear and cat, 1.0 for the others)",
+    )
     p.add_argument("--density", type=float, help="share of values kept by ties/dare/magnitude_prune (default 0.5)")
     p.add_argument("--out", help="with --adapters: the new run-like directory (adapter/, manifest, report)")
     p.add_argument("--merged", action="store_true", help="with --adapters: also merge the combination (<out>/merged)")
@@ -239,9 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing target directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("push", help="share a run on a model hub: adapter (or merged model), tokenizer, card; "
-                       "the token comes from HF_TOKEN or `hf auth login`",
-                       epilog="example: adapters push outputs/demo --repo-id me/demo-lora --dry-run")
+    p = sub.add_parser(
+        "push",
+        help="share a run on a model hub: adapter (or merged model), tokenizer, card; "
+        "the token comes from HF_TOKEN or `hf auth login`",
+        epilog="example: adapters push outputs/demo --repo-id me/demo-lora --dry-run",
+    )
     p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
     p.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if needed)")
     p.add_argument("--merged", action="store_true", help="push RUN_DIR/merged instead of the adapter")
@@ -253,10 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the files (size, sha256) and write the card only")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("bench", help="plain TRL+PEFT baseline vs our path: tokens/s, memory, MFU, loss gate",
-                       epilog="example: adapters bench --scenarios ragged --padding_free false  (force a switch)")
-    p.add_argument("--model", help="architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), "
-                   "llama-3.1-8b, qwen2.5-1.5b, tiny-qwen2")
+    p = sub.add_parser(
+        "bench",
+        help="plain TRL+PEFT baseline vs our path: tokens/s, memory, MFU, loss gate",
+        epilog="example: adapters bench --scenarios ragged --padding_free false  (force a switch)",
+    )
+    p.add_argument(
+        "--model",
+        help="architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), "
+        "llama-3.1-8b, qwen2.5-1.5b, tiny-qwen2",
+    )
     p.add_argument("--scenarios", default="fixed,ragged", help="comma list of fixed, ragged")
     p.add_argument("--steps", type=int, help="optimizer steps per run (CPU 5, GPU 25)")
     p.add_argument("--warmup", type=int, help="untimed first steps (CPU 1, GPU 5)")
@@ -268,20 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["nf4", "none"], help="base quantization of both runs (GPU nf4, CPU none)")
     p.add_argument("--gate-batches", type=int, default=2, help="first micro-batches whose losses must agree")
     p.add_argument("--out", default="outputs/bench", help="where bench.json and bench.md go")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU bench (1: steadiest on a "
-                   "shared machine)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads during a CPU bench (1: steadiest on a shared machine)"
+    )
     p.set_defaults(func=cmd_bench, takes_rest=True)
 
-    p = sub.add_parser("eval", help="base vs tuned on the held-out split, forgetting probe, flags -> eval.json, report.md",
-                       epilog="example: adapters eval outputs/gemma3-270m-demo-20260101-120000 --limit 20")
+    p = sub.add_parser(
+        "eval",
+        help="base vs tuned on the held-out split, forgetting probe, flags -> eval.json, report.md",
+        epilog="example: adapters eval outputs/gemma3-270m-demo-20260101-120000 --limit 20",
+    )
     p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
     p.add_argument("--no-base", action="store_true", help="score the tuned model only")
     p.add_argument("--limit", type=int, default=None, help="score at most N held-out rows")
     p.add_argument("--strict", action="store_true", help="exit 1 when the negative-transfer flag is raised")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="answer prompts with a run's model and chat template (stdin lines if no --prompt)",
-                       epilog="example: adapters generate outputs/<run> --prompt 'Format: ...'")
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts with a run's model and chat template (stdin lines if no --prompt)",
+        epilog="example: adapters generate outputs/<run> --prompt 'Format: ...'",
+    )
     p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
     p.add_argument("--prompt", default=None, help="one prompt; without it, each stdin line is a prompt")
     g = p.add_mutually_exclusive_group()
@@ -291,8 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="an optional system message")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("sweep", help="Optuna search (TPE + median pruning on validation loss); writes the best recipe",
-                       epilog="example: adapters sweep gemma3-270m-demo --trials 3 --max_steps 10")
+    p = sub.add_parser(
+        "sweep",
+        help="Optuna search (TPE + median pruning on validation loss); writes the best recipe",
+        epilog="example: adapters sweep gemma3-270m-demo --trials 3 --max_steps 10",
+    )
     p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--out", default=None, help="sweep directory (default outputs/sweep-<recipe>-<time>)")
@@ -320,8 +398,20 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args, rest)
-    except (RecipeError, DataError, BenchError, FastPathError, ModelSourceError, CheckpointError, HubError,
-            RunError, ProbeError, PreflightError, FileExistsError, FileNotFoundError) as e:
+    except (
+        RecipeError,
+        DataError,
+        BenchError,
+        FastPathError,
+        ModelSourceError,
+        CheckpointError,
+        HubError,
+        RunError,
+        ProbeError,
+        PreflightError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as e:
         print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -34,18 +34,29 @@ def check_same_base(runs) -> None:
             a, b = first.manifest.get(key), r.manifest.get(key)
             if a != b:
                 what = "chat template" if key == "chat_template_sha256" else "base model"
-                raise MergeError(f"{r.path / 'manifest.json'}: {key} {b!r} differs from {first.path / 'manifest.json'}"
-                                 f" ({a!r}); adapters trained on a different {what} cannot be combined")
+                raise MergeError(
+                    f"{r.path / 'manifest.json'}: {key} {b!r} differs from {first.path / 'manifest.json'}"
+                    f" ({a!r}); adapters trained on a different {what} cannot be combined"
+                )
 
 
 def default_weights(method: str, n: int) -> list[float]:
     return [1.0 / n] * n if method in ("linear", "cat") else [1.0] * n
 
 
-def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[float] | None = None,
-                 density: float | None = None, out: str | Path = "", merged: bool = False, force: bool = False,
-                 max_kl: float | None = None, dtype: str | None = None, n_probes: int = 8,
-                 log=print) -> dict[str, Any]:
+def combine_runs(
+    run_dirs: list[str],
+    method: str = "linear",
+    weights: list[float] | None = None,
+    density: float | None = None,
+    out: str | Path = "",
+    merged: bool = False,
+    force: bool = False,
+    max_kl: float | None = None,
+    dtype: str | None = None,
+    n_probes: int = 8,
+    log=print,
+) -> dict[str, Any]:
     from peft import PeftModel
 
     t0 = time.time()
@@ -71,8 +82,9 @@ def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[floa
     tok = load_run_tokenizer(lead)
     import dataclasses
 
-    recipe = dataclasses.replace(lead.recipe, dtype=dtype or ("float32" if lead.recipe.dtype in ("auto", "float16")
-                                                              else lead.recipe.dtype))
+    recipe = dataclasses.replace(
+        lead.recipe, dtype=dtype or ("float32" if lead.recipe.dtype in ("auto", "float16") else lead.recipe.dtype)
+    )
     probes, convs, refs, probe_file = probe_set(lead, tok, n_probes)
     budget = _budget(lead, tok, refs)
     bs = lead.recipe.eval_generation_batch_size
@@ -101,8 +113,13 @@ def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[floa
         model.delete_adapter(name)
 
     report: dict[str, Any] = {
-        "method": method, "weights": weights, "density": density, "dtype": recipe.dtype,
-        "sources": [str(r.path) for r in runs], "probe_file": probe_file, "probes": len(probes),
+        "method": method,
+        "weights": weights,
+        "density": density,
+        "dtype": recipe.dtype,
+        "sources": [str(r.path) for r in runs],
+        "probe_file": probe_file,
+        "probes": len(probes),
         "vs_base": compare(base_logits, got),
         "vs_sources": {str(r.path): compare(s, got) for r, s in zip(runs, src_logits)},
     }
@@ -134,17 +151,28 @@ def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[floa
     model = base = None
 
     manifest = dict(lead.manifest)
-    manifest.update({"run_name": out.name, "status": "complete", "adapter": info,
-                     "combined_from": [{"run": str(r.path), "weight": w} for r, w in zip(runs, weights)],
-                     "combination": {"method": method, "density": density},
-                     "finished": datetime.now().isoformat(timespec="seconds")})
+    manifest.update(
+        {
+            "run_name": out.name,
+            "status": "complete",
+            "adapter": info,
+            "combined_from": [{"run": str(r.path), "weight": w} for r, w in zip(runs, weights)],
+            "combination": {"method": method, "density": density},
+            "finished": datetime.now().isoformat(timespec="seconds"),
+        }
+    )
     for k in ("log_history", "train", "checkpoints"):
         manifest.pop(k, None)
     write_json(staging / "manifest.json", manifest)
     lead_test = heldout[str(lead.path)]
     if "combined_exact_match" in lead_test:
-        write_json(staging / "eval.json", {"tuned": {"exact_match": lead_test["combined_exact_match"],
-                                                     "n": lead_test["n"]}, "max_new_tokens": budget})
+        write_json(
+            staging / "eval.json",
+            {
+                "tuned": {"exact_match": lead_test["combined_exact_match"], "n": lead_test["n"]},
+                "max_new_tokens": budget,
+            },
+        )
     report["seconds"] = round(time.time() - t0, 2)
     write_json(staging / "combine_report.json", report)
     promote(staging, out)
@@ -152,8 +180,14 @@ def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[floa
     if merged:
         from .merge import DEFAULT_MAX_KL
 
-        mr = merge_run(out, max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl, force=force, dtype=recipe.dtype,
-                       n_probes=n_probes, log=log)
+        mr = merge_run(
+            out,
+            max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
+            force=force,
+            dtype=recipe.dtype,
+            n_probes=n_probes,
+            log=log,
+        )
         report["merge_verdict"] = mr["verdict"]
         report["verdict"] = mr["verdict"]
         write_json(out / "combine_report.json", report)
@@ -162,16 +196,20 @@ def combine_runs(run_dirs: list[str], method: str = "linear", weights: list[floa
 
 def print_combine(r: dict[str, Any], log=print) -> None:
     log("")
-    log(f"  combined adapter: {r['method']} weights {r['weights']}" + (f" density {r['density']}" if r["density"]
-                                                                        else ""))
+    log(
+        f"  combined adapter: {r['method']} weights {r['weights']}"
+        + (f" density {r['density']}" if r["density"] else "")
+    )
     log(f"  {'combined vs':40s}{'mean|dlogit|':>13s}{'mean KL':>11s}{'top-1':>7s}")
     for name, c in [("base (no adapter)", r["vs_base"])] + list(r["vs_sources"].items()):
         log(f"  {name[-40:]:40s}{c['mean_abs_logit_diff']:13.2e}{c['mean_kl']:11.2e}{c['top1_agreement']:7.0%}")
     for run, h in r["heldout"].items():
         if "combined_exact_match" in h:
             s = h["source_exact_match"]
-            log(f"  held-out exact match on {run}'s test split: combined {h['combined_exact_match']:.3f}, "
-                f"source " + (f"{s:.3f}" if s is not None else "n/a"))
+            log(
+                f"  held-out exact match on {run}'s test split: combined {h['combined_exact_match']:.3f}, "
+                f"source " + (f"{s:.3f}" if s is not None else "n/a")
+            )
 
 
 __all__ = ["combine_runs", "check_same_base"]

@@ -39,8 +39,10 @@ def check_report_to(report_to: Any) -> None:
     for name in names:
         pkg = REPORTERS.get(str(name))
         if pkg and importlib.util.find_spec(pkg) is None:
-            raise RecipeError(f"report_to: {name!r} is not installed (pip install {pkg}); "
-                              f"or use report_to: tensorboard (the default) or none")
+            raise RecipeError(
+                f"report_to: {name!r} is not installed (pip install {pkg}); "
+                f"or use report_to: tensorboard (the default) or none"
+            )
 
 
 def config_fields(recipe: Recipe, has_eval: bool) -> dict[str, Any]:
@@ -56,8 +58,10 @@ def config_fields(recipe: Recipe, has_eval: bool) -> dict[str, Any]:
     if recipe.eval_strategy == "steps":
         every = recipe.eval_steps or recipe.logging_steps
         if recipe.save_steps % every:
-            raise RecipeError(f"early_stopping_patience: save_steps ({recipe.save_steps}) must be a multiple of "
-                              f"eval_steps ({every}) so that every evaluated step has a checkpoint to restore")
+            raise RecipeError(
+                f"early_stopping_patience: save_steps ({recipe.save_steps}) must be a multiple of "
+                f"eval_steps ({every}) so that every evaluated step has a checkpoint to restore"
+            )
     extra.setdefault("load_best_model_at_end", True)
     extra.setdefault("metric_for_best_model", "eval_loss")
     if not extra["load_best_model_at_end"]:
@@ -91,8 +95,12 @@ def callbacks(recipe: Recipe) -> list[Any]:
 
     out: list[Any] = []
     if recipe.early_stopping_patience is not None:
-        out.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience,
-                                         early_stopping_threshold=recipe.early_stopping_threshold))
+        out.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=recipe.early_stopping_patience,
+                early_stopping_threshold=recipe.early_stopping_threshold,
+            )
+        )
     return out + list(_EXTRA)
 
 

@@ -100,8 +100,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
-def normalise_row(obj: dict[str, Any], where: str, data_format: str | None = None,
-                  columns: dict[str, str] | None = None) -> list[dict[str, str]]:
+def normalise_row(
+    obj: dict[str, Any], where: str, data_format: str | None = None, columns: dict[str, str] | None = None
+) -> list[dict[str, str]]:
     """Turn a raw row into a list of {role, content} turns, or raise a DataError naming the field."""
     from .datasets_io import normalise
 
@@ -117,8 +118,11 @@ def read_rows(path: str | Path, data_format: str | None = None, columns: dict[st
 
     s = scan(path, data_format, columns)
     if s.problems:
-        more = f" (and {len(s.problems) - 1} more problem(s); run `adapters data check {path}`)" \
-            if len(s.problems) > 1 else ""
+        more = (
+            f" (and {len(s.problems) - 1} more problem(s); run `adapters data check {path}`)"
+            if len(s.problems) > 1
+            else ""
+        )
         raise DataError(f"{s.problems[0]}{more}")
     return s.rows
 
@@ -157,7 +161,7 @@ def encode_messages(tok, messages: list[dict[str, str]], where: str = "?") -> tu
                 f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
                 "conversation, so the assistant-only loss mask cannot be built"
             )
-        labels[len(start): len(end)] = full[len(start): len(end)]
+        labels[len(start) : len(end)] = full[len(start) : len(end)]
     return full, labels
 
 
@@ -170,7 +174,9 @@ def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0.5) -> tuple[list[Encoded], EncodeReport]:
+def encode_rows(
+    tok, rows: list[Row], max_length: int, max_drop_share: float = 0.5
+) -> tuple[list[Encoded], EncodeReport]:
     """Encode rows; a row whose trained tokens would be cut by ``max_length`` is dropped and reported.
 
     Raises when more than ``max_drop_share`` of the rows would be dropped: that is a recipe error, not noise.
@@ -179,11 +185,18 @@ def encode_rows(tok, rows: list[Row], max_length: int, max_drop_share: float = 0
     out: list[Encoded] = []
     for row in rows:
         report.rows += 1
-        ids, labels = encode_text(tok, row.text) if row.text is not None else encode_messages(tok, row.messages,
-                                                                                                row.where)
+        ids, labels = (
+            encode_text(tok, row.text) if row.text is not None else encode_messages(tok, row.messages, row.where)
+        )
         report.lengths.append(len(ids))
         if len(ids) > max_length:
-            report.dropped.append({"where": row.where, "tokens": len(ids), "reason": f"longer than max_length={max_length}; the answer would be cut"})
+            report.dropped.append(
+                {
+                    "where": row.where,
+                    "tokens": len(ids),
+                    "reason": f"longer than max_length={max_length}; the answer would be cut",
+                }
+            )
             continue
         trained = sum(1 for x in labels if x != IGNORE_INDEX)
         if trained == 0:

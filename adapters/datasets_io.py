@@ -69,8 +69,11 @@ class Scan:
 
 # ---------------------------------------------------------------------------------------------------- sources
 def is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
-                              or (path / "dataset_dict.json").is_file())
+    return path.is_dir() and (
+        (path / "dataset_info.json").is_file()
+        or (path / "state.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+    )
 
 
 def source_files(path: str | Path) -> list[Path]:
@@ -110,8 +113,12 @@ def _decode(raw: bytes, file: str, lineno: int, offset: int) -> tuple[str | None
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
-        return None, Problem(file, lineno, None, f"invalid UTF-8 at byte offset {offset + e.start} "
-                                                 f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+        return None, Problem(
+            file,
+            lineno,
+            None,
+            f"invalid UTF-8 at byte offset {offset + e.start} (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+        )
 
 
 def _iter_jsonl(path: Path) -> Iterator[Record]:
@@ -128,12 +135,22 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
             try:
                 obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                yield Record(str(path), lineno, None, text.rstrip("\n"),
-                             [Problem(str(path), lineno, None, f"invalid JSON: {e.msg}", e.colno)])
+                yield Record(
+                    str(path),
+                    lineno,
+                    None,
+                    text.rstrip("\n"),
+                    [Problem(str(path), lineno, None, f"invalid JSON: {e.msg}", e.colno)],
+                )
                 continue
             if not isinstance(obj, dict):
-                yield Record(str(path), lineno, None, text.rstrip("\n"),
-                             [Problem(str(path), lineno, None, f"expected a JSON object, got {type(obj).__name__}")])
+                yield Record(
+                    str(path),
+                    lineno,
+                    None,
+                    text.rstrip("\n"),
+                    [Problem(str(path), lineno, None, f"expected a JSON object, got {type(obj).__name__}")],
+                )
                 continue
             yield Record(str(path), lineno, obj, text.rstrip("\n"))
 
@@ -187,8 +204,13 @@ def _iter_json(path: Path) -> Iterator[Record]:
         if isinstance(obj, dict):
             yield Record(str(path), line, obj, raw)
         else:
-            yield Record(str(path), line, None, raw,
-                         [Problem(str(path), line, None, f"expected a JSON object, got {type(obj).__name__}")])
+            yield Record(
+                str(path),
+                line,
+                None,
+                raw,
+                [Problem(str(path), line, None, f"expected a JSON object, got {type(obj).__name__}")],
+            )
         i = skip(end)
         if i < len(text) and text[i] == ",":
             i = skip(i + 1)
@@ -298,8 +320,9 @@ def _check_order(turns: list[dict[str, str]], shown: str, problems: list[tuple[s
         problems.append((shown, "no assistant turn to learn from (the last turn must be the assistant's)"))
 
 
-def normalise(obj: dict[str, Any], data_format: str | None = None, columns: dict[str, str] | None = None
-              ) -> tuple[list[dict[str, str]] | None, str | None, list[tuple[str, str]], bool]:
+def normalise(
+    obj: dict[str, Any], data_format: str | None = None, columns: dict[str, str] | None = None
+) -> tuple[list[dict[str, str]] | None, str | None, list[tuple[str, str]], bool]:
     """(messages, text, problems as (field, message), aliased). Every problem of the row is listed."""
     columns = dict(columns or {})
     shown = {canon: src for canon, src in columns.items()}
@@ -311,8 +334,13 @@ def normalise(obj: dict[str, Any], data_format: str | None = None, columns: dict
     fmt = data_format or detect_format(obj)
     problems: list[tuple[str, str]] = []
     if fmt is None:
-        problems.append(("messages", "missing (expected 'messages', 'prompt'/'completion' or 'instruction'/'output';"
-                                     " for plain text set data_format: text)"))
+        problems.append(
+            (
+                "messages",
+                "missing (expected 'messages', 'prompt'/'completion' or 'instruction'/'output';"
+                " for plain text set data_format: text)",
+            )
+        )
         return None, None, problems, False
     if fmt == "text":
         if not isinstance(obj.get("text"), str) or not obj["text"].strip():
@@ -382,8 +410,13 @@ def scan(path: str | Path, data_format: str | None = None, columns: dict[str, st
             continue
         out.rows.append(Row(rec.file, rec.line, messages or [], text))
     for f, line in first_alias.items():
-        log.warning("%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
-                    "(user/assistant, role/content); %d row(s) in this source", f, line, out.aliased)
+        log.warning(
+            "%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
+            "(user/assistant, role/content); %d row(s) in this source",
+            f,
+            line,
+            out.aliased,
+        )
     return out
 
 
@@ -393,8 +426,13 @@ def write_quarantine(bad: list[Record], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for rec in bad:
-            f.write(json.dumps({"where": f"{rec.file}:{rec.line}", "problems": [str(p) for p in rec.problems],
-                                "raw": rec.raw}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"where": f"{rec.file}:{rec.line}", "problems": [str(p) for p in rec.problems], "raw": rec.raw},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         f.flush()
     return path
 
@@ -409,8 +447,12 @@ class CheckResult:
     quarantine: Path | None = None
 
 
-def check(paths: list[str | Path], data_format: str | None = None, columns: dict[str, str] | None = None,
-          quarantine: str | Path | None = None) -> CheckResult:
+def check(
+    paths: list[str | Path],
+    data_format: str | None = None,
+    columns: dict[str, str] | None = None,
+    quarantine: str | Path | None = None,
+) -> CheckResult:
     """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there."""
     problems: list[Problem] = []
     bad: list[Record] = []

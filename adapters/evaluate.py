@@ -28,8 +28,14 @@ def answer_budget(tok, references: list[str], margin: int = 8) -> int:
 
 
 @torch.no_grad()
-def generate_answers(model, tok, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-                     batch_size: int = 16, desc: str = "generate") -> list[str]:
+def generate_answers(
+    model,
+    tok,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    desc: str = "generate",
+) -> list[str]:
     """Greedy answers for each conversation; decoding stops at EOS or the template's end-of-turn token."""
     from tqdm.auto import tqdm
 
@@ -40,10 +46,18 @@ def generate_answers(model, tok, conversations: list[list[dict[str, str]]], max_
     texts = [render(tok, c, add_generation_prompt=True) for c in conversations]
     out: list[str] = []
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, total=math.ceil(len(texts) / batch_size)):
-        enc = tok(texts[i: i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                             pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
-        for row in gen[:, enc["input_ids"].shape[1]:]:
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        for row in gen[:, enc["input_ids"].shape[1] :]:
             ids = row.tolist()
             cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
             out.append(tok.decode(ids[:cut], skip_special_tokens=True))

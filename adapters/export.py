@@ -57,13 +57,28 @@ def model_card(run, adapter_cfg: dict[str, Any]) -> str:
         parts = [f"{k} {e[k]['exact_match']:.3f}" for k in ("base", "tuned") if isinstance(e.get(k), dict)]
         em = ", ".join(parts) or em
     data = (m.get("data") or {}).get("train") or {}
-    card_data = ModelCardData(base_model=run.ref.canonical_name, library_name="peft", license=run.ref.license,
-                              tags=["lora", "peft", "sft", "adapters-toolkit"], pipeline_tag="text-generation")
-    return str(ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, model_name=m.get("run_name", run.path.name),
-        base_model=run.ref.canonical_name, r=adapter_cfg.get("r"), alpha=adapter_cfg.get("lora_alpha"),
-        targets=run.recipe.target_modules, quant=(m.get("quantization") or {}).get("method", "none"),
-        train_file=data.get("file", "?"), train_sha=str(data.get("sha256", "?"))[:12], em=em))
+    card_data = ModelCardData(
+        base_model=run.ref.canonical_name,
+        library_name="peft",
+        license=run.ref.license,
+        tags=["lora", "peft", "sft", "adapters-toolkit"],
+        pipeline_tag="text-generation",
+    )
+    return str(
+        ModelCard.from_template(
+            card_data,
+            template_str=CARD_TEMPLATE,
+            model_name=m.get("run_name", run.path.name),
+            base_model=run.ref.canonical_name,
+            r=adapter_cfg.get("r"),
+            alpha=adapter_cfg.get("lora_alpha"),
+            targets=run.recipe.target_modules,
+            quant=(m.get("quantization") or {}).get("method", "none"),
+            train_file=data.get("file", "?"),
+            train_sha=str(data.get("sha256", "?"))[:12],
+            em=em,
+        )
+    )
 
 
 def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=print) -> Path:
@@ -88,9 +103,15 @@ def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=pri
     if tok.chat_template and not any(staging.glob("chat_template.*")):
         (staging / "chat_template.jinja").write_text(tok.chat_template)
     (staging / "README.md").write_text(model_card(run, cfg))
-    write_json(staging / "export.json", {"run": str(run.path), "base_model": run.ref.canonical_name,
-                                         "local_base_path": local_base,
-                                         "chat_template_sha256": run.manifest.get("chat_template_sha256")})
+    write_json(
+        staging / "export.json",
+        {
+            "run": str(run.path),
+            "base_model": run.ref.canonical_name,
+            "local_base_path": local_base,
+            "chat_template_sha256": run.manifest.get("chat_template_sha256"),
+        },
+    )
     validate_adapter_dir(staging)
     promote(staging, to)
     log(f"[export] {run.path} -> {to}")

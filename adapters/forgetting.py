@@ -19,9 +19,28 @@ from typing import Any
 import torch
 
 # Prose-heavy, stable modules (documentation text, not code).
-STDLIB_MODULES = ("argparse", "calendar", "collections", "csv", "difflib", "functools", "heapq", "itertools",
-                  "json", "logging", "pathlib", "random", "shutil", "statistics", "string", "textwrap", "threading",
-                  "unittest", "urllib.parse", "zipfile")
+STDLIB_MODULES = (
+    "argparse",
+    "calendar",
+    "collections",
+    "csv",
+    "difflib",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "random",
+    "shutil",
+    "statistics",
+    "string",
+    "textwrap",
+    "threading",
+    "unittest",
+    "urllib.parse",
+    "zipfile",
+)
 MIN_CHARS = 200
 
 
@@ -112,8 +131,12 @@ def probe(model, tok, recipe, base: bool = True, log=print) -> dict[str, Any]:
     if not chunks:
         raise ProbeError(f"forgetting probe {name}: no passage has two tokens or more")
     digest = hashlib.sha256(repr(chunks).encode()).hexdigest()
-    out: dict[str, Any] = {"probe": name, "tokens": sum(len(c) - 1 for c in chunks), "passages": len(chunks),
-                           "sha256": digest}
+    out: dict[str, Any] = {
+        "probe": name,
+        "tokens": sum(len(c) - 1 for c in chunks),
+        "passages": len(chunks),
+        "sha256": digest,
+    }
     ppl_tuned = perplexity(model, chunks)
     out["ppl_tuned"] = round(ppl_tuned, 4)
     if base:
@@ -125,6 +148,8 @@ def probe(model, tok, recipe, base: bool = True, log=print) -> dict[str, Any]:
     else:
         out["ppl_base"] = None
         out["rise"] = None
-    log(f"[forgetting] {name}: {out['tokens']} tokens, perplexity base {out['ppl_base']} tuned {out['ppl_tuned']}"
-        + (f" ({out['rise']:+.1%})" if out["rise"] is not None else ""))
+    log(
+        f"[forgetting] {name}: {out['tokens']} tokens, perplexity base {out['ppl_base']} tuned {out['ppl_tuned']}"
+        + (f" ({out['rise']:+.1%})" if out["rise"] is not None else "")
+    )
     return out

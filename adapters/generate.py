@@ -44,8 +44,15 @@ def answer(model, tok, prompt: str, max_new_tokens: int, system: str | None = No
     return generate_answers(model, tok, [conv], max_new_tokens, batch_size=1, desc="generate")[0]
 
 
-def run_generate(run_dir: str | Path, prompt: str | None = None, which: str = "tuned", max_new_tokens: int = 128,
-                 system: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[str]:
+def run_generate(
+    run_dir: str | Path,
+    prompt: str | None = None,
+    which: str = "tuned",
+    max_new_tokens: int = 128,
+    system: str | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> list[str]:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tok, _ = load_for_generation(run_dir, which)
     outputs: list[str] = []

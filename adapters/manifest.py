@@ -11,8 +11,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "safetensors",
-            "huggingface_hub")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "safetensors",
+    "huggingface_hub",
+)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,8 +38,9 @@ def versions() -> dict[str, str | None]:
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
     def run(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
@@ -57,8 +67,10 @@ def hardware() -> dict[str, Any]:
         pass
     if torch.cuda.is_available():
         info["gpus"] = [
-            {"name": torch.cuda.get_device_name(i),
-             "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            {
+                "name": torch.cuda.get_device_name(i),
+                "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+            }
             for i in range(torch.cuda.device_count())
         ]
     return info

@@ -102,11 +102,18 @@ class PeakRSS:
         def ratio(x: float) -> float | None:
             return round(x / model_mb, 3) if model_mb else None
 
-        return {"peak_rss_mb": round(self.peak_mb, 1), "start_rss_mb": round(self.start_mb, 1),
-                "peak_rise_mb": round(rise, 1), "model_mb": round(model_mb, 1), "peak_rise_over_model": ratio(rise),
-                "peak_anon_mb": round(self.peak_anon_mb, 1), "start_anon_mb": round(self.start_anon_mb, 1),
-                "peak_anon_rise_mb": round(rise_anon, 1), "peak_anon_rise_over_model": ratio(rise_anon),
-                "process_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return {
+            "peak_rss_mb": round(self.peak_mb, 1),
+            "start_rss_mb": round(self.start_mb, 1),
+            "peak_rise_mb": round(rise, 1),
+            "model_mb": round(model_mb, 1),
+            "peak_rise_over_model": ratio(rise),
+            "peak_anon_mb": round(self.peak_anon_mb, 1),
+            "start_anon_mb": round(self.start_anon_mb, 1),
+            "peak_anon_rise_mb": round(rise_anon, 1),
+            "peak_anon_rise_over_model": ratio(rise_anon),
+            "process_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
 
 
 def free(*objs) -> None:
@@ -136,13 +143,18 @@ def stored_quantization(model_path: str | Path) -> str | None:
 
 def ensure_full_precision(model, where: str) -> None:
     """Refuse to merge into quantized weights: the LoRA update is smaller than a 4-bit step and rounds away."""
-    quantized = (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-                 or getattr(model, "hf_quantizer", None) is not None
-                 or any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()))
+    quantized = (
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(model, "hf_quantizer", None) is not None
+        or any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    )
     if quantized:
-        raise MergeError(f"{where}: the base is loaded quantized; merging a LoRA adapter into 4/8-bit weights "
-                         "rounds most of the update away (peft#2321). Reload the base in full precision "
-                         "(bfloat16 or float32) and merge into that; `adapters merge` does this for you")
+        raise MergeError(
+            f"{where}: the base is loaded quantized; merging a LoRA adapter into 4/8-bit weights "
+            "rounds most of the update away (peft#2321). Reload the base in full precision "
+            "(bfloat16 or float32) and merge into that; `adapters merge` does this for you"
+        )
 
 
 def _untie_adapted_embeddings(peft_model) -> bool:
@@ -180,11 +192,15 @@ def probe_set(run: Run, tok, n: int) -> tuple[list[tuple[list[int], list[int]]],
     """The first ``n`` rows of the run's eval split (else its test split): token ids + answer labels, prompts."""
     src = run.recipe.eval_file or run.recipe.test_file
     if not src:
-        raise MergeError(f"{run.path / 'manifest.json'}: the recipe has neither eval_file nor test_file, so there "
-                         "are no probe prompts to verify the merge with")
+        raise MergeError(
+            f"{run.path / 'manifest.json'}: the recipe has neither eval_file nor test_file, so there "
+            "are no probe prompts to verify the merge with"
+        )
     if not Path(src).is_file():
-        raise MergeError(f"{run.path / 'manifest.json'}: probe file {src} (recipe eval_file/test_file) not found; "
-                         "run from the directory the run was trained in")
+        raise MergeError(
+            f"{run.path / 'manifest.json'}: probe file {src} (recipe eval_file/test_file) not found; "
+            "run from the directory the run was trained in"
+        )
     rows = read_rows(src)[:n]
     enc = [encode_messages(tok, r.messages, r.where) for r in rows]
     convs, refs = prompts_and_answers(rows)
@@ -209,9 +225,14 @@ def compare(ref: torch.Tensor, got: torch.Tensor, ref_answers=None, got_answers=
     diff = (ref - got).abs()
     lr, lg = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
     kl = (lr.exp() * (lr - lg)).sum(-1).clamp_min(0)
-    res = {"positions": int(ref.shape[0]), "max_abs_logit_diff": float(diff.max()),
-           "mean_abs_logit_diff": float(diff.mean()), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-           "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean())}
+    res = {
+        "positions": int(ref.shape[0]),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+    }
     if ref_answers is not None and got_answers is not None:
         same = [a == b for a, b in zip(ref_answers, got_answers)]
         res["greedy_match"] = sum(same) / len(same) if same else 1.0
@@ -278,8 +299,15 @@ def _dtype_recipe(run: Run, dtype: str | None):
     return dataclasses.replace(run.recipe, dtype=want), want
 
 
-def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool = False, dtype: str | None = None,
-              n_probes: int = 8, max_shard_size: str = DEFAULT_SHARD, log=print) -> dict[str, Any]:
+def merge_run(
+    run_dir: str | Path,
+    max_kl: float = DEFAULT_MAX_KL,
+    force: bool = False,
+    dtype: str | None = None,
+    n_probes: int = 8,
+    max_shard_size: str = DEFAULT_SHARD,
+    log=print,
+) -> dict[str, Any]:
     """Merge, save and verify; returns the report (also written to ``RUN_DIR/merge_report.json``)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -288,9 +316,11 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
     run = open_run(run_dir)
     q = stored_quantization(run.ref.path)
     if q:
-        raise MergeError(f"{run.ref.path}/config.json: the base is stored quantized ({q}); merging into quantized "
-                         "weights rounds most of the LoRA update away (peft#2321, peft#2586). Train on, or point "
-                         "the run at, the full-precision checkpoint of this model and merge into that")
+        raise MergeError(
+            f"{run.ref.path}/config.json: the base is stored quantized ({q}); merging into quantized "
+            "weights rounds most of the LoRA update away (peft#2321, peft#2586). Train on, or point "
+            "the run at, the full-precision checkpoint of this model and merge into that"
+        )
     recipe, dtype = _dtype_recipe(run, dtype)
     tok = load_run_tokenizer(run)
     probes, convs, refs, probe_file = probe_set(run, tok, n_probes)
@@ -298,9 +328,16 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
     bs = run.recipe.eval_generation_batch_size
     staging = run.path / ".merged.staging"
     final = run.path / "merged"
-    report: dict[str, Any] = {"run": str(run.path), "base": run.ref.canonical_name, "base_path": run.ref.path,
-                              "dtype": dtype, "probe_file": probe_file, "probes": len(probes),
-                              "max_kl": max_kl, "max_shard_size": max_shard_size}
+    report: dict[str, Any] = {
+        "run": str(run.path),
+        "base": run.ref.canonical_name,
+        "base_path": run.ref.path,
+        "dtype": dtype,
+        "probe_file": probe_file,
+        "probes": len(probes),
+        "max_kl": max_kl,
+        "max_shard_size": max_shard_size,
+    }
     timing: dict[str, float] = {}
     peaks: dict[str, float] = {}
 
@@ -333,9 +370,9 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
         merged = None
         t = tick("save", t)
         # what users will load: the saved folder, through plain transformers
-        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=recipe_dtype(dtype),
-                                                        device_map={"": "cuda:0" if torch.cuda.is_available()
-                                                                    else "cpu"})
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            str(staging), dtype=recipe_dtype(dtype), device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        )
         got_r = probe_logits(reloaded, probes)
         report["reloaded_vs_merged"] = compare(got, got_r)
         report["reloaded_vs_adapter_full_precision"] = compare(ref_b, got_r)
@@ -353,14 +390,17 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
             report["vs_adapter_as_trained"] = {"form": _qform(run), **compare(ref_a, got, ans_a, ans_m)}
             t = tick("reference_as_trained", t)
         else:
-            report["vs_adapter_as_trained"] = {"form": "same as full precision (the recipe did not quantize)",
-                                               **report["vs_adapter_full_precision"]}
+            report["vs_adapter_as_trained"] = {
+                "form": "same as full precision (the recipe did not quantize)",
+                **report["vs_adapter_full_precision"],
+            }
     report["heldout"] = heldout
     report["untied_embeddings"] = untied
     report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": peaks}
     report["seconds"] = {**timing, "total": round(time.time() - t0, 2)}
-    report["probe_samples"] = [{"expected": r, "adapter": a, "merged": m}
-                               for r, a, m in list(zip(refs, ans_b, ans_m))[:3]]
+    report["probe_samples"] = [
+        {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
+    ]
     kl_b = report["vs_adapter_full_precision"]["mean_kl"]
     kl_r = report["reloaded_vs_merged"]["mean_kl"]
     ok = kl_b <= max_kl and kl_r <= max_kl
@@ -374,8 +414,10 @@ def merge_run(run_dir: str | Path, max_kl: float = DEFAULT_MAX_KL, force: bool =
     write_json(run.path / "merge_report.json", report)
     print_report(report, log)
     if not ok and not force:
-        log(f"[merge] FAILED: mean KL {max(kl_b, kl_r):.3g} > --max-kl {max_kl:g}; merged/ was not written "
-            "(use --force to write it anyway)")
+        log(
+            f"[merge] FAILED: mean KL {max(kl_b, kl_r):.3g} > --max-kl {max_kl:g}; merged/ was not written "
+            "(use --force to write it anyway)"
+        )
     return report
 
 
@@ -422,30 +464,52 @@ def print_report(r: dict[str, Any], log=print) -> None:
     log(f"  merge check ({r['probes']} probe prompts from {r['probe_file']}, {r['dtype']})")
     head = f"  {'merged vs':34s}{'max|dlogit|':>12s}{'mean|dlogit|':>13s}{'mean KL':>11s}{'top-1':>7s}{'greedy':>8s}"
     log(head)
-    rows = [("adapter, full-precision base", r.get("vs_adapter_full_precision")),
-            ("adapter, base as trained", r.get("vs_adapter_as_trained")),
-            ("merged/ reloaded (plain HF)", r.get("reloaded_vs_merged"))]
+    rows = [
+        ("adapter, full-precision base", r.get("vs_adapter_full_precision")),
+        ("adapter, base as trained", r.get("vs_adapter_as_trained")),
+        ("merged/ reloaded (plain HF)", r.get("reloaded_vs_merged")),
+    ]
     for name, c in rows:
         if not c:
             continue
         g = f"{c['greedy_match']:.0%}" if "greedy_match" in c else "-"
-        log(f"  {name:34s}{c['max_abs_logit_diff']:12.2e}{c['mean_abs_logit_diff']:13.2e}{c['mean_kl']:11.2e}"
-            f"{c['top1_agreement']:7.0%}{g:>8s}")
+        log(
+            f"  {name:34s}{c['max_abs_logit_diff']:12.2e}{c['mean_abs_logit_diff']:13.2e}{c['mean_kl']:11.2e}"
+            f"{c['top1_agreement']:7.0%}{g:>8s}"
+        )
     h = r.get("heldout") or {}
     if h.get("merged_exact_match") is not None:
         a = h.get("adapter_exact_match")
         fp = h.get("adapter_full_precision_exact_match")
-        log(f"  held-out exact match ({h.get('n')} rows): merged {h['merged_exact_match']:.3f}"
-            + (f", adapter on full-precision base {fp:.3f} ({h['answers_identical_to_adapter_full_precision']}/"
-               f"{h.get('n')} answers identical)" if fp is not None else "")
-            + ", adapter as trained " + (f"{a:.3f}" if a is not None else "n/a (no eval.json)"))
+        log(
+            f"  held-out exact match ({h.get('n')} rows): merged {h['merged_exact_match']:.3f}"
+            + (
+                f", adapter on full-precision base {fp:.3f} ({h['answers_identical_to_adapter_full_precision']}/"
+                f"{h.get('n')} answers identical)"
+                if fp is not None
+                else ""
+            )
+            + ", adapter as trained "
+            + (f"{a:.3f}" if a is not None else "n/a (no eval.json)")
+        )
     m = r.get("memory") or {}
     if m:
-        log(f"  memory: model {m['model_mb']:.0f} MB; peak rise {m['peak_anon_rise_mb']:.0f} MB anonymous "
+        log(
+            f"  memory: model {m['model_mb']:.0f} MB; peak rise {m['peak_anon_rise_mb']:.0f} MB anonymous "
             f"({m['peak_anon_rise_over_model']:.2f}x), {m['peak_rise_mb']:.0f} MB RSS incl. mapped checkpoint pages "
-            f"({m['peak_rise_over_model']:.2f}x); peak RSS {m['peak_rss_mb']:.0f} MB; {r['seconds']['total']:.1f} s")
+            f"({m['peak_rise_over_model']:.2f}x); peak RSS {m['peak_rss_mb']:.0f} MB; {r['seconds']['total']:.1f} s"
+        )
     log(f"  verdict: {r['verdict']}" + (f" -> {r['merged_dir']}" if r.get("merged_dir") else ""))
 
 
-__all__ = ["MergeError", "RunError", "merge_run", "merge_into", "ensure_full_precision", "compare",
-           "probe_logits", "PeakRSS", "METHODS"]
+__all__ = [
+    "MergeError",
+    "RunError",
+    "merge_run",
+    "merge_into",
+    "ensure_full_precision",
+    "compare",
+    "probe_logits",
+    "PeakRSS",
+    "METHODS",
+]

@@ -45,11 +45,20 @@ def label_metrics(predictions: list[str], references: list[str], labels: list[st
         precision = tp / predicted if predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[lab] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                          "support": actual}
+        per_class[lab] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": actual,
+        }
     macro = sum(c["f1"] for c in per_class.values()) / len(labels) if labels else 0.0
-    return {"accuracy": round(correct / n, 4) if n else 0.0, "macro_f1": round(macro, 4), "per_class": per_class,
-            "classes": classes, "confusion": confusion}
+    return {
+        "accuracy": round(correct / n, 4) if n else 0.0,
+        "macro_f1": round(macro, 4),
+        "per_class": per_class,
+        "classes": classes,
+        "confusion": confusion,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- ROUGE-L
@@ -82,8 +91,9 @@ def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- scores
-def task_scores(predictions: list[str], references: list[str], labels: list[str] | None = None,
-                with_rouge: bool = False) -> dict[str, Any]:
+def task_scores(
+    predictions: list[str], references: list[str], labels: list[str] | None = None, with_rouge: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {"exact_match": round(exact_match(predictions, references), 4), "n": len(references)}
     if labels:
         out.update(label_metrics(predictions, references, labels))
@@ -106,9 +116,14 @@ def negative_transfer(base: dict[str, Any] | None, tuned: dict[str, Any] | None,
     if not base or not tuned or metric not in base or metric not in tuned:
         return None
     if tuned[metric] < base[metric]:
-        return {"name": "negative_transfer", "metric": metric, "base": base[metric], "tuned": tuned[metric],
-                "message": f"negative transfer: the tuned model scores below the base on {metric} "
-                           f"({tuned[metric]:.4f} < {base[metric]:.4f})"}
+        return {
+            "name": "negative_transfer",
+            "metric": metric,
+            "base": base[metric],
+            "tuned": tuned[metric],
+            "message": f"negative transfer: the tuned model scores below the base on {metric} "
+            f"({tuned[metric]:.4f} < {base[metric]:.4f})",
+        }
     return None
 
 
@@ -125,23 +140,32 @@ def overfitting(log_history: list[dict[str, Any]], window: int = 3) -> dict[str,
     train, val = loss_curves(log_history)
     if window < 1 or len(val) < window + 1:
         return None
-    last = val[-(window + 1):]
+    last = val[-(window + 1) :]
     if not all(b[1] > a[1] for a, b in zip(last, last[1:])):
         return None
     start, end = last[0][0], last[-1][0]
     span = [loss for step, loss in train if start <= step <= end]
     if len(span) < 2 or not span[-1] < span[0]:
         return None
-    return {"name": "overfitting", "window": window, "steps": [start, end],
-            "eval_loss": [round(v, 4) for _, v in last], "train_loss": [round(span[0], 4), round(span[-1], 4)],
-            "message": f"overfitting: validation loss rose over the last {window} evaluations "
-                       f"({last[0][1]:.4f} -> {last[-1][1]:.4f}, steps {start}-{end}) while training loss fell "
-                       f"({span[0]:.4f} -> {span[-1]:.4f})"}
+    return {
+        "name": "overfitting",
+        "window": window,
+        "steps": [start, end],
+        "eval_loss": [round(v, 4) for _, v in last],
+        "train_loss": [round(span[0], 4), round(span[-1], 4)],
+        "message": f"overfitting: validation loss rose over the last {window} evaluations "
+        f"({last[0][1]:.4f} -> {last[-1][1]:.4f}, steps {start}-{end}) while training loss fell "
+        f"({span[0]:.4f} -> {span[-1]:.4f})",
+    }
 
 
 def forgetting_flag(forgetting: dict[str, Any] | None, threshold: float) -> dict[str, Any] | None:
     if not forgetting or forgetting.get("rise") is None or forgetting["rise"] <= threshold:
         return None
-    return {"name": "forgetting", "rise": forgetting["rise"], "threshold": threshold,
-            "message": f"forgetting: perplexity on the general-text probe rose by {forgetting['rise']:.1%} "
-                       f"(threshold {threshold:.0%}): {forgetting['ppl_base']:.3f} -> {forgetting['ppl_tuned']:.3f}"}
+    return {
+        "name": "forgetting",
+        "rise": forgetting["rise"],
+        "threshold": threshold,
+        "message": f"forgetting: perplexity on the general-text probe rose by {forgetting['rise']:.1%} "
+        f"(threshold {threshold:.0%}): {forgetting['ppl_base']:.3f} -> {forgetting['ppl_tuned']:.3f}",
+    }

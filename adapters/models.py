@@ -120,8 +120,15 @@ def resolve_model(source: str) -> ModelRef:
             ) from None
         gguf = Path(pkg.assemble())
         path = gguf_to_cache(gguf, name, getattr(pkg, "EXPECTED_SHA256", None))
-        return ModelRef(source, str(path), info["canonical_name"], "embedded", getattr(pkg, "EXPECTED_SHA256", None),
-                        info["license"], info["chat_template"])
+        return ModelRef(
+            source,
+            str(path),
+            info["canonical_name"],
+            "embedded",
+            getattr(pkg, "EXPECTED_SHA256", None),
+            info["license"],
+            info["chat_template"],
+        )
     p = Path(source).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -236,16 +243,23 @@ def load_tokenizer(ref: ModelRef, recipe: Recipe):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=recipe.trust_remote_code,
-                                            **({"revision": recipe.revision} if recipe.revision else {}))
+        tok = AutoTokenizer.from_pretrained(
+            ref.path,
+            trust_remote_code=recipe.trust_remote_code,
+            **({"revision": recipe.revision} if recipe.revision else {}),
+        )
     except (OSError, ValueError) as e:
-        hint = " (no model hub is reachable: use a local directory, a .gguf file or embedded:gemma-3-270m)" \
-            if ref.kind == "hub" else ""
+        hint = (
+            " (no model hub is reachable: use a local directory, a .gguf file or embedded:gemma-3-270m)"
+            if ref.kind == "hub"
+            else ""
+        )
         raise ModelSourceError(f"model {ref.source!r}: cannot load the tokenizer from {ref.path}: {e}{hint}") from None
     if recipe.chat_template:
         p = Path(recipe.chat_template)
-        tok.chat_template = p.read_text(encoding="utf-8") if p.suffix == ".jinja" else builtin_template(
-            recipe.chat_template)
+        tok.chat_template = (
+            p.read_text(encoding="utf-8") if p.suffix == ".jinja" else builtin_template(recipe.chat_template)
+        )
     elif not tok.chat_template:
         family = ref.default_chat_template or _family_template(ref.path)
         tok.chat_template = builtin_template(family)

@@ -23,18 +23,49 @@ from .preflight import Launch, check, launch_from_config
 GIB = 2**30
 # Published configs of the shipped recipes' models, for when the hub cannot be reached (sizes from their config.json).
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                         max_position_embeddings=131072, tie_word_embeddings=True, dtype="bfloat16",
-                         bos_token_id=128000, eos_token_id=128009),
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                         max_position_embeddings=32768, tie_word_embeddings=True, dtype="bfloat16",
-                         bos_token_id=151643, eos_token_id=151645),
-    "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
-                         max_position_embeddings=32768, tie_word_embeddings=True, dtype="bfloat16",
-                         sliding_window=512),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+        bos_token_id=128000,
+        eos_token_id=128009,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    "gemma-3-270m": dict(
+        model_type="gemma3_text",
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+        sliding_window=512,
+    ),
 }
 # Family defaults (by model type in the id) when the exact size is not in KNOWN_CONFIGS.
 FAMILY_OF = {"llama": "llama-3.2-1b", "qwen": "qwen2.5-1.5b", "gemma": "gemma-3-270m"}
@@ -58,8 +89,10 @@ def model_config(recipe: Recipe) -> tuple[Any, str]:
         key = next((k for k in KNOWN_CONFIGS if k in source.lower()), None)
         key = key or next((v for f, v in FAMILY_OF.items() if f in source.lower()), None)
         if key is None:
-            raise FileNotFoundError(f"model {source!r}: config not reachable ({type(e).__name__}) and no built-in "
-                                    f"config for this family ({', '.join(KNOWN_CONFIGS)})") from None
+            raise FileNotFoundError(
+                f"model {source!r}: config not reachable ({type(e).__name__}) and no built-in "
+                f"config for this family ({', '.join(KNOWN_CONFIGS)})"
+            ) from None
         values = dict(KNOWN_CONFIGS[key])
         cfg = AutoConfig.for_model(values.pop("model_type"), **values)
         return cfg, f"built-in {key} config (hub not reachable for {source!r})"
@@ -118,8 +151,19 @@ def count_parameters(config: Any, recipe: Recipe) -> Counts:
     kv = getattr(text, "num_key_value_heads", None) or heads
     layers = text.num_hidden_layers
     first = [m.in_features for n, m in wrapped if ".layers.0." in n]
-    return Counts(quantizable, other, int(trainable), len(wrapped), h, text.intermediate_size, layers,
-                  heads * head_dim, kv * head_dim, text.vocab_size, first)
+    return Counts(
+        quantizable,
+        other,
+        int(trainable),
+        len(wrapped),
+        h,
+        text.intermediate_size,
+        layers,
+        heads * head_dim,
+        kv * head_dim,
+        text.vocab_size,
+        first,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- estimate
@@ -151,8 +195,7 @@ class Estimate:
     details: dict[str, Any]
 
     def total(self, batch: int) -> float:
-        return self.weights + self.lora + self.overhead + batch * (self.activations_per_sample
-                                                                   + self.logits_per_sample)
+        return self.weights + self.lora + self.overhead + batch * (self.activations_per_sample + self.logits_per_sample)
 
     def max_batch(self, gpu_bytes: float) -> int:
         per = self.activations_per_sample + self.logits_per_sample
@@ -160,8 +203,13 @@ class Estimate:
         return max(0, int(room // per)) if per > 0 else 0
 
 
-def estimate(recipe: Recipe, counts: Counts, launch: Launch | None = None, tokens: int | None = None,
-             overhead_bytes: float = 1.0 * GIB) -> Estimate:
+def estimate(
+    recipe: Recipe,
+    counts: Counts,
+    launch: Launch | None = None,
+    tokens: int | None = None,
+    overhead_bytes: float = 1.0 * GIB,
+) -> Estimate:
     """Per-GPU bytes: weights (quantized per bitsandbytes' layout), LoRA + grads + optimizer, activations, logits.
 
     Activations per token per decoder layer, saved for backward (frozen base: the LoRA branches still need their
@@ -204,9 +252,18 @@ def estimate(recipe: Recipe, counts: Counts, launch: Launch | None = None, token
         TOKEN_CHUNK_SIZE = 4096
     logits = min(tokens, TOKEN_CHUNK_SIZE) * min(counts.vocab, 32768) * 4 + tokens * 4 * 4
     unchunked = tokens * counts.vocab * 4 * 2  # fp32 logits and their gradient
-    return Estimate(weights, lora_state, acts, full, ckpt, logits, unchunked, overhead_bytes, tokens,
-                    {"quantized_weights": quant, "other_weights": other_b, "sharded_over": launch.num_processes
-                     if sharded else 1})
+    return Estimate(
+        weights,
+        lora_state,
+        acts,
+        full,
+        ckpt,
+        logits,
+        unchunked,
+        overhead_bytes,
+        tokens,
+        {"quantized_weights": quant, "other_weights": other_b, "sharded_over": launch.num_processes if sharded else 1},
+    )
 
 
 def format_plan(recipe: Recipe, counts: Counts, est: Estimate, gpu_gib: float, source: str, launch: Launch) -> str:
@@ -219,8 +276,8 @@ def format_plan(recipe: Recipe, counts: Counts, est: Estimate, gpu_gib: float, s
         f"LoRA {counts.lora:,} on {counts.lora_modules} modules",
         f"per-GPU memory estimate (sequence {est.tokens} tokens, micro-batch {b}):",
         f"  weights ({'4-bit' if recipe.load_in_4bit else '8-bit' if recipe.load_in_8bit else recipe.dtype})"
-        f"{'':{max(1, 25 - len(recipe.dtype))}s}{g(est.weights)}" + (f"  (sharded over {est.details['sharded_over']})"
-                                       if est.details["sharded_over"] > 1 else ""),
+        f"{'':{max(1, 25 - len(recipe.dtype))}s}{g(est.weights)}"
+        + (f"  (sharded over {est.details['sharded_over']})" if est.details["sharded_over"] > 1 else ""),
         f"  LoRA params + grads + optimizer state {g(est.lora)}   ({recipe.optim})",
         f"  activations, gradient checkpointing   {g(b * est.activations_per_sample_ckpt)}"
         + ("   <- recipe" if recipe.gradient_checkpointing else ""),
@@ -231,14 +288,23 @@ def format_plan(recipe: Recipe, counts: Counts, est: Estimate, gpu_gib: float, s
         f"  CUDA context + allocator slack        {g(est.overhead)}",
         f"  total                                 {g(est.total(b))}   on a {gpu_gib:g} GiB GPU",
         f"largest micro-batch that fits at {est.tokens} tokens: {est.max_batch(gpu_gib * GIB)}"
-        + (f" (recipe uses {b})" if est.max_batch(gpu_gib * GIB) >= b else f" -- the recipe's {b} does NOT fit: "
-           f"lower per_device_train_batch_size and raise gradient_accumulation_steps"),
+        + (
+            f" (recipe uses {b})"
+            if est.max_batch(gpu_gib * GIB) >= b
+            else f" -- the recipe's {b} does NOT fit: "
+            f"lower per_device_train_batch_size and raise gradient_accumulation_steps"
+        ),
     ]
     return "\n".join(lines)
 
 
-def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gib: float = 24.0, nproc: int | None = None,
-         accelerate_config: str | None = None) -> str:
+def plan(
+    recipe: Recipe,
+    gpus: int = 1,
+    gpu_mem_gib: float = 24.0,
+    nproc: int | None = None,
+    accelerate_config: str | None = None,
+) -> str:
     """Preflight + estimate; returns the report text, raises PreflightError on a bad combination."""
     if accelerate_config:
         launch = launch_from_config(accelerate_config, num_processes=nproc)
@@ -259,9 +325,15 @@ def twin_config(config: Any) -> Any:
 
     cfg = copy.deepcopy(config)
     text = getattr(cfg, "text_config", None) or cfg
-    shrink = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2 if (getattr(text, "num_key_value_heads", 4) or 4) < 4 else 4, head_dim=16,
-                  max_position_embeddings=min(getattr(text, "max_position_embeddings", 2048) or 2048, 2048))
+    shrink = dict(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2 if (getattr(text, "num_key_value_heads", 4) or 4) < 4 else 4,
+        head_dim=16,
+        max_position_embeddings=min(getattr(text, "max_position_embeddings", 2048) or 2048, 2048),
+    )
     for k, v in shrink.items():
         if k == "head_dim" and not hasattr(text, "head_dim"):
             continue
@@ -291,11 +363,21 @@ def _fallback_tokenizer(texts: list[str], template: str):
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                  pad_token="<pad>", additional_special_tokens=SMOKE_SPECIALS[template])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=SMOKE_SPECIALS[template],
+    )
     tok.chat_template = builtin_template(template)
     return tok
 
@@ -349,11 +431,23 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
     work.mkdir(parents=True, exist_ok=True)
     try:
         twin, note = build_twin(recipe, work / "twin")
-        adjusted = {"model_name_or_path": str(twin), "output_root": str(work / "outputs"), "run_name": "smoke",
-                    "max_steps": steps, "per_device_train_batch_size": min(recipe.per_device_train_batch_size, 2),
-                    "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 1, "save_steps": steps,
-                    "eval_steps": steps, "logging_steps": 1, "report_to": "none", "eval_base": False,
-                    "eval_max_new_tokens": 4, "quant_probe": False, "device_map": None}
+        adjusted = {
+            "model_name_or_path": str(twin),
+            "output_root": str(work / "outputs"),
+            "run_name": "smoke",
+            "max_steps": steps,
+            "per_device_train_batch_size": min(recipe.per_device_train_batch_size, 2),
+            "per_device_eval_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "save_steps": steps,
+            "eval_steps": steps,
+            "logging_steps": 1,
+            "report_to": "none",
+            "eval_base": False,
+            "eval_max_new_tokens": 4,
+            "quant_probe": False,
+            "device_map": None,
+        }
         if not torch.cuda.is_available():
             if recipe.bf16 or recipe.fp16:
                 adjusted.update(bf16=False, fp16=False)  # mixed precision needs a GPU here
@@ -368,8 +462,10 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
         run_recipe = replace(recipe, **adjusted)
         run_recipe = replace(run_recipe, test_file=_head(recipe.test_file, work / "test.jsonl", 4))
         run_recipe = replace(run_recipe, eval_file=_head(recipe.eval_file, work / "val.jsonl", 4))
-        run_recipe = replace(run_recipe, train_file=_head(recipe.train_file, work / "train.jsonl",
-                                                          steps * run_recipe.per_device_train_batch_size))
+        run_recipe = replace(
+            run_recipe,
+            train_file=_head(recipe.train_file, work / "train.jsonl", steps * run_recipe.per_device_train_batch_size),
+        )
         with _no_bnb_cpu_inference_layout():
             run = train(run_recipe, recipe_path)
         manifest = json.loads((run / "manifest.json").read_text())
@@ -388,11 +484,18 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
         diff = float((want - got).abs().max())
         if not math.isfinite(diff) or diff > 1e-3:
             raise RuntimeError(f"smoke: merged and reloaded logits differ from the adapter's by {diff:g}")
-        return {"ok": True, "seconds": round(time.time() - t0, 1), "twin": note, "steps": manifest["train"]
-                ["global_step"], "train_loss": manifest["train"]["train_loss"], "merge_max_abs_diff": diff,
-                "adjusted": {k: v for k, v in adjusted.items() if k not in ("model_name_or_path", "output_root",
-                                                                            "run_name")},
-                "quantization": manifest.get("quantization", {}).get("method")}
+        return {
+            "ok": True,
+            "seconds": round(time.time() - t0, 1),
+            "twin": note,
+            "steps": manifest["train"]["global_step"],
+            "train_loss": manifest["train"]["train_loss"],
+            "merge_max_abs_diff": diff,
+            "adjusted": {
+                k: v for k, v in adjusted.items() if k not in ("model_name_or_path", "output_root", "run_name")
+            },
+            "quantization": manifest.get("quantization", {}).get("method"),
+        }
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -86,14 +86,26 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in truthy:
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         save16 = env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL")
-        return Launch(world, "DEEPSPEED", zero_stage=int(stage) if stage else None,
-                      zero3_save_16bit=None if save16 is None else save16.lower() in truthy,
-                      source="accelerate launch (environment)")
+        return Launch(
+            world,
+            "DEEPSPEED",
+            zero_stage=int(stage) if stage else None,
+            zero3_save_16bit=None if save16 is None else save16.lower() in truthy,
+            source="accelerate launch (environment)",
+        )
     if env.get("ACCELERATE_USE_FSDP", "").lower() in truthy:
-        return Launch(world, "FSDP", fsdp_version=int(env.get("FSDP_VERSION", "1")),
-                      fsdp_state_dict_type=env.get("FSDP_STATE_DICT_TYPE"), source="accelerate launch (environment)")
-    return Launch(world, "MULTI_GPU" if world > 1 else "NO",
-                  source="accelerate launch (environment)" if world > 1 else "single process")
+        return Launch(
+            world,
+            "FSDP",
+            fsdp_version=int(env.get("FSDP_VERSION", "1")),
+            fsdp_state_dict_type=env.get("FSDP_STATE_DICT_TYPE"),
+            source="accelerate launch (environment)",
+        )
+    return Launch(
+        world,
+        "MULTI_GPU" if world > 1 else "NO",
+        source="accelerate launch (environment)" if world > 1 else "single process",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -110,42 +122,63 @@ def problems(recipe: Recipe, launch: Launch, model_config: Any = None) -> list[s
     compute = recipe.bnb_4bit_compute_dtype or (recipe.dtype if recipe.dtype != "auto" else "bfloat16")
 
     if launch.zero3 and recipe.load_in_4bit:
-        out.append("DeepSpeed ZeRO-3 with load_in_4bit: ZeRO-3 cannot partition packed 4-bit weights here. Fix: "
-                   "use the fsdp2-qlora accelerate config (with bnb_4bit_quant_storage equal to the compute dtype), "
-                   "or zero2, or set load_in_4bit: false for ZeRO-3.")
+        out.append(
+            "DeepSpeed ZeRO-3 with load_in_4bit: ZeRO-3 cannot partition packed 4-bit weights here. Fix: "
+            "use the fsdp2-qlora accelerate config (with bnb_4bit_quant_storage equal to the compute dtype), "
+            "or zero2, or set load_in_4bit: false for ZeRO-3."
+        )
     if launch.zero3 and launch.zero3_save_16bit is False:
-        out.append("DeepSpeed ZeRO-3 without zero3_save_16bit_model: the saved adapter would hold empty shards. "
-                   "Fix: set zero3_save_16bit_model: true in the deepspeed_config of the accelerate config.")
+        out.append(
+            "DeepSpeed ZeRO-3 without zero3_save_16bit_model: the saved adapter would hold empty shards. "
+            "Fix: set zero3_save_16bit_model: true in the deepspeed_config of the accelerate config."
+        )
     if launch.fsdp and recipe.load_in_4bit and _dtype_name(recipe.bnb_4bit_quant_storage) != _dtype_name(compute):
-        out.append(f"FSDP with a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype ({compute}); "
-                   f"it is {recipe.bnb_4bit_quant_storage!r}, so FSDP cannot shard the packed weights together with "
-                   f"the {compute} ones. Fix: --bnb_4bit_quant_storage {compute}.")
+        out.append(
+            f"FSDP with a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype ({compute}); "
+            f"it is {recipe.bnb_4bit_quant_storage!r}, so FSDP cannot shard the packed weights together with "
+            f"the {compute} ones. Fix: --bnb_4bit_quant_storage {compute}."
+        )
     if launch.fsdp and recipe.load_in_8bit:
-        out.append("FSDP with load_in_8bit: bitsandbytes int8 weights cannot be sharded by FSDP. Fix: use "
-                   "load_in_4bit with bnb_4bit_quant_storage equal to the compute dtype, or the ddp config.")
+        out.append(
+            "FSDP with load_in_8bit: bitsandbytes int8 weights cannot be sharded by FSDP. Fix: use "
+            "load_in_4bit with bnb_4bit_quant_storage equal to the compute dtype, or the ddp config."
+        )
     if launch.fsdp and launch.fsdp_state_dict_type and launch.fsdp_state_dict_type != "FULL_STATE_DICT":
-        out.append(f"FSDP with fsdp_state_dict_type {launch.fsdp_state_dict_type}: checkpoints would hold per-rank "
-                   "shards, not a loadable adapter. Fix: fsdp_state_dict_type: FULL_STATE_DICT.")
+        out.append(
+            f"FSDP with fsdp_state_dict_type {launch.fsdp_state_dict_type}: checkpoints would hold per-rank "
+            "shards, not a loadable adapter. Fix: fsdp_state_dict_type: FULL_STATE_DICT."
+        )
     device_map = recipe.device_map or (extra.get("model_init_kwargs") or {}).get("device_map")
     if launch.num_processes > 1 and device_map is not None:
-        out.append(f"device_map={device_map!r} with {launch.num_processes} processes: every process would spread "
-                   "one model over all GPUs, and the processes fight over them. Fix: remove device_map (each "
-                   "process then loads one whole model on its own GPU), or run one process.")
+        out.append(
+            f"device_map={device_map!r} with {launch.num_processes} processes: every process would spread "
+            "one model over all GPUs, and the processes fight over them. Fix: remove device_map (each "
+            "process then loads one whole model on its own GPU), or run one process."
+        )
     if extra.get("packing") and extra.get("packing_strategy", "bfd") == "wrapped":
-        out.append("packing with packing_strategy 'wrapped' cuts samples mid-sequence and lets packed samples "
-                   "attend to each other. Fix: --packing_strategy bfd (per-sample position ids keep attention "
-                   "inside each sample), or --packing false.")
-    if extra.get("packing") and recipe.attn_implementation in ("flash_attention_2", "flash_attention_3") \
-            and not _has_flash_attn():
-        out.append(f"packing with attn_implementation {recipe.attn_implementation} but flash-attn is not installed. "
-                   "Fix: --attn_implementation sdpa (isolates samples by position ids too), or install flash-attn.")
+        out.append(
+            "packing with packing_strategy 'wrapped' cuts samples mid-sequence and lets packed samples "
+            "attend to each other. Fix: --packing_strategy bfd (per-sample position ids keep attention "
+            "inside each sample), or --packing false."
+        )
+    if (
+        extra.get("packing")
+        and recipe.attn_implementation in ("flash_attention_2", "flash_attention_3")
+        and not _has_flash_attn()
+    ):
+        out.append(
+            f"packing with attn_implementation {recipe.attn_implementation} but flash-attn is not installed. "
+            "Fix: --attn_implementation sdpa (isolates samples by position ids too), or install flash-attn."
+        )
     if recipe.fp16 and model_config is not None:
         model_type = getattr(model_config, "model_type", "")
         native = _dtype_name(getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None))
         if native == "bfloat16" or model_type in BF16_ONLY_TYPES:
             why = f"its config dtype is {native}" if native == "bfloat16" else f"{model_type} is trained in bfloat16"
-            out.append(f"fp16 on a bf16-only model ({why}; float16 activations overflow to inf/NaN). "
-                       "Fix: --fp16 false --bf16 true (Ampere or newer), or train in float32.")
+            out.append(
+                f"fp16 on a bf16-only model ({why}; float16 activations overflow to inf/NaN). "
+                "Fix: --fp16 false --bf16 true (Ampere or newer), or train in float32."
+            )
     if recipe.fp16 and recipe.dtype == "bfloat16":
         out.append("fp16 mixed precision with dtype bfloat16 weights. Fix: --bf16 true --fp16 false.")
     return out
@@ -162,8 +195,9 @@ def check(recipe: Recipe, launch: Launch, model_config: Any = None) -> None:
     found = problems(recipe, launch, model_config)
     if found:
         lines = "\n".join(f"  - {p}" for p in found)
-        raise PreflightError(f"preflight ({launch.source}, {launch.num_processes} process(es)) refused the "
-                             f"recipe:\n{lines}")
+        raise PreflightError(
+            f"preflight ({launch.source}, {launch.num_processes} process(es)) refused the recipe:\n{lines}"
+        )
 
 
 def before_train(recipe: Recipe, model_path: str | None = None) -> None:
@@ -184,5 +218,8 @@ def before_train(recipe: Recipe, model_path: str | None = None) -> None:
         from accelerate import PartialState
 
         if PartialState().is_main_process:  # accelerate enables FSDP/DeepSpeed for GPU worlds only
-            print(f"[preflight] warning: {launch.distributed_type} was requested but there is no CUDA GPU; the "
-                  "processes run as plain data parallel on CPU (gloo), parameters are not sharded", flush=True)
+            print(
+                f"[preflight] warning: {launch.distributed_type} was requested but there is no CUDA GPU; the "
+                "processes run as plain data parallel on CPU (gloo), parameters are not sharded",
+                flush=True,
+            )

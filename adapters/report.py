@@ -108,8 +108,11 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
     lines = [f"# Evaluation: {title}", ""]
     sides = [s for s in ("base", "tuned") if s in evaluation]
     if sides:
-        lines += [f"## Task metrics (held-out split, n={evaluation[sides[-1]]['n']}, greedy, "
-                  f"max_new_tokens={evaluation.get('max_new_tokens')})", ""]
+        lines += [
+            f"## Task metrics (held-out split, n={evaluation[sides[-1]]['n']}, greedy, "
+            f"max_new_tokens={evaluation.get('max_new_tokens')})",
+            "",
+        ]
         keys = [k for k in ("exact_match", "accuracy", "macro_f1", "rouge_l") if k in evaluation[sides[-1]]]
         lines += ["| metric | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
         lines += [f"| {k} | " + " | ".join(_fmt(evaluation[s].get(k)) for s in sides) + " |" for k in keys]
@@ -117,21 +120,35 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
         for s in sides:
             pc = evaluation[s].get("per_class")
             if pc:
-                lines += [f"Per class ({s}):", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-                lines += [f"| {_cell(k)} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
-                          for k, v in pc.items()]
+                lines += [
+                    f"Per class ({s}):",
+                    "",
+                    "| label | precision | recall | F1 | support |",
+                    "|---|---|---|---|---|",
+                ]
+                lines += [
+                    f"| {_cell(k)} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+                    for k, v in pc.items()
+                ]
                 lines.append("")
     fg = evaluation.get("forgetting")
     if fg:
         rise = "–" if fg.get("rise") is None else f"{fg['rise']:+.2%}"
-        lines += ["## Forgetting probe", "",
-                  f"Perplexity on general text not in the task data ({fg['probe']}, {fg['tokens']} tokens):", "",
-                  "| base | tuned | rise |", "|---|---|---|",
-                  f"| {_fmt(fg.get('ppl_base'))} | {_fmt(fg.get('ppl_tuned'))} | {rise} |", ""]
+        lines += [
+            "## Forgetting probe",
+            "",
+            f"Perplexity on general text not in the task data ({fg['probe']}, {fg['tokens']} tokens):",
+            "",
+            "| base | tuned | rise |",
+            "|---|---|---|",
+            f"| {_fmt(fg.get('ppl_base'))} | {_fmt(fg.get('ppl_tuned'))} | {rise} |",
+            "",
+        ]
     lines += ["## Flags", ""]
     flags = evaluation.get("flags") or []
-    lines += [f"- **{f['name']}**: {f['message']}" for f in flags] or ["None: no negative transfer, overfitting or "
-                                                                       "forgetting above the threshold."]
+    lines += [f"- **{f['name']}**: {f['message']}" for f in flags] or [
+        "None: no negative transfer, overfitting or forgetting above the threshold."
+    ]
     lines.append("")
     plots = evaluation.get("plots") or {}
     if plots:
@@ -139,8 +156,11 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
     samples = evaluation.get("sample_rows") or []
     if samples:
         lines += ["## Sample outputs", "", "| prompt | expected | base | tuned |", "|---|---|---|---|"]
-        lines += [f"| {_cell(r['prompt'])} | {_cell(r['expected'])} | {_cell(r.get('base', '–'))} | "
-                  f"{_cell(r.get('tuned', '–'))} |" for r in samples]
+        lines += [
+            f"| {_cell(r['prompt'])} | {_cell(r['expected'])} | {_cell(r.get('base', '–'))} | "
+            f"{_cell(r.get('tuned', '–'))} |"
+            for r in samples
+        ]
         lines.append("")
     out = run_dir / "report.md"
     tmp = out.with_name(".report.md.tmp")
@@ -150,8 +170,16 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
-def evaluate_model(model, tok, recipe, run_dir: str | Path, log_history: list[dict[str, Any]] | None = None,
-                   base: bool = True, limit: int | None = None, log=print) -> dict[str, Any]:
+def evaluate_model(
+    model,
+    tok,
+    recipe,
+    run_dir: str | Path,
+    log_history: list[dict[str, Any]] | None = None,
+    base: bool = True,
+    limit: int | None = None,
+    log=print,
+) -> dict[str, Any]:
     """Score ``model`` (a PeftModel; its base = adapter disabled) and write eval.json, report.md and the PNGs."""
     run_dir = Path(run_dir)
     limit = limit if limit is not None else recipe.eval_limit
@@ -169,22 +197,30 @@ def evaluate_model(model, tok, recipe, run_dir: str | Path, log_history: list[di
         for side in (["base"] if base else []) + ["tuned"]:
             ctx = model.disable_adapter() if side == "base" else nullcontext()
             with ctx:
-                preds[side] = generate_answers(model, tok, conversations, budget,
-                                               recipe.eval_generation_batch_size, f"{side} model")
+                preds[side] = generate_answers(
+                    model, tok, conversations, budget, recipe.eval_generation_batch_size, f"{side} model"
+                )
             scores = M.task_scores(preds[side], references, recipe.labels, recipe.rouge_l)
             scores["samples"] = [{"expected": r, "got": p} for p, r in list(zip(preds[side], references))[:5]]
             evaluation[side] = scores
-            log(f"[eval] {side} model on {len(references)} held-out rows: "
-                + ", ".join(f"{k} {scores[k]:.3f}" for k in ("exact_match", "accuracy", "macro_f1", "rouge_l")
-                            if k in scores))
+            log(
+                f"[eval] {side} model on {len(references)} held-out rows: "
+                + ", ".join(
+                    f"{k} {scores[k]:.3f}" for k in ("exact_match", "accuracy", "macro_f1", "rouge_l") if k in scores
+                )
+            )
         evaluation["sample_rows"] = [
             {"prompt": c[-1]["content"] if c else "", "expected": r, **{s: preds[s][i] for s in preds}}
-            for i, (c, r) in enumerate(zip(conversations, references)) if i < recipe.eval_samples]
+            for i, (c, r) in enumerate(zip(conversations, references))
+            if i < recipe.eval_samples
+        ]
     evaluation["forgetting"] = probe(model, tok, recipe, base=has_adapter, log=log)
 
-    flags = [M.negative_transfer(evaluation.get("base"), evaluation.get("tuned"), M.primary_metric(recipe.labels)),
-             M.overfitting(log_history or [], recipe.overfit_window),
-             M.forgetting_flag(evaluation["forgetting"], recipe.forgetting_threshold)]
+    flags = [
+        M.negative_transfer(evaluation.get("base"), evaluation.get("tuned"), M.primary_metric(recipe.labels)),
+        M.overfitting(log_history or [], recipe.overfit_window),
+        M.forgetting_flag(evaluation["forgetting"], recipe.forgetting_threshold),
+    ]
     evaluation["flags"] = [f for f in flags if f]
     for f in evaluation["flags"]:
         log(f"[warn] {f['message']}")
@@ -211,5 +247,6 @@ def evaluate_run(run_dir: str | Path, base: bool = True, limit: int | None = Non
 
     run = open_run(run_dir)
     model, tok = load_tuned(run, quantize=True)
-    return evaluate_model(model, tok, run.recipe, run.path, run.manifest.get("log_history") or [], base=base,
-                          limit=limit, log=log)
+    return evaluate_model(
+        model, tok, run.recipe, run.path, run.manifest.get("log_history") or [], base=base, limit=limit, log=log
+    )

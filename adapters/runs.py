@@ -68,8 +68,10 @@ def load_run_tokenizer(run: Run):
     tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     want = run.manifest.get("chat_template_sha256")
     if want and _template_sha(tok) != want:
-        raise RunError(f"{run.adapter_dir}: chat template hash {_template_sha(tok)[:12]} differs from the one "
-                       f"trained with ({want[:12]}, manifest.json); the tokenizer or template changed after training")
+        raise RunError(
+            f"{run.adapter_dir}: chat template hash {_template_sha(tok)[:12]} differs from the one "
+            f"trained with ({want[:12]}, manifest.json); the tokenizer or template changed after training"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -83,13 +85,17 @@ def check_base(run: Run, base_model) -> None:
     if want:
         got = base_fingerprint(base_model)
         if got != want:
-            raise RunError(f"{run.path / 'manifest.json'}: base_fingerprint {want[:12]} does not match the loaded "
-                           f"base {got[:12]} ({run.ref.path}); the adapter belongs to another base model")
+            raise RunError(
+                f"{run.path / 'manifest.json'}: base_fingerprint {want[:12]} does not match the loaded "
+                f"base {got[:12]} ({run.ref.path}); the adapter belongs to another base model"
+            )
     rec = run.manifest.get("base_config") or {}
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if key in rec and getattr(cfg, key, None) != rec[key]:
-            raise RunError(f"{run.path / 'manifest.json'}: base {key} is {getattr(cfg, key, None)!r}, "
-                           f"the adapter was trained on {rec[key]!r}")
+            raise RunError(
+                f"{run.path / 'manifest.json'}: base {key} is {getattr(cfg, key, None)!r}, "
+                f"the adapter was trained on {rec[key]!r}"
+            )
 
 
 def base_fingerprint(model) -> str:

@@ -56,8 +56,13 @@ def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict
             if "choices" in v:
                 spec = {"kind": "choice", "choices": list(v["choices"])}
             elif "low" in v and "high" in v:
-                spec = {"kind": "range", "low": v["low"], "high": v["high"], "log": bool(v.get("log", key in LOG_KEYS)),
-                        "step": v.get("step")}
+                spec = {
+                    "kind": "range",
+                    "low": v["low"],
+                    "high": v["high"],
+                    "log": bool(v.get("log", key in LOG_KEYS)),
+                    "step": v.get("step"),
+                }
             else:
                 raise RecipeError(f"{where}: a mapping needs low and high, or choices; got {v!r}")
         elif isinstance(v, list):
@@ -125,6 +130,7 @@ def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c) for c in cols})
+
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
@@ -141,8 +147,11 @@ def plot_search(rows: list[dict[str, Any]], out: Path) -> Path:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
-        pts = [(r["trial"], r["eval_loss"], r.get("learning_rate")) for r in rows
-               if r["state"] == state and r["eval_loss"] is not None and math.isfinite(r["eval_loss"])]
+        pts = [
+            (r["trial"], r["eval_loss"], r.get("learning_rate"))
+            for r in rows
+            if r["state"] == state and r["eval_loss"] is not None and math.isfinite(r["eval_loss"])
+        ]
         if pts:
             a.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=state.lower())
             if all(p[2] is not None for p in pts):
@@ -150,8 +159,11 @@ def plot_search(rows: list[dict[str, Any]], out: Path) -> Path:
     done = [r["eval_loss"] for r in rows if r["state"] == "COMPLETE" and r["eval_loss"] is not None]
     if done:
         best = [min(done[: i + 1]) for i in range(len(done))]
-        a.plot([r["trial"] for r in rows if r["state"] == "COMPLETE" and r["eval_loss"] is not None], best,
-               label="best so far")
+        a.plot(
+            [r["trial"] for r in rows if r["state"] == "COMPLETE" and r["eval_loss"] is not None],
+            best,
+            label="best so far",
+        )
     a.set_xlabel("trial")
     a.set_ylabel("best validation loss")
     a.legend()
@@ -164,21 +176,30 @@ def plot_search(rows: list[dict[str, Any]], out: Path) -> Path:
     return out / "search.png"
 
 
-def write_best_recipe(recipe_path: Path, overrides: dict[str, Any], best: dict[str, Any], value: float,
-                      out: Path) -> Path:
+def write_best_recipe(
+    recipe_path: Path, overrides: dict[str, Any], best: dict[str, Any], value: float, out: Path
+) -> Path:
     raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
     raw.update({k: v for k, v in overrides.items() if k not in ("run_name", "output_root")})
     raw.update(best)
     path = out / f"{recipe_path.stem}-best.yaml"
-    header = (f"# Best of `adapters sweep {recipe_path.stem}` ({datetime.now():%Y-%m-%d %H:%M}): "
-              f"validation loss {value:.4f}\n# Run: adapters train {path}\n")
+    header = (
+        f"# Best of `adapters sweep {recipe_path.stem}` ({datetime.now():%Y-%m-%d %H:%M}): "
+        f"validation loss {value:.4f}\n# Run: adapters train {path}\n"
+    )
     path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
 # ---------------------------------------------------------------------------------------------------- sweep
-def sweep(recipe: Recipe, recipe_path: Path, trials: int, overrides: dict[str, Any] | None = None,
-          out_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+def sweep(
+    recipe: Recipe,
+    recipe_path: Path,
+    trials: int,
+    overrides: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    log=print,
+) -> dict[str, Any]:
     import optuna
 
     from .control import extra_callbacks
@@ -190,22 +211,41 @@ def sweep(recipe: Recipe, recipe_path: Path, trials: int, overrides: dict[str, A
     if not recipe.eval_file or recipe.eval_strategy == "no":
         raise RecipeError(f"{recipe_path}: a sweep needs a validation split: set eval_file and eval_strategy: steps")
     space, pruner_cfg = search_space(recipe, str(recipe_path))
-    out = Path(out_dir) if out_dir else Path(recipe.output_root) / f"sweep-{recipe_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path(recipe.output_root) / f"sweep-{recipe_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    )
     out.mkdir(parents=True, exist_ok=True)
-    log(f"[sweep] {trials} trials -> {out}; space: " + ", ".join(
-        f"{k}={s.get('choices') or s.get('value') or [s['low'], s['high']]}" for k, s in space.items()))
+    log(
+        f"[sweep] {trials} trials -> {out}; space: "
+        + ", ".join(f"{k}={s.get('choices') or s.get('value') or [s['low'], s['high']]}" for k, s in space.items())
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        direction="minimize", study_name=out.name, sampler=optuna.samplers.TPESampler(seed=recipe.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_cfg["pruner_startup_trials"],
-                                           n_warmup_steps=pruner_cfg["pruner_warmup_steps"]))
+        direction="minimize",
+        study_name=out.name,
+        sampler=optuna.samplers.TPESampler(seed=recipe.seed),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=pruner_cfg["pruner_startup_trials"], n_warmup_steps=pruner_cfg["pruner_warmup_steps"]
+        ),
+    )
 
     def objective(trial) -> float:
         params = suggest(trial, space)
-        t = dataclasses.replace(recipe, **params, run_name=f"trial-{trial.number:03d}", output_root=str(out),
-                                eval_after_train=False, eval_base=False, quant_probe=False)
-        log(f"[sweep] trial {trial.number}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in params.items()))
+        t = dataclasses.replace(
+            recipe,
+            **params,
+            run_name=f"trial-{trial.number:03d}",
+            output_root=str(out),
+            eval_after_train=False,
+            eval_base=False,
+            quant_probe=False,
+        )
+        log(
+            f"[sweep] trial {trial.number}: "
+            + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        )
         with extra_callbacks(pruning_callback(trial)):
             run = train(t, recipe_path)
         import json
@@ -220,10 +260,20 @@ def sweep(recipe: Recipe, recipe_path: Path, trials: int, overrides: dict[str, A
 
     rows = []
     for t in study.trials:
-        value = t.value if t.value is not None else (max(t.intermediate_values.items())[1]
-                                                     if t.intermediate_values else None)
-        rows.append({"trial": t.number, "state": t.state.name, "eval_loss": value,
-                     "steps": t.user_attrs.get("steps", max(t.intermediate_values, default=None)), **t.params})
+        value = (
+            t.value
+            if t.value is not None
+            else (max(t.intermediate_values.items())[1] if t.intermediate_values else None)
+        )
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "eval_loss": value,
+                "steps": t.user_attrs.get("steps", max(t.intermediate_values, default=None)),
+                **t.params,
+            }
+        )
     write_tables(rows, list(space), out)
     plot_search(rows, out)
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
@@ -232,8 +282,13 @@ def sweep(recipe: Recipe, recipe_path: Path, trials: int, overrides: dict[str, A
     best = study.best_trial
     best_params = {**{k: s["value"] for k, s in space.items() if s["kind"] == "fixed"}, **best.params}
     best_path = write_best_recipe(recipe_path, overrides or {}, best_params, best.value, out)
-    summary = {"best_trial": best.number, "best_eval_loss": best.value, "best_params": best_params,
-               "best_recipe": str(best_path), "trials": rows}
+    summary = {
+        "best_trial": best.number,
+        "best_eval_loss": best.value,
+        "best_params": best_params,
+        "best_recipe": str(best_path),
+        "trials": rows,
+    }
     write_json(out / "sweep.json", summary)
     log(f"[sweep] best trial {best.number}: validation loss {best.value:.4f} -> {best_path}")
     return summary

@@ -112,8 +112,11 @@ def quantization_report(ref: ModelRef, recipe: Recipe, batches: dict[str, dict[s
     """
     report: dict[str, Any] = {"method": "none"}
     if recipe.quantized:
-        report["method"] = "int8" if recipe.load_in_8bit else (
-            f"4bit-{recipe.bnb_4bit_quant_type}" + ("+double_quant" if recipe.bnb_4bit_use_double_quant else ""))
+        report["method"] = (
+            "int8"
+            if recipe.load_in_8bit
+            else (f"4bit-{recipe.bnb_4bit_quant_type}" + ("+double_quant" if recipe.bnb_4bit_use_double_quant else ""))
+        )
         if recipe.quant_probe:
             full = load_model(ref, recipe, quantize=False)
             report["full_precision"] = _probe(full, batches)
@@ -134,12 +137,17 @@ def print_quant_report(r: dict[str, Any]) -> None:
     log(f"[quant] {'':16s}" + "".join(f"{n + ' loss':>14s}" for n in names) + f"{'memory MB':>12s}")
     for key in ("full_precision", "quantized"):
         if key in r:
-            log(f"[quant] {key:16s}" + "".join(f"{r[key][n + '_loss']:14.4f}" for n in names)
-                + f"{r[key]['memory_mb']:12.1f}")
+            log(
+                f"[quant] {key:16s}"
+                + "".join(f"{r[key][n + '_loss']:14.4f}" for n in names)
+                + f"{r[key]['memory_mb']:12.1f}"
+            )
     for n in names:
         if f"{n}_loss_change" in r:
-            log(f"[quant] quantization changed the {n} probe loss by {r[f'{n}_loss_change']:+.4f} "
-                f"({r[f'{n}_loss_change_pct']:+.1f}%)")
+            log(
+                f"[quant] quantization changed the {n} probe loss by {r[f'{n}_loss_change']:+.4f} "
+                f"({r[f'{n}_loss_change_pct']:+.1f}%)"
+            )
 
 
 def make_callbacks():
@@ -222,8 +230,14 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     if "disable_tqdm" not in recipe.sft_extra:
         args.disable_tqdm = False  # transformers hides the bar when its logger is quiet; we quiet it, we want the bar
     guard = make_callbacks()
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
-                      processing_class=tok, callbacks=[guard])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if has_eval else None,
+        processing_class=tok,
+        callbacks=[guard],
+    )
     trainer.fast_path = fast.report()
     trainctl.install(trainer, recipe)  # eval perplexity, early stopping, sweep pruning
     return trainer, guard
@@ -282,8 +296,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     from .prepare import packing_guard, prepare_data
 
     packed = packing_guard(recipe, say=log)  # packing only where the attention keeps samples apart
-    train_enc, eval_enc, test_rows, data_report = prepare_data(recipe, tok, run, say=log,
-                                                               write=state.is_main_process)
+    train_enc, eval_enc, test_rows, data_report = prepare_data(recipe, tok, run, say=log, write=state.is_main_process)
 
     manifest: dict[str, Any] = {
         "status": "running",
@@ -296,7 +309,8 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         "hardware": hardware(),
         "seed": recipe.seed,
         "world_size": state.num_processes,
-        "effective_batch_size": recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+        "effective_batch_size": recipe.per_device_train_batch_size
+        * recipe.gradient_accumulation_steps
         * state.num_processes,
         "data": data_report,
         "chat_template_sha256": template_hash(tok),
@@ -312,18 +326,24 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     from .runs import base_fingerprint
 
     manifest["base_fingerprint"] = base_fingerprint(model)
-    manifest["base_config"] = {k: getattr(model.config, k, None)
-                               for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
-                                         "tie_word_embeddings")}
+    manifest["base_config"] = {
+        k: getattr(model.config, k, None)
+        for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
+    }
 
     # ------------------------------------------------------------ LoRA + training
     model = attach_lora(model, recipe)
     manifest["parameters"] = parameter_counts(model)
     p = manifest["parameters"]
     log(f"[lora] trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)")
-    trainer, guard = build_trainer(model, tok, recipe, run, to_dataset(train_enc, pack_length=recipe.max_length
-                                                                        if packed else None),
-                                   to_dataset(eval_enc) if eval_enc else None)
+    trainer, guard = build_trainer(
+        model,
+        tok,
+        recipe,
+        run,
+        to_dataset(train_enc, pack_length=recipe.max_length if packed else None),
+        to_dataset(eval_enc) if eval_enc else None,
+    )
     manifest["fast_path"] = trainer.fast_path
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -333,8 +353,10 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         manifest["diverged"] = guard.bad
         if state.is_main_process:
             write_json(run / "manifest.json", manifest)
-        raise TrainingDiverged(f"non-finite value at step {guard.bad['step']}: {guard.bad}; the last good "
-                               f"checkpoint is {ckpt.last_good_checkpoint(run / 'checkpoints', log=log)}")
+        raise TrainingDiverged(
+            f"non-finite value at step {guard.bad['step']}: {guard.bad}; the last good "
+            f"checkpoint is {ckpt.last_good_checkpoint(run / 'checkpoints', log=log)}"
+        )
 
     # ------------------------------------------------------------ save, score, record
     from .distributed import gathered_adapter_state
@@ -346,17 +368,24 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         from .plots import loss_curve
 
         loss_curve(trainer.state.log_history, run / "loss_curve.png", title=run.name)
-        tokens_seen = sum(len(e.input_ids) for e in train_enc) * (result.global_step * manifest["effective_batch_size"]
-                                                                  / max(len(train_enc), 1))
-        manifest.update({
-            "status": "complete",
-            "train": {"global_step": result.global_step, "train_loss": round(result.training_loss, 4),
-                      "seconds": round(train_seconds, 1), "approx_tokens_per_s": round(tokens_seen / train_seconds, 1),
-                      "resumed_from": str(resume_from) if resume_from else None},
-            "log_history": trainer.state.log_history,
-            "wall_seconds": round(time.time() - t0, 1),
-            "finished": datetime.now().isoformat(timespec="seconds"),
-        })
+        tokens_seen = sum(len(e.input_ids) for e in train_enc) * (
+            result.global_step * manifest["effective_batch_size"] / max(len(train_enc), 1)
+        )
+        manifest.update(
+            {
+                "status": "complete",
+                "train": {
+                    "global_step": result.global_step,
+                    "train_loss": round(result.training_loss, 4),
+                    "seconds": round(train_seconds, 1),
+                    "approx_tokens_per_s": round(tokens_seen / train_seconds, 1),
+                    "resumed_from": str(resume_from) if resume_from else None,
+                },
+                "log_history": trainer.state.log_history,
+                "wall_seconds": round(time.time() - t0, 1),
+                "finished": datetime.now().isoformat(timespec="seconds"),
+            }
+        )
         write_json(run / "manifest.json", manifest)
         if recipe.eval_after_train:  # base (adapter disabled) vs tuned, forgetting probe, flags, report.md
             from .report import evaluate_model

@@ -57,8 +57,10 @@ def build(seed: int, n_train: int, n_val: int, n_test: int) -> dict[str, list[di
     cut_test, cut_val = n_test, n_test + n_val
     pools = {"test": pairs[:cut_test], "val": pairs[cut_test:cut_val], "train": pairs[cut_val:]}
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    return {split: [make_example(rng, *pools[split][i % len(pools[split])]) for i in range(sizes[split])]
-            for split in ("train", "val", "test")}
+    return {
+        split: [make_example(rng, *pools[split][i % len(pools[split])]) for i in range(sizes[split])]
+        for split in ("train", "val", "test")
+    }
 
 
 def main() -> None:

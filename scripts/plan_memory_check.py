@@ -36,15 +36,37 @@ def one(args) -> dict:
     torch.set_num_threads(1)
     rows = read_rows(str(REPO / "data/demo/train.jsonl"))
     tok = _fallback_tokenizer([m["content"] for r in rows for m in r.messages], "chatml")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-                      max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     out = Path(tempfile.mkdtemp())
-    recipe = load_recipe("gemma3-270m-demo", dict(
-        model_name_or_path=str(out), load_in_8bit=False, dtype="float32", max_steps=3, logging_steps=1,
-        per_device_train_batch_size=args.batch, gradient_checkpointing=args.ckpt, report_to="none",
-        eval_strategy="no", save_steps=1000, lora_dropout=args.dropout, max_length=128))[0]
+    recipe = load_recipe(
+        "gemma3-270m-demo",
+        dict(
+            model_name_or_path=str(out),
+            load_in_8bit=False,
+            dtype="float32",
+            max_steps=3,
+            logging_steps=1,
+            per_device_train_batch_size=args.batch,
+            gradient_checkpointing=args.ckpt,
+            report_to="none",
+            eval_strategy="no",
+            save_steps=1000,
+            lora_dropout=args.dropout,
+            max_length=128,
+        ),
+    )[0]
     enc, _ = encode_rows(tok, rows[: args.batch * 3], recipe.max_length)
     tokens = max(len(e.input_ids) for e in enc)  # the collator pads each batch to its longest row
     model = AutoModelForCausalLM.from_config(cfg)
@@ -72,10 +94,17 @@ def one(args) -> dict:
     est = estimate(recipe, counts, tokens=tokens, overhead_bytes=0)
     predicted = est.lora + args.batch * (est.activations_per_sample + est.logits_per_sample)
     measured = peak[0] - base
-    return {"hidden": args.hidden, "layers": args.layers, "batch": args.batch, "tokens": tokens,
-            "gradient_checkpointing": args.ckpt, "lora_dropout": args.dropout,
-            "estimate_mib": round(predicted / 2**20, 1), "measured_mib": round(measured / 2**20, 1),
-            "error_pct": round(100 * (predicted - measured) / measured, 1) if measured > 0 else None}
+    return {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "batch": args.batch,
+        "tokens": tokens,
+        "gradient_checkpointing": args.ckpt,
+        "lora_dropout": args.dropout,
+        "estimate_mib": round(predicted / 2**20, 1),
+        "measured_mib": round(measured / 2**20, 1),
+        "error_pct": round(100 * (predicted - measured) / measured, 1) if measured > 0 else None,
+    }
 
 
 def main() -> int:
@@ -90,8 +119,20 @@ def main() -> int:
         print(json.dumps(one(args)))
         return 0
     for ckpt in (False, True):
-        cmd = [sys.executable, __file__, "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch",
-               str(args.batch), "--ckpt", str(ckpt), "--dropout", str(args.dropout)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--ckpt",
+            str(ckpt),
+            "--dropout",
+            str(args.dropout),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         print(line[-1] if line else res.stderr[-2000:])

@@ -32,7 +32,8 @@ def _audit(event: str, args) -> None:
     if event == "open":
         path, mode, flags = args
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & WRITE_FLAGS)
+            isinstance(flags, int) and flags & WRITE_FLAGS
+        )
         if writing and _under_watch(path):
             record["writes"].append([event, os.fsdecode(path)])
     elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move"):

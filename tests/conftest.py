@@ -37,12 +37,21 @@ def build_tokenizer(pad_is_eos: bool = False):
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(_corpus(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                  pad_token="<eos>" if pad_is_eos else "<pad>",
-                                  additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<eos>" if pad_is_eos else "<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
     tok.chat_template = (REPO / "adapters" / "templates" / "gemma.jinja").read_text()
     return tok
 
@@ -50,9 +59,19 @@ def build_tokenizer(pad_is_eos: bool = False):
 def tiny_config(arch: str, vocab_size: int, **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.2)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        initializer_range=0.2,
+    )
     common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
@@ -96,11 +115,27 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 def tiny_overrides(model_dir: Path, data: dict[str, Path], out_root: Path, **extra) -> dict:
     """Recipe overrides that make any recipe run in seconds on a tiny model."""
     base = dict(
-        model_name_or_path=str(model_dir), train_file=str(data["train"]), eval_file=str(data["val"]),
-        test_file=str(data["test"]), output_root=str(out_root), load_in_8bit=False, load_in_4bit=False,
-        dtype="float32", max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3, warmup_steps=0,
-        logging_steps=1, eval_strategy="steps", eval_steps=3, save_steps=3, report_to="none",
-        gradient_checkpointing=False, eval_max_new_tokens=8, lora_dropout=0.0, max_length=128,
+        model_name_or_path=str(model_dir),
+        train_file=str(data["train"]),
+        eval_file=str(data["val"]),
+        test_file=str(data["test"]),
+        output_root=str(out_root),
+        load_in_8bit=False,
+        load_in_4bit=False,
+        dtype="float32",
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_steps=3,
+        report_to="none",
+        gradient_checkpointing=False,
+        eval_max_new_tokens=8,
+        lora_dropout=0.0,
+        max_length=128,
     )
     base.update(extra)
     return base

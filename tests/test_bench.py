@@ -17,8 +17,17 @@ from .conftest import tiny_overrides
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    res = bench(model="tiny-llama", scenarios=("ragged",), steps=3, warmup=1, ragged_batch=4, max_len=64, median=24,
-                out=out, log=lambda *_: None)
+    res = bench(
+        model="tiny-llama",
+        scenarios=("ragged",),
+        steps=3,
+        warmup=1,
+        ragged_batch=4,
+        max_len=64,
+        median=24,
+        out=out,
+        log=lambda *_: None,
+    )
     return out, res
 
 
@@ -110,8 +119,9 @@ def test_plan_switches_auto_and_overrides():
 def test_recipe_switch_values_are_checked(tiny_models, tiny_data, tmp_path):
     with pytest.raises(RecipeError, match="padding_free: expected auto, true or false"):
         load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free="maybe"))
-    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path,
-                                                               padding_free="false"))
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free="false")
+    )
     assert recipe.padding_free is False and "padding_free" not in recipe.sft_extra
 
 
@@ -124,16 +134,18 @@ def test_build_trainer_applies_the_switches(setting, ragged, expect, tiny_models
     from adapters.models import load_model, load_tokenizer, resolve_model
     from adapters.train import build_trainer
 
-    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path,
-                                                               padding_free=setting))
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free=setting)
+    )
     ref = resolve_model(recipe.model_name_or_path)
     tok = load_tokenizer(ref, recipe)
     enc, _ = encode_rows(tok, read_rows(recipe.train_file)[:8], recipe.max_length)
     # ragged: rows cut to very different lengths; else: all cut to the shortest row's length (no padding at all)
     short = min(len(e.input_ids) for e in enc)
     cuts = [max(4, len(e.input_ids) // (1 + 3 * (i % 2))) if ragged else short for i, e in enumerate(enc)]
-    ds = Dataset.from_dict({"input_ids": [e.input_ids[:n] for e, n in zip(enc, cuts)],
-                            "labels": [e.labels[:n] for e, n in zip(enc, cuts)]})
+    ds = Dataset.from_dict(
+        {"input_ids": [e.input_ids[:n] for e, n in zip(enc, cuts)], "labels": [e.labels[:n] for e, n in zip(enc, cuts)]}
+    )
     model = attach_lora(load_model(ref, recipe), recipe)
     trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", ds, None)
     assert trainer.args.padding_free is expect and trainer.padding_free is expect

@@ -16,9 +16,21 @@ from .conftest import tiny_overrides
 
 
 def _recipe(tiny_models, tiny_data, tmp_path, name, **kw):
-    return load_recipe("gemma3-270m-demo", tiny_overrides(
-        tiny_models["llama"], tiny_data, tmp_path, run_name=name, eval_base=False, test_file=None,
-        eval_strategy="no", report_to="none", save_total_limit=None, **kw))
+    return load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"],
+            tiny_data,
+            tmp_path,
+            run_name=name,
+            eval_base=False,
+            test_file=None,
+            eval_strategy="no",
+            report_to="none",
+            save_total_limit=None,
+            **kw,
+        ),
+    )
 
 
 class Killed(RuntimeError):
@@ -80,12 +92,16 @@ def test_truncated_checkpoint_falls_back_to_previous(tiny_models, tiny_data, tmp
 def test_zero_lora_b_is_not_complete(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"x.lora_A.weight": torch.ones(2, 2), "x.lora_B.weight": torch.zeros(2, 2)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {"x.lora_A.weight": torch.ones(2, 2), "x.lora_B.weight": torch.zeros(2, 2)},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     with pytest.raises(CheckpointError, match="lora_B is zero"):
         validate_adapter_dir(tmp_path)
-    save_file({"x.lora_A.weight": torch.tensor([[float("nan")]]), "x.lora_B.weight": torch.ones(1, 1)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {"x.lora_A.weight": torch.tensor([[float("nan")]]), "x.lora_B.weight": torch.ones(1, 1)},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     with pytest.raises(CheckpointError, match="NaN"):
         validate_adapter_dir(tmp_path)
 

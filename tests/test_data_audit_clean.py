@@ -21,9 +21,15 @@ def test_audit_numbers_by_hand():
     # stop ids 1 (eos) and 5 (end of turn); row 1 trains "12 5" (closes with end-of-turn), row 2 trains "13 14" (no
     # stop token); rows 3 (200 tokens) and 4 (nothing trained) were dropped by encode_rows.
     enc = [Encoded([2, 10, 11, 12, 5, 1], [X, X, X, 12, 5, X], "f:1"), Encoded([2, 10, 13, 14], [X, X, 13, 14], "f:2")]
-    rep = EncodeReport(rows=4, kept=2, lengths=[6, 4, 200, 9], dropped=[
-        {"where": "f:3", "tokens": 200, "reason": "longer than max_length=128; the answer would be cut"},
-        {"where": "f:4", "tokens": 9, "reason": "no trained token"}])
+    rep = EncodeReport(
+        rows=4,
+        kept=2,
+        lengths=[6, 4, 200, 9],
+        dropped=[
+            {"where": "f:3", "tokens": 200, "reason": "longer than max_length=128; the answer would be cut"},
+            {"where": "f:4", "tokens": 9, "reason": "no trained token"},
+        ],
+    )
     a = audit(enc, rep, 128, [1, 5])
     assert (a["kept"], a["tokens"], a["trained_tokens"], a["trained_share"]) == (2, 10, 4, 0.4)
     assert (a["dropped"], a["dropped_share"]) == (2, 0.5)
@@ -43,8 +49,15 @@ def test_demo_audit_has_no_problems(tmp_path):
 
 
 def test_demo_recipe_audit_on_demo_slice_has_no_problems(tmp_path, tiny_data):
-    _demo_audit(tmp_path, {k + "_file": str(v) for k, v in (("train", tiny_data["train"]), ("eval", tiny_data["val"]),
-                                                            ("test", tiny_data["test"]))}, 32, 8)
+    _demo_audit(
+        tmp_path,
+        {
+            k + "_file": str(v)
+            for k, v in (("train", tiny_data["train"]), ("eval", tiny_data["val"]), ("test", tiny_data["test"]))
+        },
+        32,
+        8,
+    )
 
 
 def _demo_audit(tmp_path, over, n_train, n_eval):
@@ -64,13 +77,22 @@ def _row(i, q, a):
 
 
 def test_clean_steps_with_counts():
-    rows = [_row(1, "Who?", "Ada"), _row(2, "Who?", "Ada"), _row(3, "  who? ", "ADA"), _row(4, "Why?", "..."),
-            _row(5, "When?", "1815"), _row(6, "x" * 50, "long prompt")]
+    rows = [
+        _row(1, "Who?", "Ada"),
+        _row(2, "Who?", "Ada"),
+        _row(3, "  who? ", "ADA"),
+        _row(4, "Why?", "..."),
+        _row(5, "When?", "1815"),
+        _row(6, "x" * 50, "long prompt"),
+    ]
     kept, steps = clean_rows(rows, max_prompt_chars=20)
     assert [r.line for r in kept] == [1, 5]
     assert [(s["step"], s["removed"], s["examples"]) for s in steps] == [
-        ("exact_duplicates", 1, ["f:2"]), ("near_duplicates", 1, ["f:3"]), ("empty_answers", 1, ["f:4"]),
-        ("length_filter", 1, ["f:6"])]
+        ("exact_duplicates", 1, ["f:2"]),
+        ("near_duplicates", 1, ["f:3"]),
+        ("empty_answers", 1, ["f:4"]),
+        ("length_filter", 1, ["f:6"]),
+    ]
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -101,19 +123,30 @@ def test_val_split_by_fraction_and_overlap_with_test_removed(tmp_path):
     leak = next(s for s in rep["cleaning"] if s["step"] == "overlap_with_eval_or_test")
     # train row 4 is in train or validation; either way it cannot stay in train
     assert {e.where for e in enc}.isdisjoint({f"{train}:4"}) and {e.where for e in enc}.isdisjoint(
-        {e.where for e in ev})
+        {e.where for e in ev}
+    )
     assert leak["removed"] in (0, 1) and len(enc) + len(ev) == 40 - leak["removed"]
     with pytest.raises(Exception, match="val_split"):
-        prepare_data(_recipe(tmp_path, train_file=train, eval_file=test, val_split=0.25), build_tokenizer(),
-                     None, say=lambda s: None)
+        prepare_data(
+            _recipe(tmp_path, train_file=train, eval_file=test, val_split=0.25),
+            build_tokenizer(),
+            None,
+            say=lambda s: None,
+        )
 
 
 def test_mixing_weights_and_augmentation_recorded(tmp_path):
     a = _jsonl(tmp_path / "a.jsonl", [(f"Alpha question {i}?", f"Alpha {i}") for i in range(10)])
     b = _jsonl(tmp_path / "b.jsonl", [(f"Beta question {i}?", f"Beta {i}") for i in range(10)])
     g = _jsonl(tmp_path / "g.jsonl", [(f"General fact {i}?", f"Fact {i}") for i in range(50)])
-    r = _recipe(tmp_path, train_file=a, data_mix={b: 0.5, a: 2.0}, augment_prompt_templates=["{prompt}",
-                "Q: {prompt}"], general_data_file=g, general_data_share=0.2)
+    r = _recipe(
+        tmp_path,
+        train_file=a,
+        data_mix={b: 0.5, a: 2.0},
+        augment_prompt_templates=["{prompt}", "Q: {prompt}"],
+        general_data_file=g,
+        general_data_share=0.2,
+    )
     enc, _, _, rep = prepare_data(r, build_tokenizer(), tmp_path / "run", say=lambda s: None)
     src = {s["file"]: s for s in rep["sources"]}
     assert (src[a]["rows"], src[a]["rows_used"]) == (10, 20) and (src[b]["rows"], src[b]["rows_used"]) == (10, 5)
@@ -132,13 +165,40 @@ def test_data_audit_cli_uses_recipe_tokenizer(tmp_path, tiny_models, tiny_data, 
     from adapters.cli import main
 
     out = tmp_path / "audit"
-    rc = main(["data", "audit", "gemma3-270m-demo", "--out", str(out), "--model_name_or_path",
-               str(tiny_models["gemma3"]), "--train_file", str(tiny_data["train"]), "--eval_file",
-               str(tiny_data["val"]), "--test_file", str(tiny_data["test"])])
+    rc = main(
+        [
+            "data",
+            "audit",
+            "gemma3-270m-demo",
+            "--out",
+            str(out),
+            "--model_name_or_path",
+            str(tiny_models["gemma3"]),
+            "--train_file",
+            str(tiny_data["train"]),
+            "--eval_file",
+            str(tiny_data["val"]),
+            "--test_file",
+            str(tiny_data["test"]),
+        ]
+    )
     assert rc == 0 and json.loads((out / "data_audit.json").read_text())["train"]["kept"] == 32
     assert "[audit] no problems" in capsys.readouterr().out
-    rc = main(["data", "audit", "gemma3-270m-demo", "--out", str(out), "--model_name_or_path",
-               str(tiny_models["gemma3"]), "--train_file", str(tiny_data["train"]), "--max_length", "30"])
+    rc = main(
+        [
+            "data",
+            "audit",
+            "gemma3-270m-demo",
+            "--out",
+            str(out),
+            "--model_name_or_path",
+            str(tiny_models["gemma3"]),
+            "--train_file",
+            str(tiny_data["train"]),
+            "--max_length",
+            "30",
+        ]
+    )
     assert rc == 2 and "data audit failed" in capsys.readouterr().err
 
 
@@ -148,8 +208,13 @@ def test_template_from_jinja_file_hashed_and_unstoppable_template_refused(tmp_pa
     from adapters.audit import AuditError
     from adapters.models import TEMPLATE_DIR, load_tokenizer, resolve_model
 
-    over = {"output_root": str(tmp_path), "model_name_or_path": str(tiny_models["gemma3"]),
-            "train_file": str(tiny_data["train"]), "eval_file": None, "test_file": None}
+    over = {
+        "output_root": str(tmp_path),
+        "model_name_or_path": str(tiny_models["gemma3"]),
+        "train_file": str(tiny_data["train"]),
+        "eval_file": None,
+        "test_file": None,
+    }
     gemma = TEMPLATE_DIR / "gemma.jinja"
     r = load_recipe("gemma3-270m-demo", {**over, "chat_template": str(gemma)})[0]
     tok = load_tokenizer(resolve_model(r.model_name_or_path), r)

@@ -8,8 +8,10 @@ from adapters.data import IGNORE_INDEX, DataError, encode_messages, encode_rows,
 
 from .conftest import build_tokenizer
 
-CONV = [{"role": "user", "content": "Catalogue line for: name=Ada Lovelace; born=1815; city=London"},
-        {"role": "assistant", "content": "Lovelace, Ada (London, 1815)"}]
+CONV = [
+    {"role": "user", "content": "Catalogue line for: name=Ada Lovelace; born=1815; city=London"},
+    {"role": "assistant", "content": "Lovelace, Ada (London, 1815)"},
+]
 
 
 def test_malformed_json_has_file_line_col(tmp_path):
@@ -26,14 +28,23 @@ def test_non_utf8_has_byte_offset(tmp_path):
         read_rows(f)
 
 
-@pytest.mark.parametrize("row,field", [
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}', r"messages\[1\].role"),
-    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}', r"messages\[0\].content"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "alternate"),
-    ('{"messages": [{"role": "user", "content": "a"}]}', "no assistant turn"),
-    ('{"prompt": "a"}', "completion: missing"),
-    ('{"text": "a"}', "messages: missing"),
-])
+@pytest.mark.parametrize(
+    "row,field",
+    [
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}',
+            r"messages\[1\].role",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
+            r"messages\[0\].content",
+        ),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "alternate"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "no assistant turn"),
+        ('{"prompt": "a"}', "completion: missing"),
+        ('{"text": "a"}', "messages: missing"),
+    ],
+)
 def test_bad_rows_name_file_line_field(tmp_path, row, field):
     f = tmp_path / "d.jsonl"
     f.write_text('{"prompt": "ok", "completion": "ok"}\n' + row + "\n")
@@ -63,7 +74,10 @@ def test_labels_cover_answer_and_end_of_turn_only(pad_is_eos):
 
 def test_multi_turn_trains_every_assistant_turn():
     tok = build_tokenizer()
-    conv = CONV + [{"role": "user", "content": "And for Alan Turing?"}, {"role": "assistant", "content": "Turing, Alan"}]
+    conv = CONV + [
+        {"role": "user", "content": "And for Alan Turing?"},
+        {"role": "assistant", "content": "Turing, Alan"},
+    ]
     ids, labels = encode_messages(tok, conv)
     text = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert "Lovelace, Ada" in text and "Turing, Alan" in text and "And for" not in text

@@ -11,9 +11,11 @@ from adapters.datasets_io import check, fingerprint
 
 from .conftest import build_tokenizer
 
-PAIRS = [("Catalogue line for: name=Ada Lovelace; born=1815", "Lovelace, Ada (1815)"),
-         ("Catalogue line for: name=Alan Turing; born=1912", "Turing, Alan (1912)"),
-         ("Catalogue line for: name=Grace Hopper; born=1906", "Hopper, Grace (1906)")]
+PAIRS = [
+    ("Catalogue line for: name=Ada Lovelace; born=1815", "Lovelace, Ada (1815)"),
+    ("Catalogue line for: name=Alan Turing; born=1912", "Turing, Alan (1912)"),
+    ("Catalogue line for: name=Grace Hopper; born=1906", "Hopper, Grace (1906)"),
+]
 CONVS = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in PAIRS]
 
 
@@ -29,8 +31,10 @@ def _records(fmt: str) -> list[dict]:
 
 def _expected(fmt: str) -> list[list[dict]]:
     if fmt == "alpaca":
-        return [[{"role": "user", "content": p.replace(": ", "\n\n", 1)}, {"role": "assistant", "content": c}]
-                for p, c in PAIRS]
+        return [
+            [{"role": "user", "content": p.replace(": ", "\n\n", 1)}, {"role": "assistant", "content": c}]
+            for p, c in PAIRS
+        ]
     return CONVS
 
 
@@ -43,8 +47,9 @@ def _write(kind: str, path, records: list[dict]):
         path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
     else:
         # nested turns are stored as JSON text in CSV; Parquet/Arrow keep them as lists
-        flat = [{k: json.dumps(v) if isinstance(v, list) and kind == "csv" else v for k, v in r.items()}
-                for r in records]
+        flat = [
+            {k: json.dumps(v) if isinstance(v, list) and kind == "csv" else v for k, v in r.items()} for r in records
+        ]
         ds = datasets.Dataset.from_list(flat)
         if kind == "csv":
             ds.to_csv(str(path), index=False)
@@ -72,8 +77,14 @@ def test_directory_of_mixed_files(tmp_path):
     _write("jsonl", d / "a.jsonl", _records("chat"))
     _write("csv", d / "b.csv", _records("prompt_completion"))
     rows = read_rows(d)
-    assert [r.where for r in rows] == [f"{d}/a.jsonl:1", f"{d}/a.jsonl:2", f"{d}/a.jsonl:3",
-                                       f"{d}/b.csv:2", f"{d}/b.csv:3", f"{d}/b.csv:4"]
+    assert [r.where for r in rows] == [
+        f"{d}/a.jsonl:1",
+        f"{d}/a.jsonl:2",
+        f"{d}/a.jsonl:3",
+        f"{d}/b.csv:2",
+        f"{d}/b.csv:3",
+        f"{d}/b.csv:4",
+    ]
     assert len(fingerprint(d)) == 64 and fingerprint(d) != fingerprint(d / "a.jsonl")
 
 
@@ -84,8 +95,10 @@ def test_column_mapping_and_errors_name_the_users_column(tmp_path):
     res = check([f], columns=cols)
     assert [str(p) for p in res.problems] == [f"{f}:2: answer: missing or empty"]
     f.write_text(json.dumps({"question": "q1", "answer": "a1"}) + "\n")
-    assert read_rows(f, columns=cols)[0].messages == [{"role": "user", "content": "q1"},
-                                                      {"role": "assistant", "content": "a1"}]
+    assert read_rows(f, columns=cols)[0].messages == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+    ]
 
 
 def test_plain_text_only_when_asked_and_trains_every_token(tmp_path):

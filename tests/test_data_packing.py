@@ -40,16 +40,16 @@ def test_sample_loss_same_packed_and_alone(tiny_data, attn):
     ids, labels = packed[0]["input_ids"], batch["labels"][0]
     start, moved = 0, False
     for n in packed[0]["seq_lengths"]:
-        alone_ids = torch.tensor(ids[start:start + n])[None]
+        alone_ids = torch.tensor(ids[start : start + n])[None]
         with torch.no_grad():
             alone = model(input_ids=alone_ids).logits[0]
-        seg_labels = labels[start:start + n]
+        seg_labels = labels[start : start + n]
         assert (seg_labels != IGNORE_INDEX).any()
         a = _per_token_nll(alone, seg_labels)
-        p = _per_token_nll(logits[start:start + n], seg_labels)
+        p = _per_token_nll(logits[start : start + n], seg_labels)
         torch.testing.assert_close(p, a, atol=1e-5, rtol=1e-5)
         assert torch.isclose(p.sum() / (seg_labels[1:] != -100).sum(), a.sum() / (seg_labels[1:] != -100).sum())
-        moved |= not torch.allclose(_per_token_nll(leaky[start:start + n], seg_labels), a, atol=1e-4)
+        moved |= not torch.allclose(_per_token_nll(leaky[start : start + n], seg_labels), a, atol=1e-4)
         start += n
     assert moved, "the control without position ids should differ for a later sample"
 
@@ -67,8 +67,18 @@ def test_chat_run_trains_assistant_tokens_only_packed(tiny_models, tiny_data, tm
         return trainer, guard
 
     monkeypatch.setattr(tr, "build_trainer", spy)
-    over = tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, run_name="chat", max_steps=2, eval_base=False,
-                          eval_strategy="no", save_steps=50, packing=True, attn_implementation="sdpa")
+    over = tiny_overrides(
+        tiny_models["llama"],
+        tiny_data,
+        tmp_path,
+        run_name="chat",
+        max_steps=2,
+        eval_base=False,
+        eval_strategy="no",
+        save_steps=50,
+        packing=True,
+        attn_implementation="sdpa",
+    )
     over["test_file"] = None
     recipe, path = load_recipe("gemma3-270m-demo", over)
     run = tr.train(recipe, path)
@@ -79,7 +89,7 @@ def test_chat_run_trains_assistant_tokens_only_packed(tiny_models, tiny_data, tm
     for ex in ds:
         start = 0
         for n in ex["seq_lengths"]:
-            ids, labels = ex["input_ids"][start:start + n], ex["labels"][start:start + n]
+            ids, labels = ex["input_ids"][start : start + n], ex["labels"][start : start + n]
             trained = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
             assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ids, labels))
             text = tok.decode(trained)

@@ -16,8 +16,10 @@ from adapters.prepare import packing_guard, prepare_data
 
 from .conftest import DEMO, build_tokenizer, tiny_overrides
 
-CONV = [{"role": "user", "content": "Catalogue line for: name=Ada Lovelace; born=1815; city=London"},
-        {"role": "assistant", "content": "Lovelace, Ada (London, 1815)"}]
+CONV = [
+    {"role": "user", "content": "Catalogue line for: name=Ada Lovelace; born=1815; city=London"},
+    {"role": "assistant", "content": "Lovelace, Ada (London, 1815)"},
+]
 GOOD = json.dumps({"messages": CONV})
 
 
@@ -49,8 +51,12 @@ def test_row1_pad_eq_eos_keeps_eos_trained():
 def test_row2_truncated_answer_rows_dropped_listed_and_run_stops(tmp_path):
     tok = build_tokenizer()
     long = json.dumps({"prompt": "word " * 150, "completion": "answer"})
-    f = _write(tmp_path / "d.jsonl", [GOOD] * 1 + [long] + [json.dumps({"messages": CONV[:1] + [
-        {"role": "assistant", "content": f"Lovelace {i}"}]}) for i in range(8)])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [GOOD] * 1
+        + [long]
+        + [json.dumps({"messages": CONV[:1] + [{"role": "assistant", "content": f"Lovelace {i}"}]}) for i in range(8)],
+    )
     recipe = _recipe(tmp_path, f, max_length=128)
     enc, _, _, rep = prepare_data(recipe, tok, tmp_path / "run", say=lambda s: None)
     audit = json.loads((tmp_path / "run" / "data_audit.json").read_text())
@@ -67,8 +73,11 @@ def test_row2_truncated_answer_rows_dropped_listed_and_run_stops(tmp_path):
 # 3 ---------------------------------------------------------------------------------------------- assistant-only
 def test_row3_chat_default_trains_assistant_tokens_only(tmp_path):
     tok = build_tokenizer()
-    conv = [{"role": "system", "content": "Be terse."}] + CONV + [
-        {"role": "user", "content": "And Alan Turing?"}, {"role": "assistant", "content": "Turing, Alan"}]
+    conv = (
+        [{"role": "system", "content": "Be terse."}]
+        + CONV
+        + [{"role": "user", "content": "And Alan Turing?"}, {"role": "assistant", "content": "Turing, Alan"}]
+    )
     ids, labels = encode_messages(tok, conv)
     spans, cur = [], []
     for t, lab in zip(ids, labels):
@@ -86,8 +95,10 @@ def test_row3_chat_default_trains_assistant_tokens_only(tmp_path):
 def test_row3_template_that_cannot_mask_is_an_error():
     tok = build_tokenizer()
     # a template that renders the generation prompt differently from the full conversation
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}ASSISTANT>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT>{% endif %}"
+    )
     with pytest.raises(DataError, match=r"x.jsonl:3: messages\[1\]: .*loss mask cannot be built"):
         encode_messages(tok, CONV, "x.jsonl:3")
 
@@ -98,7 +109,8 @@ def test_row4_malformed_json_every_line_reported_and_quarantined(tmp_path):
     res = check([f])
     assert [str(p) for p in res.problems] == [
         f"{f}:2:15: invalid JSON: Expecting value",
-        f"{f}:4:16: invalid JSON: Expecting ',' delimiter"]
+        f"{f}:4:16: invalid JSON: Expecting ',' delimiter",
+    ]
     q = tmp_path / "q.jsonl"
     res = check([f], quarantine=q)
     assert res.bad_rows == 2 and res.valid == 2
@@ -107,8 +119,10 @@ def test_row4_malformed_json_every_line_reported_and_quarantined(tmp_path):
 
 
 def test_row4_train_quarantines_with_skip_invalid(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [GOOD, "{oops"] + [json.dumps({"prompt": f"p{i}", "completion": f"c{i}"})
-                                                        for i in range(5)])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [GOOD, "{oops"] + [json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(5)],
+    )
     tok = build_tokenizer()
     with pytest.raises(DataError, match=r"(?s)1 problem\(s\) in 1 row\(s\).*d.jsonl:2:2: invalid JSON"):
         prepare_data(_recipe(tmp_path, f), tok, tmp_path / "run", say=lambda s: None)
@@ -122,27 +136,34 @@ def test_row4_train_quarantines_with_skip_invalid(tmp_path):
 # 5 ---------------------------------------------------------------------------------------------- non-UTF-8
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_row5_non_utf8_reports_line_and_byte_offset(tmp_path, suffix):
-    head = {".jsonl": b'{"prompt": "a", "completion": "b"}\n', ".json": b'[{"prompt": "a", "completion": "b"},\n',
-            ".csv": b"prompt,completion\n"}[suffix]
+    head = {
+        ".jsonl": b'{"prompt": "a", "completion": "b"}\n',
+        ".json": b'[{"prompt": "a", "completion": "b"},\n',
+        ".csv": b"prompt,completion\n",
+    }[suffix]
     bad = b'{"prompt": "caf\xe9", "completion": "b"}\n' if suffix != ".csv" else b"caf\xe9,b\n"
     f = tmp_path / f"d{suffix}"
     f.write_bytes(head + bad + (b"]\n" if suffix == ".json" else b""))
     col = bad.index(b"\xe9")
     res = check([f])
     assert [str(p) for p in res.problems] == [
-        f"{f}:2: invalid UTF-8 at byte offset {len(head) + col} (byte 0xe9 at column {col + 1})"]
+        f"{f}:2: invalid UTF-8 at byte offset {len(head) + col} (byte 0xe9 at column {col + 1})"
+    ]
 
 
 # 6 ---------------------------------------------------------------------------------------------- fields / roles
 def test_row6_every_field_problem_named(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [
-        GOOD,
-        '{"messages": [{"role": "user", "content": ""}, {"role": "wizard", "content": "x"}]}',
-        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
-        '{"messages": [{"role": "user", "content": "a"}]}',
-        '{"prompt": "a"}',
-        '{"messages": [{"content": "a"}, {"role": "assistant"}]}',
-    ])
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            GOOD,
+            '{"messages": [{"role": "user", "content": ""}, {"role": "wizard", "content": "x"}]}',
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+            '{"messages": [{"role": "user", "content": "a"}]}',
+            '{"prompt": "a"}',
+            '{"messages": [{"content": "a"}, {"role": "assistant"}]}',
+        ],
+    )
     res = check([f])
     assert [str(p) for p in res.problems] == [
         f"{f}:2: messages[0].content: missing or empty",
@@ -157,8 +178,9 @@ def test_row6_every_field_problem_named(tmp_path):
 
 
 def test_row6_aliases_normalised_with_warning(tmp_path, caplog):
-    f = _write(tmp_path / "d.jsonl", ['{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", '
-                                      '"value": "b"}]}'])
+    f = _write(
+        tmp_path / "d.jsonl", ['{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}']
+    )
     with caplog.at_level(logging.WARNING, logger="adapters.data"):
         rows = read_rows(f)
     assert rows[0].messages == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
@@ -170,8 +192,10 @@ def test_check_cli_clean_file_passes_and_planted_faults_fail(tmp_path, capsys):
     f = _write(tmp_path / "d.jsonl", [GOOD, "{", '{"prompt": "", "completion": "x"}'])
     assert main(["data", "check", str(f)]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"{f}:2:2: invalid JSON: Expecting property name enclosed in double quotes",
-                   f"{f}:3: prompt: missing or empty"]
+    assert out == [
+        f"{f}:2:2: invalid JSON: Expecting property name enclosed in double quotes",
+        f"{f}:3: prompt: missing or empty",
+    ]
     q = tmp_path / "q.jsonl"
     assert main(["data", "check", str(f), "--skip-invalid", "--quarantine", str(q)]) == 0
     assert len(q.read_text().splitlines()) == 2

@@ -28,14 +28,45 @@ def _cli_args(overrides: dict) -> list[str]:
 def ddp_run(tiny_models, tiny_data, tmp_path_factory):
     """One 2-process DDP run of a tiny Llama through `accelerate launch --multi_gpu --num_processes 2`."""
     root = tmp_path_factory.mktemp("ddp")
-    ov = tiny_overrides(tiny_models["llama"], tiny_data, root / "out", max_steps=4, per_device_train_batch_size=4,
-                        lora_dropout=0.0, quant_probe=False, eval_base=False, eval_steps=2, save_steps=2,
-                        run_name="ddp")
-    env = dict(os.environ, PYTHONPATH=str(REPO), ADAPTERS_TRACE_DIR=str(root / "trace"),
-               ADAPTERS_TRACE_WATCH=str(root / "out"), OMP_NUM_THREADS="1")
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           str(REPO / "tests" / "_dist_entry.py"), "train", "gemma3-270m-demo", *_cli_args(ov)]
+    ov = tiny_overrides(
+        tiny_models["llama"],
+        tiny_data,
+        root / "out",
+        max_steps=4,
+        per_device_train_batch_size=4,
+        lora_dropout=0.0,
+        quant_probe=False,
+        eval_base=False,
+        eval_steps=2,
+        save_steps=2,
+        run_name="ddp",
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        ADAPTERS_TRACE_DIR=str(root / "trace"),
+        ADAPTERS_TRACE_WATCH=str(root / "out"),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        str(REPO / "tests" / "_dist_entry.py"),
+        "train",
+        "gemma3-270m-demo",
+        *_cli_args(ov),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     traces = {r: json.loads((root / "trace" / f"rank{r}.json").read_text()) for r in (0, 1)}
@@ -75,8 +106,9 @@ def test_ddp_loss_matches_one_process(ddp_run, tiny_models, tiny_data):
     """Same effective batch (2 x 4 vs 1 x 8), same seed: the same samples per step, the same losses."""
     from adapters.train import train
 
-    ov = dict(ddp_run["overrides"], per_device_train_batch_size=8, run_name="one",
-              output_root=str(ddp_run["root"] / "one"))
+    ov = dict(
+        ddp_run["overrides"], per_device_train_batch_size=8, run_name="one", output_root=str(ddp_run["root"] / "one")
+    )
     recipe, path = load_recipe("gemma3-270m-demo", ov)
     run = train(recipe, path)
     one = json.loads((run / "manifest.json").read_text())
@@ -97,8 +129,15 @@ def test_shipped_accelerate_config_validates(path):
 
     cfg = load_config_from_file(str(path))  # accelerate's own ClusterConfig: unknown keys or bad types raise
     raw = yaml.safe_load(path.read_text())
-    for key in ("compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank",
-                "mixed_precision", "use_cpu"):
+    for key in (
+        "compute_environment",
+        "distributed_type",
+        "num_processes",
+        "num_machines",
+        "machine_rank",
+        "mixed_precision",
+        "use_cpu",
+    ):
         assert key in raw, f"{path.name}: missing {key}"
     assert path.read_text().startswith("#"), f"{path.name}: starts with a comment saying how to run it"
     dist = str(cfg.distributed_type.value if hasattr(cfg.distributed_type, "value") else cfg.distributed_type)
@@ -190,8 +229,12 @@ def test_preflight_accepts_good_combinations():
 def test_preflight_reads_the_launcher_environment():
     from adapters.preflight import launch_from_env
 
-    env = {"WORLD_SIZE": "4", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false"}
+    env = {
+        "WORLD_SIZE": "4",
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
+    }
     launch = launch_from_env(env)
     assert launch.zero3 and launch.num_processes == 4
     msg = _problems(_recipe(load_in_4bit=False), launch)

@@ -115,21 +115,41 @@ def test_probe_file_replaces_default_and_bad_files_error(tmp_path):
 def test_sweep_space_parsing():
     from adapters.sweep import search_space
 
-    recipe, _ = load_recipe("gemma3-270m-demo", {"max_steps": -1, "sweep": {
-        "learning_rate": [1e-4, 1e-3], "r": [8, 16], "lora_dropout": None, "lora_alpha": {"choices": [16, 32]},
-        "weight_decay": 0.01, "pruner_startup_trials": 1}})
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo",
+        {
+            "max_steps": -1,
+            "sweep": {
+                "learning_rate": [1e-4, 1e-3],
+                "r": [8, 16],
+                "lora_dropout": None,
+                "lora_alpha": {"choices": [16, 32]},
+                "weight_decay": 0.01,
+                "pruner_startup_trials": 1,
+            },
+        },
+    )
     space, pruner = search_space(recipe)
-    assert space["learning_rate"] == {"kind": "range", "low": 1e-4, "high": 1e-3, "log": True, "step": None,
-                                      "int": False}
+    assert space["learning_rate"] == {
+        "kind": "range",
+        "low": 1e-4,
+        "high": 1e-3,
+        "log": True,
+        "step": None,
+        "int": False,
+    }
     assert space["r"]["kind"] == "range" and space["r"]["int"]  # two integers: an integer range
     assert space["lora_alpha"] == {"kind": "choice", "choices": [16, 32]}
     assert "lora_dropout" not in space and space["weight_decay"] == {"kind": "fixed", "value": 0.01}
     assert space["num_train_epochs"]["int"] and pruner == {"pruner_startup_trials": 1, "pruner_warmup_steps": 0}
     recipe.max_steps = 10
     assert "num_train_epochs" not in search_space(recipe)[0]  # max_steps wins over epochs
-    for bad, msg in (({"nonsense": [1, 2]}, "sweep.nonsense: not a recipe key"),
-                     ({"learning_rate": [0, 1e-3]}, "log-scale range needs low > 0"),
-                     ({"r": [16, 8]}, "low <= high"), ({"r": {"x": 1}}, "needs low and high")):
+    for bad, msg in (
+        ({"nonsense": [1, 2]}, "sweep.nonsense: not a recipe key"),
+        ({"learning_rate": [0, 1e-3]}, "log-scale range needs low > 0"),
+        ({"r": [16, 8]}, "low <= high"),
+        ({"r": {"x": 1}}, "needs low and high"),
+    ):
         with pytest.raises(RecipeError, match=msg):
             search_space(Recipe(sweep=bad), "my.yaml")
 
@@ -146,8 +166,16 @@ def test_early_stopping_config_errors():
     with pytest.raises(RecipeError, match="needs a validation split"):
         config_fields(r, has_eval=False)
     with pytest.raises(RecipeError, match="requires load_best_model_at_end"):
-        config_fields(Recipe(early_stopping_patience=1, eval_strategy="steps", eval_steps=3, save_steps=6,
-                             sft_extra={"load_best_model_at_end": False}), True)
+        config_fields(
+            Recipe(
+                early_stopping_patience=1,
+                eval_strategy="steps",
+                eval_steps=3,
+                save_steps=6,
+                sft_extra={"load_best_model_at_end": False},
+            ),
+            True,
+        )
 
 
 def test_report_md_from_evaluation(tmp_path):
@@ -155,10 +183,15 @@ def test_report_md_from_evaluation(tmp_path):
 
     base = {**M.task_scores(["a", "b"], ["a", "a"], ["a", "b"]), "samples": []}
     tuned = {**M.task_scores(["a", "a"], ["a", "a"], ["a", "b"]), "samples": []}
-    ev = {"base": base, "tuned": tuned, "max_new_tokens": 8,
-          "forgetting": {"probe": "p", "tokens": 10, "ppl_base": 5.0, "ppl_tuned": 5.1, "rise": 0.02},
-          "flags": [], "plots": {"task metrics": "task_metrics.png"},
-          "sample_rows": [{"prompt": "x|y", "expected": "a", "base": "b", "tuned": "a"}]}
+    ev = {
+        "base": base,
+        "tuned": tuned,
+        "max_new_tokens": 8,
+        "forgetting": {"probe": "p", "tokens": 10, "ppl_base": 5.0, "ppl_tuned": 5.1, "rise": 0.02},
+        "flags": [],
+        "plots": {"task metrics": "task_metrics.png"},
+        "sample_rows": [{"prompt": "x|y", "expected": "a", "base": "b", "tuned": "a"}],
+    }
     assert plot_task_metrics(ev, tmp_path / "task_metrics.png").stat().st_size > 0
     assert plot_confusion(tuned, tmp_path / "c.png", "t").stat().st_size > 0
     text = write_report(ev, tmp_path, "run").read_text()

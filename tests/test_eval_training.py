@@ -35,8 +35,12 @@ WORDS = "Riga Ghent Bilbao Selma Isak Kira Olsen Conti 1956 2008 1969 city perso
 @pytest.fixture(scope="module")
 def finished_run(tiny_models, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
-        tiny_models["llama"], tiny_data, root, run_name="r", forgetting_probe_tokens=256, eval_samples=3))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"], tiny_data, root, run_name="r", forgetting_probe_tokens=256, eval_samples=3
+        ),
+    )
     return train(recipe, path)
 
 
@@ -52,8 +56,15 @@ def test_train_ends_with_eval_report(finished_run):
     for png in ("task_metrics.png", "curves.png"):
         assert (run / png).stat().st_size > 0
     text = (run / "report.md").read_text()
-    for part in ("## Task metrics", "| exact_match |", "## Forgetting probe", "## Flags", "## Sample outputs",
-                 "| prompt | expected | base | tuned |", "![train and validation loss](curves.png)"):
+    for part in (
+        "## Task metrics",
+        "| exact_match |",
+        "## Forgetting probe",
+        "## Flags",
+        "## Sample outputs",
+        "| prompt | expected | base | tuned |",
+        "![train and validation loss](curves.png)",
+    ):
         assert part in text, part
     assert len(ev["sample_rows"]) == 3
     # during training: eval loss, perplexity and token accuracy every eval_steps
@@ -90,20 +101,35 @@ def test_generate_prompt_interactive_and_merged_missing(finished_run, capsys):
     out = io.StringIO()
     one = run_generate(finished_run, prompt="Catalogue line for this record: city: Riga", max_new_tokens=6, stdout=out)
     assert len(one) == 1 and out.getvalue() == one[0] + "\n"
-    two = run_generate(finished_run, max_new_tokens=6, stdin=io.StringIO("first prompt\nsecond prompt\n\nignored\n"),
-                       stdout=io.StringIO())
+    two = run_generate(
+        finished_run,
+        max_new_tokens=6,
+        stdin=io.StringIO("first prompt\nsecond prompt\n\nignored\n"),
+        stdout=io.StringIO(),
+    )
     assert len(two) == 2
-    base = run_generate(finished_run, prompt="Catalogue line for this record: city: Riga", which="base",
-                        max_new_tokens=6, stdout=io.StringIO())
+    base = run_generate(
+        finished_run,
+        prompt="Catalogue line for this record: city: Riga",
+        which="base",
+        max_new_tokens=6,
+        stdout=io.StringIO(),
+    )
     assert isinstance(base[0], str)
     assert main(["generate", str(finished_run), "--merged", "--prompt", "x"]) == 2
     assert "no merged model" in capsys.readouterr().err
 
 
 def _random_rows(rng: random.Random, n: int) -> str:
-    rows = [{"messages": [{"role": "user", "content": "Catalogue line for: " + " ".join(rng.sample(WORDS, 4))},
-                          {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(6))}]}
-            for _ in range(n)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Catalogue line for: " + " ".join(rng.sample(WORDS, 4))},
+                {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(6))},
+            ]
+        }
+        for _ in range(n)
+    ]
     return "\n".join(json.dumps(r) for r in rows) + "\n"
 
 
@@ -118,10 +144,23 @@ def test_early_stopping_stops_overfitting_run_and_restores_best(tiny_models, tmp
         data[split] = tmp_path / f"{split}.jsonl"
         data[split].write_text(_random_rows(rng, n))
     max_steps = 40
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
-        tiny_models["llama"], data, tmp_path, run_name="es", max_steps=max_steps, learning_rate=5e-2,
-        lr_scheduler_type="constant", eval_steps=1, save_steps=1, save_total_limit=1, early_stopping_patience=2,
-        eval_after_train=False))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"],
+            data,
+            tmp_path,
+            run_name="es",
+            max_steps=max_steps,
+            learning_rate=5e-2,
+            lr_scheduler_type="constant",
+            eval_steps=1,
+            save_steps=1,
+            save_total_limit=1,
+            early_stopping_patience=2,
+            eval_after_train=False,
+        ),
+    )
     run = train(recipe, path)
     m = json.loads((run / "manifest.json").read_text())
     evals = [(h["step"], h["eval_loss"]) for h in m["log_history"] if "eval_loss" in h]
@@ -130,8 +169,10 @@ def test_early_stopping_stops_overfitting_run_and_restores_best(tiny_models, tmp
     assert evals[-1][0] - best_step == 2, evals  # patience 2: two evaluations without improvement
     best = run / "checkpoints" / f"checkpoint-{best_step}"
     assert (best / "COMPLETE.json").is_file()
-    saved, best_w = load_file(str(run / "adapter" / "adapter_model.safetensors")), load_file(
-        str(best / "adapter_model.safetensors"))
+    saved, best_w = (
+        load_file(str(run / "adapter" / "adapter_model.safetensors")),
+        load_file(str(best / "adapter_model.safetensors")),
+    )
     assert saved.keys() == best_w.keys()
     for k in saved:
         assert torch.equal(saved[k], best_w[k]), k
@@ -173,13 +214,35 @@ def test_forgetting_probe_rises_after_hard_training_on_unrelated_data(tiny_model
     from adapters.train import build_trainer
 
     unrelated = tmp_path / "digits.jsonl"
-    unrelated.write_text("\n".join(json.dumps({"messages": [  # one answer, repeated: nothing like prose
-        {"role": "user", "content": f"{i}"}, {"role": "assistant", "content": "2008 " * 20}]})
-        for i in range(16)) + "\n")
-    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(
-        _pretrain_on_probe(tiny_models["qwen2"], tmp_path / "knows-prose"), {**tiny_data, "train": unrelated}, tmp_path,
-        max_steps=8, learning_rate=5e-2, max_grad_norm=10.0,
-        lr_scheduler_type="constant", eval_strategy="no", save_steps=1000, forgetting_probe_tokens=512))
+    unrelated.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [  # one answer, repeated: nothing like prose
+                        {"role": "user", "content": f"{i}"},
+                        {"role": "assistant", "content": "2008 " * 20},
+                    ]
+                }
+            )
+            for i in range(16)
+        )
+        + "\n"
+    )
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            _pretrain_on_probe(tiny_models["qwen2"], tmp_path / "knows-prose"),
+            {**tiny_data, "train": unrelated},
+            tmp_path,
+            max_steps=8,
+            learning_rate=5e-2,
+            max_grad_norm=10.0,
+            lr_scheduler_type="constant",
+            eval_strategy="no",
+            save_steps=1000,
+            forgetting_probe_tokens=512,
+        ),
+    )
     ref = resolve_model(recipe.model_name_or_path)
     tok = load_tokenizer(ref, recipe)
     enc, _ = encode_rows(tok, read_rows(recipe.train_file), recipe.max_length)
@@ -218,9 +281,15 @@ def test_sweep_three_trials_writes_best_recipe(tiny_models, tiny_data, tmp_path)
     from adapters.config import parse_overrides
 
     out = tmp_path / "sw"
-    overrides = tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, max_steps=4, eval_steps=2, save_steps=4,
-                               sweep={"learning_rate": [1e-3, 1e-2], "r": [4, 8], "lora_alpha": [8, 16],
-                                      "lora_dropout": [0.0, 0.1]})
+    overrides = tiny_overrides(
+        tiny_models["llama"],
+        tiny_data,
+        tmp_path,
+        max_steps=4,
+        eval_steps=2,
+        save_steps=4,
+        sweep={"learning_rate": [1e-3, 1e-2], "r": [4, 8], "lora_alpha": [8, 16], "lora_dropout": [0.0, 0.1]},
+    )
     argv = ["sweep", "gemma3-270m-demo", "--trials", "3", "--out", str(out)]
     for k, v in overrides.items():
         argv += [f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v)]

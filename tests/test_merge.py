@@ -28,9 +28,19 @@ from .conftest import REPO, build_tokenizer, tiny_overrides
 @pytest.fixture(scope="module")
 def trained_run(tiny_models, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("merge_runs")
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
-        tiny_models["llama"], tiny_data, out, run_name="a", init_lora_weights=False, eval_base=False,
-        save_steps=1000, eval_strategy="no"))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"],
+            tiny_data,
+            out,
+            run_name="a",
+            init_lora_weights=False,
+            eval_base=False,
+            save_steps=1000,
+            eval_strategy="no",
+        ),
+    )
     return train(recipe, path)
 
 
@@ -84,8 +94,7 @@ def test_merged_equals_adapter_and_differs_from_base(arch, tiny_models, tmp_path
     base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
     ids = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     base_logits = _logits(base, ids)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                            init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
     adapter_logits = _logits(model, ids)
     merged, untied = merge_into(model)
     assert not untied
@@ -126,7 +135,8 @@ def test_quantized_model_is_refused(tiny_models):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     q = AutoModelForCausalLM.from_pretrained(
-        tiny_models["llama"], quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"})
+        tiny_models["llama"], quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
+    )
     with pytest.raises(MergeError, match="rounds most of the update away"):
         ensure_full_precision(q, "test")
     model = get_peft_model(q, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
@@ -253,8 +263,12 @@ def test_combine_refuses_different_bases(trained_run, tmp_path):
     (b / "manifest.json").write_text(json.dumps(mf))
     with pytest.raises(MergeError, match="different base model"):
         combine_runs([str(a), str(b)], "linear", None, None, tmp_path / "ab")
-    assert cli.main(["merge", "--adapters", str(a), str(b), "--method", "ties", "--weights", "1",
-                     "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            ["merge", "--adapters", str(a), str(b), "--method", "ties", "--weights", "1", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -265,8 +279,13 @@ def test_export(trained_run, tiny_models, tmp_path):
     to = tmp_path / "export"
     assert cli.main(["export", str(trained_run), "--to", str(to)]) == 0
     names = {p.name for p in to.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "chat_template.jinja",
-            "tokenizer_config.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "chat_template.jinja",
+        "tokenizer_config.json",
+    } <= names
     card = (to / "README.md").read_text()
     assert card.startswith("---") and "library_name: peft" in card
     base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
@@ -274,8 +293,10 @@ def test_export(trained_run, tiny_models, tmp_path):
     want = _logits(PeftModel.from_pretrained(base, trained_run / "adapter"), ids)
     base2 = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     torch.testing.assert_close(_logits(PeftModel.from_pretrained(base2, to), ids), want)
-    assert AutoTokenizer.from_pretrained(to).chat_template == AutoTokenizer.from_pretrained(
-        trained_run / "adapter").chat_template
+    assert (
+        AutoTokenizer.from_pretrained(to).chat_template
+        == AutoTokenizer.from_pretrained(trained_run / "adapter").chat_template
+    )
     assert cli.main(["export", str(trained_run), "--to", str(to)]) == 2  # exists: refused, untouched
     assert (to / "adapter_model.safetensors").is_file()
 
@@ -316,8 +337,12 @@ def test_peak_rss_on_128m_model(trained_run, tmp_path):
     """Bounded memory: the whole `adapters merge` of a 128M-parameter model, in a fresh process."""
     py = sys.executable
     subprocess.run([py, "-c", MEM_SCRIPT, str(trained_run), str(tmp_path), str(REPO)], check=True)
-    res = subprocess.run([py, "-m", "adapters", "merge", str(tmp_path / "run"), "--max-kl", "1e-3"],
-                         cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        [py, "-m", "adapters", "merge", str(tmp_path / "run"), "--max-kl", "1e-3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     mem = json.loads((tmp_path / "run" / "merge_report.json").read_text())["memory"]
     print(mem)
@@ -332,9 +357,20 @@ def test_peak_rss_on_128m_model(trained_run, tmp_path):
 def test_merge_int8_trained_run(tiny_models, tiny_data, tmp_path):
     """RELIABILITY 11: a run trained on a quantized base merges on a full-precision reload; both references are
     checked. (int8: bitsandbytes' CPU 4-bit kernels need dimensions divisible by 32, which the tiny models lack.)"""
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
-        tiny_models["llama"], tiny_data, tmp_path, run_name="q", init_lora_weights=False, eval_base=False,
-        load_in_8bit=True, save_steps=1000, eval_strategy="no"))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"],
+            tiny_data,
+            tmp_path,
+            run_name="q",
+            init_lora_weights=False,
+            eval_base=False,
+            load_in_8bit=True,
+            save_steps=1000,
+            eval_strategy="no",
+        ),
+    )
     run = train(recipe, path)
     report = merge_run(run, n_probes=4)
     assert report["verdict"] == "pass"

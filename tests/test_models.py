@@ -50,8 +50,16 @@ def test_local_dir_resolves(tiny_models):
 
 
 def test_quantization_config_builder():
-    r, _ = load_recipe("gemma3-270m-demo", {"load_in_8bit": False, "load_in_4bit": True, "dtype": "bfloat16",
-                                            "bnb_4bit_quant_type": "fp4", "bnb_4bit_quant_storage": "bfloat16"})
+    r, _ = load_recipe(
+        "gemma3-270m-demo",
+        {
+            "load_in_8bit": False,
+            "load_in_4bit": True,
+            "dtype": "bfloat16",
+            "bnb_4bit_quant_type": "fp4",
+            "bnb_4bit_quant_storage": "bfloat16",
+        },
+    )
     qc = quantization_config(r)
     assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "fp4" and qc.bnb_4bit_compute_dtype == torch.bfloat16
     assert qc.bnb_4bit_quant_storage == torch.bfloat16

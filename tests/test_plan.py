@@ -48,8 +48,11 @@ def test_estimate_orders_and_micro_batch():
     assert e4.activations_per_sample_ckpt < e4.activations_per_sample_no_ckpt / 5
     assert e4.max_batch(24 * GIB) < e4.max_batch(80 * GIB)
     assert e4.total(e4.max_batch(24 * GIB)) <= 24 * GIB < e4.total(e4.max_batch(24 * GIB) + 1)
-    fsdp = estimate(load_recipe("llama-3.2-1b-qlora", {"bnb_4bit_quant_storage": "bfloat16"})[0], counts,
-                    launch_from_config("fsdp2-qlora", num_processes=4))
+    fsdp = estimate(
+        load_recipe("llama-3.2-1b-qlora", {"bnb_4bit_quant_storage": "bfloat16"})[0],
+        counts,
+        launch_from_config("fsdp2-qlora", num_processes=4),
+    )
     assert fsdp.weights == pytest.approx(e4.weights / 4)
 
 
@@ -58,8 +61,14 @@ def test_plan_report_and_hub_fallback():
 
     text = plan(load_recipe("qwen2.5-1.5b-qlora")[0], gpus=2, gpu_mem_gib=16)
     assert "preflight: ok" in text and "built-in qwen2.5-1.5b config (hub not reachable" in text
-    for part in ("weights (4-bit)", "LoRA params + grads + optimizer state", "gradient checkpointing",
-                 "no checkpointing", "logits", "largest micro-batch that fits"):
+    for part in (
+        "weights (4-bit)",
+        "LoRA params + grads + optimizer state",
+        "gradient checkpointing",
+        "no checkpointing",
+        "logits",
+        "largest micro-batch that fits",
+    ):
         assert part in text
 
 

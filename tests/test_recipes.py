@@ -80,10 +80,25 @@ def test_sft_passthrough_and_reserved_keys():
 
 
 def test_parse_overrides_types():
-    got = parse_overrides(["--max_steps", "10", "--use_dora", "--learning-rate=1e-4", "--target_modules",
-                           "[q_proj, v_proj]", "--run_name", "x"])
-    assert got == {"max_steps": 10, "use_dora": True, "learning_rate": "1e-4",  # YAML 1.1; coerced below
-                   "target_modules": ["q_proj", "v_proj"], "run_name": "x"}
+    got = parse_overrides(
+        [
+            "--max_steps",
+            "10",
+            "--use_dora",
+            "--learning-rate=1e-4",
+            "--target_modules",
+            "[q_proj, v_proj]",
+            "--run_name",
+            "x",
+        ]
+    )
+    assert got == {
+        "max_steps": 10,
+        "use_dora": True,
+        "learning_rate": "1e-4",  # YAML 1.1; coerced below
+        "target_modules": ["q_proj", "v_proj"],
+        "run_name": "x",
+    }
     recipe, _ = load_recipe("gemma3-270m-demo", got)
     assert recipe.learning_rate == 1e-4 and recipe.use_dora and recipe.target_modules == ["q_proj", "v_proj"]
 

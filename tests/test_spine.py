@@ -14,7 +14,7 @@ from adapters.lora import attach_lora
 from adapters.models import load_model, load_tokenizer, resolve_model
 from adapters.train import build_trainer, save_adapter, train
 
-from .conftest import REPO, build_model_dir, tiny_overrides
+from .conftest import REPO, tiny_overrides
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 
@@ -48,8 +48,16 @@ def test_base_frozen_lora_moves(arch, tiny_models, tiny_data, tmp_path):
 
 
 def test_loss_falls_on_repeated_batch(tiny_models, tiny_data, tmp_path):
-    recipe, ref, tok, enc = _setup(tiny_models["llama"], tiny_data, tmp_path, max_steps=25, learning_rate=3e-2,
-                                     save_steps=1000, logging_steps=5, lr_scheduler_type="constant")
+    recipe, ref, tok, enc = _setup(
+        tiny_models["llama"],
+        tiny_data,
+        tmp_path,
+        max_steps=25,
+        learning_rate=3e-2,
+        save_steps=1000,
+        logging_steps=5,
+        lr_scheduler_type="constant",
+    )
     model = attach_lora(load_model(ref, recipe), recipe)
     trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", to_dataset(enc[:4] * 4), None)
     trainer.train()
@@ -74,7 +82,8 @@ def test_saved_adapter_loads_with_plain_peft(arch, tiny_models, tiny_data, tmp_p
     assert cfg["base_model_name_or_path"] == ref.path
     assert (out / "tokenizer_config.json").is_file()
     assert (out / "chat_template.jinja").is_file() or "chat_template" in json.loads(
-        (out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").read_text()
+    )
 
     saved = load_peft_weights(str(out))
     expected = get_peft_model_state_dict(model)
@@ -91,12 +100,19 @@ def test_saved_adapter_loads_with_plain_peft(arch, tiny_models, tiny_data, tmp_p
 
 
 def test_train_writes_run_directory(tiny_models, tiny_data, tmp_path):
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["qwen2"], tiny_data, tmp_path,
-                                                                  run_name="r1", report_to="tensorboard"))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(tiny_models["qwen2"], tiny_data, tmp_path, run_name="r1", report_to="tensorboard"),
+    )
     run = train(recipe, path)
     assert run == tmp_path / "r1"
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "manifest.json", "eval.json",
-                 "loss_curve.png"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "manifest.json",
+        "eval.json",
+        "loss_curve.png",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
     ckpts = sorted((run / "checkpoints").glob("checkpoint-*"))
@@ -125,8 +141,9 @@ def test_existing_run_is_not_overwritten(tiny_models, tiny_data, tmp_path):
     run = tmp_path / "keep"
     run.mkdir()
     (run / "precious.txt").write_text("x")
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path,
-                                                                  run_name="keep"))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, run_name="keep")
+    )
     with pytest.raises(FileExistsError):
         train(recipe, path)
     assert (run / "precious.txt").read_text() == "x"
@@ -135,9 +152,20 @@ def test_existing_run_is_not_overwritten(tiny_models, tiny_data, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v carry a bias
 def test_quantized_4bit_run_reports_both_losses(arch, tiny_models, tiny_data, tmp_path):
     model_dir = tiny_models[arch]
-    recipe, path = load_recipe("gemma3-270m-demo", tiny_overrides(
-        model_dir, tiny_data, tmp_path, run_name="q4", load_in_4bit=True, max_steps=2, eval_base=False,
-        test_file=None, eval_strategy="no"))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            model_dir,
+            tiny_data,
+            tmp_path,
+            run_name="q4",
+            load_in_4bit=True,
+            max_steps=2,
+            eval_base=False,
+            test_file=None,
+            eval_strategy="no",
+        ),
+    )
     run = train(recipe, path)
     q = json.loads((run / "manifest.json").read_text())["quantization"]
     assert q["method"] == "4bit-nf4+double_quant"
@@ -156,9 +184,19 @@ def test_package_is_this_repo():
 @pytest.mark.slow
 def test_real_embedded_model_few_steps(tmp_path):
     """The real Gemma 3 270M (int8 base) for a few steps; needs the demo extra."""
-    recipe, path = load_recipe("gemma3-270m-demo", dict(
-        run_name="slow", output_root=str(tmp_path), max_steps=3, eval_strategy="no", report_to="none",
-        eval_base=False, test_file=None, save_steps=3))
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        dict(
+            run_name="slow",
+            output_root=str(tmp_path),
+            max_steps=3,
+            eval_strategy="no",
+            report_to="none",
+            eval_base=False,
+            test_file=None,
+            save_steps=3,
+        ),
+    )
     run = train(recipe, path)
     m = json.loads((run / "manifest.json").read_text())
     assert m["status"] == "complete" and m["base_model"]["canonical_name"] == "google/gemma-3-270m"
