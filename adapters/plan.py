@@ -19,39 +19,13 @@ from typing import Any
 
 from .config import Recipe
 from .preflight import Launch, check, launch_from_config
+from .shapes import known_config
 
 GIB = 2**30
 # Published configs of the shipped recipes' models, for when the hub cannot be reached (sizes from their config.json).
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": dict(
-        model_type="llama",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-        bos_token_id=128000,
-        eos_token_id=128009,
-    ),
-    "qwen2.5-1.5b": dict(
-        model_type="qwen2",
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-        bos_token_id=151643,
-        eos_token_id=151645,
-    ),
+    "llama-3.2-1b": known_config("llama-3.2-1b", dtype="bfloat16", bos_token_id=128000, eos_token_id=128009),
+    "qwen2.5-1.5b": known_config("qwen2.5-1.5b", dtype="bfloat16", bos_token_id=151643, eos_token_id=151645),
     "gemma-3-270m": dict(
         model_type="gemma3_text",
         hidden_size=640,
