@@ -30,12 +30,10 @@ from typing import Any
 import torch
 
 from . import fast
+from .shapes import ARCHS  # real architecture shapes, random init: only the shapes matter
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 GATE_RTOL = 1e-3
-
-# Real architecture configs, written out (no download). Random init, so only the shapes matter.
-from .shapes import ARCHS  # noqa: E402
 
 
 class BenchError(ValueError):

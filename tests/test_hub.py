@@ -36,8 +36,6 @@ def trained(tiny_models, tiny_data, tmp_path_factory):
     """One tiny finished run, trained with a fake token in the environment (it must end up nowhere)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", TOKEN)
-        # build_trainer setdefault()s this for the first run of a process; restore it so later tests' runs get theirs
-        mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
         out = tmp_path_factory.mktemp("hub_runs")
         recipe, path = load_recipe(
             "gemma3-270m-demo",
