@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false (any case) are booleans, so ``eval_strategy: no`` stays the string "no"
+    instead of YAML 1.1's False (which HF would reject as 'False is not a valid IntervalStrategy')."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -355,7 +375,7 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
 def load_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Recipe, Path]:
     path = resolve_recipe_path(recipe)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -390,7 +410,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             else:
                 val = "true"
         try:
-            out[key.replace("-", "_")] = yaml.safe_load(val) if val != "" else ""
+            out[key.replace("-", "_")] = load_yaml(val) if val != "" else ""
         except yaml.YAMLError:
             out[key.replace("-", "_")] = val
         i += 1

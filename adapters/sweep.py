@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, load_yaml
 
 DEFAULT_SPACE: dict[str, Any] = {
     "learning_rate": [5.0e-5, 1.0e-3],  # log scale; LoRA tolerates ~10x a full fine-tune's rate
@@ -179,7 +179,7 @@ def plot_search(rows: list[dict[str, Any]], out: Path) -> Path:
 def write_best_recipe(
     recipe_path: Path, overrides: dict[str, Any], best: dict[str, Any], value: float, out: Path
 ) -> Path:
-    raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
+    raw = load_yaml(recipe_path.read_text(encoding="utf-8")) or {}
     raw.update({k: v for k, v in overrides.items() if k not in ("run_name", "output_root")})
     raw.update(best)
     path = out / f"{recipe_path.stem}-best.yaml"

@@ -109,3 +109,18 @@ def test_cli_reports_bad_key(capsys):
     assert main(["train", "gemma3-270m-demo", "--lerning_rate", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'lerning_rate'" in err and "learning_rate" in err
+
+
+def test_yaml_no_stays_a_string_for_string_keys(tmp_path):
+    """YAML 1.1 reads `no` as False; HF then rejects eval_strategy=False. Recipes and --key value use 1.2 booleans."""
+    assert parse_overrides(["--eval_strategy", "no", "--eval_base", "no", "--bf16", "false"]) == {
+        "eval_strategy": "no",
+        "eval_base": "no",
+        "bf16": False,
+    }
+    recipe, _ = load_recipe("gemma3-270m-demo", parse_overrides(["--eval_strategy", "no", "--eval_base", "off"]))
+    assert recipe.eval_strategy == "no" and recipe.eval_base is False
+    f = tmp_path / "r.yaml"
+    f.write_text("model_name_or_path: x\ntrain_file: t.jsonl\neval_strategy: no\neval_after_train: no\n")
+    recipe, _ = load_recipe(f)
+    assert recipe.eval_strategy == "no" and recipe.eval_after_train is False
