@@ -231,6 +231,9 @@ def run_one(
             kw["device_map"] = {"": 0}
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
         sw = switches.sft_kwargs() if switches is not None else {}
+        compact = bool(switches.values.get("trained_positions_only")) if switches is not None else False
+        if fast.compact_hook_available():
+            fast.enable_trained_positions_only(compact)  # the baseline keeps TRL's own choice
         gckpt = switches.values.get("gradient_checkpointing", True) if switches is not None else True
         args = SFTConfig(
             output_dir=str(out_dir / "trainer"),
@@ -356,7 +359,9 @@ def plan_ours(setup: Setup, overrides: dict[str, Any], cuda: bool, lengths: list
     cfg = model_config(setup.model)
     bytes_per_el = 2 if cuda else 4
     act = fast.activation_estimate_gib(cfg, setup.batch * setup.max_len, bytes_per_el)
-    settings = {k: overrides.get(k, fast.AUTO) for k in (*fast.SWITCHES, "gradient_checkpointing")}
+    settings = {
+        k: overrides.get(k, fast.AUTO) for k in (*fast.SWITCHES, *fast.EXTRA_SWITCHES, "gradient_checkpointing")
+    }
     attn = overrides.get("attn_implementation") or "sdpa"
     p = fast.plan(
         settings,
@@ -411,11 +416,11 @@ def bench(
     if quant not in ("nf4", "none"):
         raise BenchError(f"--quant: expected nf4 or none, got {quant!r}")
     overrides = dict(overrides or {})
-    unknown = set(overrides) - {*fast.SWITCHES, "gradient_checkpointing", "attn_implementation"}
+    unknown = set(overrides) - {*fast.SWITCHES, *fast.EXTRA_SWITCHES, "gradient_checkpointing", "attn_implementation"}
     if unknown:
         raise BenchError(
             f"unknown switch {sorted(unknown)[0]!r}; known: "
-            f"{', '.join((*fast.SWITCHES, 'gradient_checkpointing', 'attn_implementation'))}"
+            f"{', '.join((*fast.SWITCHES, *fast.EXTRA_SWITCHES, 'gradient_checkpointing', 'attn_implementation'))}"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,9 @@ class Recipe:
     auto turns it on where the attention keeps samples apart (sdpa, eager, flash; flex on CUDA) and batch > 1."""
     use_liger_kernel: Any = "auto"
     """auto, true or false. Liger's RMSNorm/RoPE/SwiGLU kernels through TRL; auto: on where liger_kernel and CUDA exist."""
+    trained_positions_only: Any = "auto"
+    """auto, true or false. Send only labelled positions through the LM head (TRL does this on Triton devices; auto
+    turns it on for CPU/MPS too). Same loss and gradients; prompt positions cost no vocabulary projection."""
     torch_compile: Any = "auto"
     """auto, true or false. torch.compile the model through the Trainer; auto leaves it off (not measured to pay)."""
 
@@ -225,9 +228,9 @@ class Recipe:
             raise RecipeError(f"dtype: expected float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.max_length <= 0:
             raise RecipeError(f"max_length: must be > 0, got {self.max_length}")
-        from .fast import SWITCHES, FastPathError, check_switch
+        from .fast import EXTRA_SWITCHES, SWITCHES, FastPathError, check_switch
 
-        for name in SWITCHES:
+        for name in SWITCHES + EXTRA_SWITCHES:
             try:
                 setattr(self, name, check_switch(name, getattr(self, name)))
             except FastPathError as e:

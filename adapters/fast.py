@@ -12,8 +12,9 @@ Only the libraries' documented hooks are used:
 - ``torch_compile``: TRL/Trainer's ``torch_compile``; ``auto`` leaves it off (not measured to pay with PEFT).
 - ``gradient_checkpointing`` (bench only; training keeps the recipe's boolean): off when the activation estimate fits
   the memory budget, else on.
-- loss logits only at trained positions: TRL 1.16's fused LM head does this by itself on Triton devices (CUDA/XPU)
-  and scores every position elsewhere; reported, not switched.
+- ``trained_positions_only``: TRL 1.16's fused LM head projects only the labelled positions on Triton devices
+  (CUDA/XPU) and every position elsewhere; ``auto`` turns the labelled-only path on for CPU/MPS too
+  (``enable_trained_positions_only``), where the 262k-vocabulary head of Gemma is most of the step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 AUTO = "auto"
 SWITCHES = ("padding_free", "use_liger_kernel", "torch_compile")
+EXTRA_SWITCHES = ("trained_positions_only",)
 # transformers 5 builds the per-sample mask from position_ids for these (masking_utils / varlen flash kernels)
 ISOLATING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -190,17 +192,60 @@ def plan(
                 "auto",
             )
 
-    # ---- loss logits at trained positions only (TRL's fused LM head; reported, not switched)
-    tri = triton_available()
-    p.set(
-        "trained_positions_only_logits",
-        tri,
-        "TRL fused LM head projects only positions with a label (Triton device)"
-        if tri
-        else "TRL fused LM head scores every position off Triton devices (chunked, logits never materialised)",
-        "trl",
-    )
+    # ---- loss logits at trained positions only (TRL's fused LM head)
+    want = check_switch("trained_positions_only", settings.get("trained_positions_only"))
+    tri = triton_available() if cuda else False
+    if tri:
+        p.set("trained_positions_only", True, "TRL's fused LM head projects only labelled positions on Triton", "trl")
+    elif want is False:
+        p.set("trained_positions_only", False, "set by the recipe: TRL scores every position off Triton", "recipe")
+    elif not compact_hook_available():
+        if want is True:
+            raise FastPathError("trained_positions_only: true, but this TRL has no fused-LM-head compact switch")
+        p.set("trained_positions_only", False, "this TRL has no compact switch: every position is scored", "auto")
+    else:
+        p.set(
+            "trained_positions_only",
+            True,
+            "only labelled positions go through the LM head (TRL's Triton-device path, run in eager torch here); "
+            "prompt positions carry no loss, and the LM head is most of a small model's FLOPs",
+            "recipe" if want is True else "auto",
+        )
     return p
+
+
+def compact_hook_available() -> bool:
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # pragma: no cover
+        return False
+    return callable(getattr(trl_utils, "_use_triton", None))
+
+
+def enable_trained_positions_only(on: bool = True) -> None:
+    """Let TRL's fused LM head keep only the labelled positions on CPU/MPS as it does on Triton devices.
+
+    TRL 1.16 (``trl.trainer.utils``, fused LM head) decides with ``_use_triton(device)`` whether to gather the
+    positions that carry a label before the vocabulary projection; off Triton it projects every position to keep
+    tile shapes fixed for compiled backends (Neuron). Eager CPU/MPS has no such constraint, so we widen that
+    decision there; the kernel choice (``trl.kernels.chunked_logprob._use_triton``) is untouched, so the torch
+    tiles still run. Same loss and gradients (tested), a fraction of the LM-head work. ``on=False`` restores TRL's.
+    """
+    from trl.trainer import utils as trl_utils
+
+    current = trl_utils._use_triton
+    orig = getattr(current, "_adapters_orig", current)
+    if not on:
+        trl_utils._use_triton = orig
+        return
+    if current is not orig:
+        return
+
+    def use_compact(device: torch.device) -> bool:
+        return device.type in ("cpu", "mps") or orig(device)
+
+    use_compact._adapters_orig = orig  # type: ignore[attr-defined]
+    trl_utils._use_triton = use_compact
 
 
 def activation_estimate_gib(config, tokens_per_micro_batch: int, bytes_per_el: int) -> float:
@@ -230,7 +275,7 @@ def memory_budget_gib(fraction: float = 0.85) -> float:
 
 def for_recipe(recipe, train_ds=None) -> Plan:
     """The plan for a training recipe (adapters.train.build_trainer); ``train_ds`` gives the length profile."""
-    settings = {k: getattr(recipe, k, AUTO) for k in SWITCHES}
+    settings = {k: getattr(recipe, k, AUTO) for k in SWITCHES + EXTRA_SWITCHES}
     padding = None
     if train_ds is not None and "input_ids" in train_ds.column_names:
         padding = padding_share([len(x) for x in train_ds["input_ids"]], recipe.per_device_train_batch_size)

@@ -239,6 +239,10 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
         callbacks=[guard],
     )
     trainer.fast_path = fast.report()
+    if fast.trained_positions_only:
+        from .fast import enable_trained_positions_only
+
+        enable_trained_positions_only()
     trainctl.install(trainer, recipe)  # eval perplexity, early stopping, sweep pruning
     return trainer, guard
 

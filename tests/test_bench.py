@@ -165,3 +165,50 @@ def test_bench_rejects_bad_arguments(tmp_path):
         bench(model="tiny-llama", steps=2, warmup=2, out=tmp_path)
     lens = make_lengths(200, "ragged", 128, 40)
     assert max(lens) <= 128 and 20 < sorted(lens)[100] < 80
+
+
+def test_trained_positions_only_gives_the_same_loss_and_gradients(tiny_models, tiny_data, tmp_path):
+    """The labelled-only LM head (TRL's Triton-device path, widened to CPU) matches scoring every position."""
+    from datasets import Dataset
+
+    from adapters.data import encode_rows, read_rows
+    from adapters.lora import attach_lora
+    from adapters.models import load_model, load_tokenizer, resolve_model
+    from adapters.train import build_trainer
+
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo", tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path, lora_dropout=0.0)
+    )
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+    enc, _ = encode_rows(tok, read_rows(recipe.train_file)[:4], recipe.max_length)
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc]})
+    assert any(x == -100 for e in enc for x in e.labels)  # prompt positions carry no label: there is work to skip
+    torch.manual_seed(0)
+    model = attach_lora(load_model(ref, recipe), recipe)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 would hide a wrong gradient through A
+    trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", ds, None)
+    assert trainer.fast_path["trained_positions_only"]["value"] is True
+    batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(4)]))
+    model.train()
+
+    def loss_and_grads(on: bool):
+        fast.enable_trained_positions_only(on)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    try:
+        lc, gc = loss_and_grads(True)
+        lf, gf = loss_and_grads(False)
+    finally:
+        fast.enable_trained_positions_only(False)
+    torch.testing.assert_close(lc, lf, rtol=1e-5, atol=1e-6)
+    for k in gf:
+        torch.testing.assert_close(gc[k], gf[k], rtol=1e-4, atol=1e-7, msg=k)
+    assert any(g.abs().sum() > 0 for g in gc.values())
+    p = fast.plan({"trained_positions_only": False}, attn_implementation="sdpa", per_device_batch=8, cuda=False)
+    assert p.trained_positions_only is False and p.report()["trained_positions_only"]["source"] == "recipe"
