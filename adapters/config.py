@@ -155,6 +155,12 @@ class Recipe:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     neftune_noise_alpha: float | None = None
+    base_kl_weight: float = 0.0
+    """Learning without Forgetting (adapters/regularize.py): add this times KL(base || tuned) at sampled positions
+    that carry no label (prompt, template) to the training loss; the answers may change, the rest stays the base's.
+    0 turns it off. Costs one no-grad base forward per step."""
+    base_kl_positions: int = 16
+    """Unlabelled positions sampled per sequence for base_kl_weight (0 = all of them)."""
     logging_steps: int = 5
     eval_strategy: str = "no"
     eval_steps: int | None = None
@@ -222,6 +228,10 @@ class Recipe:
             raise RecipeError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise RecipeError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.base_kl_weight < 0:
+            raise RecipeError(f"base_kl_weight: must be >= 0, got {self.base_kl_weight}")
+        if self.base_kl_positions < 0:
+            raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")
         if self.bf16 and self.fp16:
             raise RecipeError("bf16 and fp16 are exclusive")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):

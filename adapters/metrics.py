@@ -167,5 +167,6 @@ def forgetting_flag(forgetting: dict[str, Any] | None, threshold: float) -> dict
         "rise": forgetting["rise"],
         "threshold": threshold,
         "message": f"forgetting: perplexity on the general-text probe rose by {forgetting['rise']:.1%} "
-        f"(threshold {threshold:.0%}): {forgetting['ppl_base']:.3f} -> {forgetting['ppl_tuned']:.3f}",
+        f"(threshold {threshold:.0%}): {forgetting['ppl_base']:.3f} -> {forgetting['ppl_tuned']:.3f}; "
+        "raise base_kl_weight (KL to the base on unlabelled positions), or lower learning_rate or max_steps",
     }

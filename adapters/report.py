@@ -144,6 +144,17 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
             f"| {_fmt(fg.get('ppl_base'))} | {_fmt(fg.get('ppl_tuned'))} | {rise} |",
             "",
         ]
+        w = fg.get("base_kl_weight")
+        if w is not None:
+            lines += [
+                f"Trained with `base_kl_weight: {w}`"
+                + (
+                    " (Learning without Forgetting: KL to the base at unlabelled positions was part of the loss)."
+                    if w
+                    else " (no forgetting guard in the loss)."
+                ),
+                "",
+            ]
     lines += ["## Flags", ""]
     flags = evaluation.get("flags") or []
     lines += [f"- **{f['name']}**: {f['message']}" for f in flags] or [
@@ -215,6 +226,7 @@ def evaluate_model(
             if i < recipe.eval_samples
         ]
     evaluation["forgetting"] = probe(model, tok, recipe, base=has_adapter, log=log)
+    evaluation["forgetting"]["base_kl_weight"] = recipe.base_kl_weight  # the guard it was trained with
 
     flags = [
         M.negative_transfer(evaluation.get("base"), evaluation.get("tuned"), M.primary_metric(recipe.labels)),

@@ -183,8 +183,11 @@ def _ckpt_flag(config_cls) -> str:
 def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
     from trl import SFTConfig, SFTTrainer
 
-    class Trainer(ckpt.AtomicCheckpointMixin, SFTTrainer):
-        pass
+    from .regularize import BaseKLMixin
+
+    class Trainer(ckpt.AtomicCheckpointMixin, BaseKLMixin, SFTTrainer):
+        base_kl_weight = recipe.base_kl_weight
+        base_kl_positions = recipe.base_kl_positions
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, not per process
     use_cpu = not torch.cuda.is_available()

@@ -132,7 +132,8 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tiny_models, tiny_dat
         return peft_model
 
     monkeypatch.setattr(train_mod, "attach_lora", attach_with_poison)
-    recipe, path = _recipe(tiny_models, tiny_data, tmp_path, "nan", max_steps=9)
+    # one training forward per step: the forgetting guard's base forward would also pass the hooked norm
+    recipe, path = _recipe(tiny_models, tiny_data, tmp_path, "nan", max_steps=9, base_kl_weight=0.0)
     with pytest.raises(train_mod.TrainingDiverged, match="non-finite"):
         train_mod.train(recipe, path)
     run = tmp_path / "nan"

@@ -241,6 +241,7 @@ def test_forgetting_probe_rises_after_hard_training_on_unrelated_data(tiny_model
             eval_strategy="no",
             save_steps=1000,
             forgetting_probe_tokens=512,
+            base_kl_weight=0.0,  # no forgetting guard: this test is about the probe seeing the damage
         ),
     )
     ref = resolve_model(recipe.model_name_or_path)

@@ -1,0 +1,132 @@
+"""Learning without Forgetting: KL to the base at unlabelled positions (adapters/regularize.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapters.config import RecipeError, load_recipe
+from adapters.regularize import kl_to_base, sample_positions, unlabelled_positions
+
+from .conftest import tiny_overrides
+from .test_eval_training import _pretrain_on_probe
+
+
+def test_unlabelled_positions_padded_and_padding_free():
+    labels = torch.tensor([[-100, -100, -100, 7, 8, -100], [-100, -100, 5, 6, -100, -100]])
+    am = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    m = unlabelled_positions({"labels": labels, "attention_mask": am})
+    # position t counts when token t+1 is real, in the same row, and unlabelled
+    assert m.tolist() == [[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    # the same two sequences flattened (padding-free): the position before a new sequence's first token is excluded
+    flat = {
+        "labels": torch.tensor([[-100, -100, -100, 7, 8, -100, -100, 5, 6]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
+    }
+    assert unlabelled_positions(flat).tolist() == [[1, 1, 0, 0, 0, 1, 0, 0, 0]]
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    assert sample_positions(mask, 3, 4, g).numel() == 12 and sample_positions(mask, 0, 4).numel() == 40
+    assert len(set(sample_positions(mask, 3, 4, g).tolist())) == 12
+
+
+def test_kl_is_zero_for_a_fresh_adapter_and_has_gradients_after(tiny_models, tiny_data, tmp_path):
+    from adapters.lora import attach_lora
+    from adapters.models import load_model, resolve_model
+
+    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path))
+    model = attach_lora(load_model(resolve_model(recipe.model_name_or_path), recipe), recipe)
+    model.train()
+    ids = torch.randint(3, 90, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    body = model.get_base_model().model
+    h = body(input_ids=ids, attention_mask=inputs["attention_mask"]).last_hidden_state
+    assert float(kl_to_base(model, inputs, h, 0).detach()) == pytest.approx(0.0, abs=1e-6)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    h = body(input_ids=ids, attention_mask=inputs["attention_mask"]).last_hidden_state
+    kl = kl_to_base(model, inputs, h, 0)
+    assert kl > 0
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_recipe_checks_base_kl_values(tiny_models, tiny_data, tmp_path):
+    with pytest.raises(RecipeError, match="base_kl_weight"):
+        load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, base_kl_weight=-1))
+
+
+@pytest.fixture(scope="module")
+def knows_prose(tiny_models, tmp_path_factory):
+    return _pretrain_on_probe(tiny_models["qwen2"], tmp_path_factory.mktemp("knows-prose"))
+
+
+def _train_and_probe(model_dir, tiny_data, tmp_path, **extra):
+    from adapters.data import encode_rows, read_rows, to_dataset
+    from adapters.forgetting import probe
+    from adapters.lora import attach_lora
+    from adapters.models import load_model, load_tokenizer, resolve_model
+    from adapters.train import build_trainer
+
+    words = "the of a module returns value list when is an object for this by with".split()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows = tmp_path / "task.jsonl"
+    rows.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [  # prose-like prompts, a fixed non-prose answer
+                        {"role": "user", "content": " ".join(words[(i * 7 + j) % len(words)] for j in range(10))},
+                        {"role": "assistant", "content": "2008 " * 4},
+                    ]
+                }
+            )
+            for i in range(16)
+        )
+        + "\n"
+    )
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            model_dir,
+            {**tiny_data, "train": rows},
+            tmp_path,
+            max_steps=8,
+            learning_rate=2e-2,
+            lr_scheduler_type="constant",
+            eval_strategy="no",
+            save_steps=1000,
+            forgetting_probe_tokens=512,
+            lora_dropout=0.0,
+            logging_steps=1,
+            **extra,
+        ),
+    )
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+    enc, _ = encode_rows(tok, read_rows(recipe.train_file), recipe.max_length)
+    torch.manual_seed(0)
+    model = attach_lora(load_model(ref, recipe), recipe)
+    trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", to_dataset(enc), None)
+    trainer.train()
+    hist = trainer.state.log_history
+    return probe(model, tok, recipe, log=lambda *_: None), hist
+
+
+def test_kl_to_base_limits_forgetting_and_still_learns(knows_prose, tiny_data, tmp_path):
+    plain, hist_plain = _train_and_probe(knows_prose, tiny_data, tmp_path / "plain", base_kl_weight=0.0)
+    kept, hist_kept = _train_and_probe(knows_prose, tiny_data, tmp_path / "kl", base_kl_weight=5.0, base_kl_positions=0)
+    assert plain["rise"] > 0.2, plain
+    assert kept["rise"] < plain["rise"] / 2, (plain, kept)
+    assert any("base_kl" in h for h in hist_kept) and not any("base_kl" in h for h in hist_plain)
+    # the task is still learned: the final training loss is low in both runs
+    # the task is still learned: the task part of the logged loss (loss - weight * base_kl) falls by half or more
+    steps = [h for h in hist_kept if "loss" in h and "base_kl" in h]
+    first, last = steps[0], steps[-1]
+    assert last["loss"] - 5.0 * last["base_kl"] < 0.5 * (first["loss"] - 5.0 * first["base_kl"]), steps
