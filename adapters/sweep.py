@@ -13,6 +13,11 @@ The search space is the recipe's ``sweep:`` mapping on top of DEFAULT_SPACE. Per
 
 ``pruner_startup_trials`` (default 2) and ``pruner_warmup_steps`` (default 0) in the same mapping tune the pruner.
 
+Forgetting is a constraint, not an afterthought: each finished trial is scored on the forgetting probe
+(adapters/forgetting.py), and a rise above the recipe's ``forgetting_threshold`` makes the trial infeasible for
+Optuna's TPE sampler (``constraints_func``) and for the choice of the best trial. Low validation loss bought by
+forgetting general text is not "best". ``constrain_forgetting: false`` in the mapping turns this off.
+
 Outputs: trials.csv, trials.md, search.png and <recipe>-best.yaml (the recipe with the best values, runnable as is).
 """
 
@@ -37,13 +42,19 @@ DEFAULT_SPACE: dict[str, Any] = {
     "num_train_epochs": [1, 3],
 }
 PRUNER_KEYS = {"pruner_startup_trials": 2, "pruner_warmup_steps": 0}
+OPTION_KEYS = {"constrain_forgetting": True}
 LOG_KEYS = {"learning_rate", "weight_decay"}
 
 
-def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """({key: spec}, pruner settings) from DEFAULT_SPACE and the recipe's ``sweep`` mapping."""
+def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """({key: spec}, options: pruner settings and constrain_forgetting) from DEFAULT_SPACE and ``recipe.sweep``."""
     raw = {**DEFAULT_SPACE, **(recipe.sweep or {})}
-    pruner = {k: int(raw.pop(k, v)) for k, v in PRUNER_KEYS.items()}
+    pruner: dict[str, Any] = {k: int(raw.pop(k, v)) for k, v in PRUNER_KEYS.items()}
+    for k, v in OPTION_KEYS.items():
+        val = raw.pop(k, v)
+        if not isinstance(val, bool):
+            raise RecipeError(f"{source}: sweep.{k}: expected true or false, got {val!r}")
+        pruner[k] = val
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     space: dict[str, dict[str, Any]] = {}
     for key, v in raw.items():
@@ -117,6 +128,22 @@ def pruning_callback(trial):
     return _Prune()
 
 
+def trial_forgetting(run_dir: Path, log=print) -> float:
+    """Forgetting-probe rise of a finished trial (its adapter vs the same model with the adapter disabled)."""
+    import gc
+
+    from .forgetting import probe
+    from .runs import load_tuned, open_run
+
+    run = open_run(run_dir)
+    model, tok = load_tuned(run)
+    try:
+        return float(probe(model, tok, run.recipe, log=log)["rise"])
+    finally:
+        del model
+        gc.collect()
+
+
 def best_eval_loss(log_history: list[dict[str, Any]]) -> float:
     losses = [float(h["eval_loss"]) for h in log_history if "eval_loss" in h]
     return min(losses) if losses else math.inf
@@ -124,7 +151,7 @@ def best_eval_loss(log_history: list[dict[str, Any]]) -> float:
 
 # ---------------------------------------------------------------------------------------------------- outputs
 def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None:
-    cols = ["trial", "state", "eval_loss", "steps", *keys]
+    cols = ["trial", "state", "eval_loss", "forgetting_rise", "feasible", "steps", *keys]
     with open(out / "trials.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
@@ -222,10 +249,15 @@ def sweep(
         + ", ".join(f"{k}={s.get('choices') or s.get('value') or [s['low'], s['high']]}" for k, s in space.items())
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    constrain = pruner_cfg["constrain_forgetting"]
+
+    def constraints(t) -> tuple[float, ...]:  # <= 0 is feasible (Optuna's convention)
+        return tuple(t.user_attrs.get("constraint", (0.0,)))
+
     study = optuna.create_study(
         direction="minimize",
         study_name=out.name,
-        sampler=optuna.samplers.TPESampler(seed=recipe.seed),
+        sampler=optuna.samplers.TPESampler(seed=recipe.seed, constraints_func=constraints if constrain else None),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=pruner_cfg["pruner_startup_trials"], n_warmup_steps=pruner_cfg["pruner_warmup_steps"]
         ),
@@ -253,7 +285,14 @@ def sweep(
         history = json.loads((run / "manifest.json").read_text()).get("log_history") or []
         value = best_eval_loss(history)
         trial.set_user_attr("steps", max((h.get("step", 0) for h in history), default=0))
-        log(f"[sweep] trial {trial.number}: best validation loss {value:.4f}")
+        msg = f"[sweep] trial {trial.number}: best validation loss {value:.4f}"
+        if constrain:
+            rise = trial_forgetting(run, log=lambda *_: None)
+            trial.set_user_attr("forgetting_rise", rise)
+            trial.set_user_attr("constraint", (rise - recipe.forgetting_threshold,))
+            ok = rise <= recipe.forgetting_threshold
+            msg += f", forgetting {rise:+.1%} ({'feasible' if ok else 'infeasible'}: limit {recipe.forgetting_threshold:.0%})"
+        log(msg)
         return value
 
     study.optimize(objective, n_trials=trials, catch=(TrainingDiverged,))
@@ -270,6 +309,8 @@ def sweep(
                 "trial": t.number,
                 "state": t.state.name,
                 "eval_loss": value,
+                "forgetting_rise": t.user_attrs.get("forgetting_rise"),
+                "feasible": None if "constraint" not in t.user_attrs else t.user_attrs["constraint"][0] <= 0,
                 "steps": t.user_attrs.get("steps", max(t.intermediate_values, default=None)),
                 **t.params,
             }
@@ -279,12 +320,20 @@ def sweep(
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
     if not complete:
         raise RuntimeError(f"{out}: no trial completed (see trials.md)")
-    best = study.best_trial
+    feasible = [t for t in complete if t.user_attrs.get("constraint", (0.0,))[0] <= 0]
+    best = min(feasible or complete, key=lambda t: t.value)
+    if constrain and not feasible:
+        log(
+            f"[warn] sweep: every trial forgot more than {recipe.forgetting_threshold:.0%} on the probe; the best "
+            "validation loss is reported anyway - raise base_kl_weight or lower the learning_rate range"
+        )
     best_params = {**{k: s["value"] for k, s in space.items() if s["kind"] == "fixed"}, **best.params}
     best_path = write_best_recipe(recipe_path, overrides or {}, best_params, best.value, out)
     summary = {
         "best_trial": best.number,
         "best_eval_loss": best.value,
+        "best_forgetting_rise": best.user_attrs.get("forgetting_rise"),
+        "best_is_feasible": bool(feasible) if constrain else None,
         "best_params": best_params,
         "best_recipe": str(best_path),
         "trials": rows,

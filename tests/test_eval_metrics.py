@@ -141,7 +141,11 @@ def test_sweep_space_parsing():
     assert space["r"]["kind"] == "range" and space["r"]["int"]  # two integers: an integer range
     assert space["lora_alpha"] == {"kind": "choice", "choices": [16, 32]}
     assert "lora_dropout" not in space and space["weight_decay"] == {"kind": "fixed", "value": 0.01}
-    assert space["num_train_epochs"]["int"] and pruner == {"pruner_startup_trials": 1, "pruner_warmup_steps": 0}
+    assert space["num_train_epochs"]["int"] and pruner == {
+        "pruner_startup_trials": 1,
+        "pruner_warmup_steps": 0,
+        "constrain_forgetting": True,
+    }
     recipe.max_steps = 10
     assert "num_train_epochs" not in search_space(recipe)[0]  # max_steps wins over epochs
     for bad, msg in (
@@ -149,6 +153,7 @@ def test_sweep_space_parsing():
         ({"learning_rate": [0, 1e-3]}, "log-scale range needs low > 0"),
         ({"r": [16, 8]}, "low <= high"),
         ({"r": {"x": 1}}, "needs low and high"),
+        ({"constrain_forgetting": "maybe"}, "sweep.constrain_forgetting: expected true or false"),
     ):
         with pytest.raises(RecipeError, match=msg):
             search_space(Recipe(sweep=bad), "my.yaml")

@@ -299,12 +299,17 @@ def test_sweep_three_trials_writes_best_recipe(tiny_models, tiny_data, tmp_path)
     summary = json.loads((out / "sweep.json").read_text())
     assert len(summary["trials"]) == 3
     lines = (out / "trials.csv").read_text().splitlines()
-    assert lines[0].startswith("trial,state,eval_loss,steps,learning_rate,r,lora_alpha,lora_dropout")
+    assert lines[0].startswith("trial,state,eval_loss,forgetting_rise,feasible,steps,learning_rate,r,lora_alpha")
     assert len(lines) == 4 and (out / "trials.md").is_file() and (out / "search.png").stat().st_size > 0
     best_path = Path(summary["best_recipe"])
     best, _ = load_recipe(best_path)
     for k, v in summary["best_params"].items():
         assert getattr(best, k) == pytest.approx(v), k
-    done = [t["eval_loss"] for t in summary["trials"] if t["state"] == "COMPLETE"]
-    assert summary["best_eval_loss"] == min(done)
+    done = [t for t in summary["trials"] if t["state"] == "COMPLETE"]
+    # every finished trial was scored on the forgetting probe; the best is the lowest loss among the feasible ones
+    assert all(isinstance(t["forgetting_rise"], float) for t in done)
+    assert all(t["feasible"] == (t["forgetting_rise"] <= 0.05) for t in done)
+    pool = [t for t in done if t["feasible"]] or done
+    assert summary["best_eval_loss"] == min(t["eval_loss"] for t in pool)
+    assert summary["best_is_feasible"] == any(t["feasible"] for t in done)
     assert best.model_name_or_path == str(tiny_models["llama"]) and best.max_steps == 4
