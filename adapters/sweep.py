@@ -204,7 +204,12 @@ def plot_search(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def write_best_recipe(
-    recipe_path: Path, overrides: dict[str, Any], best: dict[str, Any], value: float, out: Path
+    recipe_path: Path,
+    overrides: dict[str, Any],
+    best: dict[str, Any],
+    value: float,
+    out: Path,
+    rise: float | None = None,
 ) -> Path:
     raw = load_yaml(recipe_path.read_text(encoding="utf-8")) or {}
     raw.update({k: v for k, v in overrides.items() if k not in ("run_name", "output_root")})
@@ -212,7 +217,9 @@ def write_best_recipe(
     path = out / f"{recipe_path.stem}-best.yaml"
     header = (
         f"# Best of `adapters sweep {recipe_path.stem}` ({datetime.now():%Y-%m-%d %H:%M}): "
-        f"validation loss {value:.4f}\n# Run: adapters train {path}\n"
+        f"validation loss {value:.4f}"
+        + ("" if rise is None else f", forgetting-probe rise {rise:+.1%}")
+        + f"\n# Run: adapters train {path}\n"
     )
     path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -328,7 +335,9 @@ def sweep(
             "validation loss is reported anyway - raise base_kl_weight or lower the learning_rate range"
         )
     best_params = {**{k: s["value"] for k, s in space.items() if s["kind"] == "fixed"}, **best.params}
-    best_path = write_best_recipe(recipe_path, overrides or {}, best_params, best.value, out)
+    best_path = write_best_recipe(
+        recipe_path, overrides or {}, best_params, best.value, out, best.user_attrs.get("forgetting_rise")
+    )
     summary = {
         "best_trial": best.number,
         "best_eval_loss": best.value,
