@@ -177,7 +177,8 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(tiny_models, t
     from adapters.train import build_trainer
 
     recipe, _ = load_recipe(
-        "gemma3-270m-demo", tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path, lora_dropout=0.0, base_kl_weight=0.0)
+        "gemma3-270m-demo",
+        tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path, lora_dropout=0.0, base_kl_weight=0.0),
     )
     ref = resolve_model(recipe.model_name_or_path)
     tok = load_tokenizer(ref, recipe)
