@@ -173,7 +173,9 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from .report import evaluate_run
 
-    ev = evaluate_run(args.run_dir, base=not args.no_base, limit=args.limit)
+    ev = evaluate_run(
+        args.run_dir, base=not args.no_base, limit=args.limit, probe_file=args.probe, probe_only=args.probe_only
+    )
     return 1 if args.strict and any(f["name"] == "negative_transfer" for f in ev["flags"]) else 0
 
 
@@ -350,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-base", action="store_true", help="score the tuned model only")
     p.add_argument("--limit", type=int, default=None, help="score at most N held-out rows")
     p.add_argument("--strict", action="store_true", help="exit 1 when the negative-transfer flag is raised")
+    p.add_argument("--probe", default=None, help="forgetting-probe text file (passages separated by blank lines)")
+    p.add_argument("--probe-only", action="store_true", help="run only the forgetting probe; print it, write nothing")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

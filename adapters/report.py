@@ -253,12 +253,36 @@ def evaluate_model(
     return evaluation
 
 
-def evaluate_run(run_dir: str | Path, base: bool = True, limit: int | None = None, log=print) -> dict[str, Any]:
-    """Load a finished run (base + adapter, identity-checked) and evaluate it."""
+def evaluate_run(
+    run_dir: str | Path,
+    base: bool = True,
+    limit: int | None = None,
+    log=print,
+    probe_file: str | None = None,
+    probe_only: bool = False,
+) -> dict[str, Any]:
+    """Load a finished run (base + adapter, identity-checked) and evaluate it.
+
+    ``probe_file`` replaces the recipe's forgetting probe; ``probe_only`` runs just the probe and writes nothing
+    (a second opinion on forgetting without touching the run's eval.json).
+    """
+    import dataclasses
+
     from .runs import load_tuned, open_run
 
     run = open_run(run_dir)
+    recipe = run.recipe if probe_file is None else dataclasses.replace(run.recipe, forgetting_probe=probe_file)
+    if probe_file is not None:
+        from .forgetting import probe_passages
+
+        probe_passages(probe_file)  # a missing or empty file fails here, before the model is loaded
     model, tok = load_tuned(run, quantize=True)
+    if probe_only:
+        fg = probe(model, tok, recipe, log=log)
+        flag = M.forgetting_flag(fg, recipe.forgetting_threshold)
+        if flag:
+            log(f"[warn] {flag['message']}")
+        return {"forgetting": fg, "flags": [flag] if flag else []}
     return evaluate_model(
-        model, tok, run.recipe, run.path, run.manifest.get("log_history") or [], base=base, limit=limit, log=log
+        model, tok, recipe, run.path, run.manifest.get("log_history") or [], base=base, limit=limit, log=log
     )

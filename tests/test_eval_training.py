@@ -95,6 +95,22 @@ def test_eval_verb_rescoring_and_errors(finished_run, tmp_path, capsys):
     assert (run / "eval.json").read_bytes() == before
 
 
+def test_eval_probe_only_uses_another_text_and_writes_nothing(finished_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    text = tmp_path / "probe.txt"
+    text.write_text(
+        "The quick brown fox jumps over the lazy dog near the river bank.\n\nA second passage of plain text.\n"
+    )
+    assert main(["eval", str(run), "--probe", str(text), "--probe-only"]) == 0
+    out = capsys.readouterr()
+    assert "[forgetting] probe.txt:" in out.out + out.err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert main(["eval", str(run), "--probe", str(tmp_path / "missing.txt"), "--probe-only"]) == 2
+    assert "missing.txt: forgetting_probe file not found" in capsys.readouterr().err
+
+
 def test_generate_prompt_interactive_and_merged_missing(finished_run, capsys):
     from adapters.generate import run_generate
 
