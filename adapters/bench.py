@@ -23,6 +23,7 @@ import math
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,18 @@ def plan_ours(setup: Setup, overrides: dict[str, Any], cuda: bool, lengths: list
     return p, attn
 
 
+@contextmanager
+def _torch_threads(n: int | None):
+    """Run with ``n`` torch CPU threads (None: leave as is), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench(
     model: str | None = None,
     scenarios: tuple[str, ...] = ("fixed", "ragged"),
@@ -416,133 +429,87 @@ def bench(
     if quant not in ("nf4", "none"):
         raise BenchError(f"--quant: expected nf4 or none, got {quant!r}")
     overrides = dict(overrides or {})
-    unknown = set(overrides) - {*fast.SWITCHES, *fast.EXTRA_SWITCHES, "gradient_checkpointing", "attn_implementation"}
+    known = (*fast.SWITCHES, *fast.EXTRA_SWITCHES, "gradient_checkpointing", "attn_implementation")
+    unknown = set(overrides) - set(known)
     if unknown:
-        raise BenchError(
-            f"unknown switch {sorted(unknown)[0]!r}; known: "
-            f"{', '.join((*fast.SWITCHES, *fast.EXTRA_SWITCHES, 'gradient_checkpointing', 'attn_implementation'))}"
-        )
+        raise BenchError(f"unknown switch {sorted(unknown)[0]!r}; known: {', '.join(known)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if not cuda:  # one thread: on a shared CPU, more threads than free cores make every timing noise
-        torch.set_num_threads(cpu_threads)
-    try:
-        return _bench(
-            model,
-            cfg,
-            scenarios,
-            steps,
-            warmup,
-            batch,
-            ragged_batch,
-            grad_accum,
-            max_len,
-            median,
-            quant,
-            gate_batches,
-            out,
-            overrides,
-            log,
-            cuda,
-            d,
+    # one thread on CPU: on a shared CPU, more threads than free cores make every timing noise
+    with _torch_threads(None if cuda else cpu_threads):
+        from transformers import AutoModelForCausalLM
+
+        from .manifest import hardware, versions, write_json
+
+        peak = matmul_peak_tflops(cuda)
+        log(
+            f"[bench] {model} on {torch.cuda.get_device_name(0) if cuda else 'CPU'}; measured matmul peak "
+            f"{peak:.3f} TFLOP/s ({'bf16' if cuda else 'fp32'})"
         )
-    finally:
-        torch.set_num_threads(threads)
 
-
-def _bench(
-    model,
-    cfg,
-    scenarios,
-    steps,
-    warmup,
-    batch,
-    ragged_batch,
-    grad_accum,
-    max_len,
-    median,
-    quant,
-    gate_batches,
-    out,
-    overrides,
-    log,
-    cuda,
-    d,
-) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from .manifest import hardware, versions, write_json
-
-    peak = matmul_peak_tflops(cuda)
-    log(
-        f"[bench] {model} on {torch.cuda.get_device_name(0) if cuda else 'CPU'}; measured matmul peak "
-        f"{peak:.3f} TFLOP/s ({'bf16' if cuda else 'fp32'})"
-    )
-
-    result: dict[str, Any] = {
-        "model": model,
-        "config": cfg.to_diff_dict(),
-        "device": "cuda" if cuda else "cpu",
-        "matmul_peak_tflops": peak,
-        "reference_peak_tflops": PEAK_TFLOPS,
-        "versions": versions(),
-        "hardware": hardware(),
-        "torch_threads": torch.get_num_threads(),
-        "rows": [],
-        "comparisons": [],
-    }
-    with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
-        model_dir = Path(tmp) / "model"
-        torch.manual_seed(0)
-        with torch.device("cuda" if cuda else "cpu"):
-            m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
-        m.save_pretrained(model_dir)
-        del m
-        for scenario in scenarios:
-            bs = (ragged_batch or d["ragged_batch"]) if scenario == "ragged" else (batch or d["batch"])
-            setup = Setup(
-                model=model,
-                scenario=scenario,
-                steps=steps,
-                warmup=warmup,
-                batch=bs,
-                grad_accum=grad_accum,
-                max_len=max_len or d["max_len"],
-                median=median or d["median"],
-                quant=quant,
-                gate_batches=gate_batches,
-            )
-            n = bs * grad_accum * steps
-            lengths = make_lengths(n, scenario, setup.max_len, setup.median)
-            ds = make_dataset(lengths, cfg.vocab_size)
-            switches, attn = plan_ours(setup, overrides, cuda, lengths)
-            log(f"[bench] {scenario}: {n} samples, mean length {sum(lengths) / n:.0f}, batch {bs}x{grad_accum}")
-            base = run_one(setup, "baseline", model_dir, ds, None, "sdpa", Path(tmp))
-            log(f"[bench]   baseline {base['tokens_per_s']:,.0f} tok/s")
-            ours = run_one(setup, "ours", model_dir, ds, switches, attn, Path(tmp))
-            log(f"[bench]   ours     {ours['tokens_per_s']:,.0f} tok/s")
-            for r in (base, ours):
-                r["mfu_vs_989"] = r["model_tflops"] / PEAK_TFLOPS
-                r["mfu_vs_measured"] = r["model_tflops"] / peak
-                r["batch"], r["grad_accum"], r["mean_length"] = bs, grad_accum, sum(lengths) / n
-            g = gate(base["losses"], ours["losses"])
-            result["rows"] += [base, ours]
-            result["comparisons"].append(
-                {
-                    "scenario": scenario,
-                    "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
-                    "speedup_cpu_time": ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
-                    "memory_ratio": ours["peak_mem_gib"] / base["peak_mem_gib"],
-                    "gate": g,
-                }
-            )
-    result["table"] = table(result)
-    write_json(out / "bench.json", result)
-    (out / "bench.md").write_text(result["table"] + "\n", encoding="utf-8")
-    log(result["table"])
-    log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return result
+        result: dict[str, Any] = {
+            "model": model,
+            "config": cfg.to_diff_dict(),
+            "device": "cuda" if cuda else "cpu",
+            "matmul_peak_tflops": peak,
+            "reference_peak_tflops": PEAK_TFLOPS,
+            "versions": versions(),
+            "hardware": hardware(),
+            "torch_threads": torch.get_num_threads(),
+            "rows": [],
+            "comparisons": [],
+        }
+        with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
+            model_dir = Path(tmp) / "model"
+            torch.manual_seed(0)
+            with torch.device("cuda" if cuda else "cpu"):
+                m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
+            m.save_pretrained(model_dir)
+            del m
+            for scenario in scenarios:
+                bs = (ragged_batch or d["ragged_batch"]) if scenario == "ragged" else (batch or d["batch"])
+                setup = Setup(
+                    model=model,
+                    scenario=scenario,
+                    steps=steps,
+                    warmup=warmup,
+                    batch=bs,
+                    grad_accum=grad_accum,
+                    max_len=max_len or d["max_len"],
+                    median=median or d["median"],
+                    quant=quant,
+                    gate_batches=gate_batches,
+                )
+                n = bs * grad_accum * steps
+                lengths = make_lengths(n, scenario, setup.max_len, setup.median)
+                ds = make_dataset(lengths, cfg.vocab_size)
+                switches, attn = plan_ours(setup, overrides, cuda, lengths)
+                log(f"[bench] {scenario}: {n} samples, mean length {sum(lengths) / n:.0f}, batch {bs}x{grad_accum}")
+                base = run_one(setup, "baseline", model_dir, ds, None, "sdpa", Path(tmp))
+                log(f"[bench]   baseline {base['tokens_per_s']:,.0f} tok/s")
+                ours = run_one(setup, "ours", model_dir, ds, switches, attn, Path(tmp))
+                log(f"[bench]   ours     {ours['tokens_per_s']:,.0f} tok/s")
+                for r in (base, ours):
+                    r["mfu_vs_989"] = r["model_tflops"] / PEAK_TFLOPS
+                    r["mfu_vs_measured"] = r["model_tflops"] / peak
+                    r["batch"], r["grad_accum"], r["mean_length"] = bs, grad_accum, sum(lengths) / n
+                g = gate(base["losses"], ours["losses"])
+                result["rows"] += [base, ours]
+                result["comparisons"].append(
+                    {
+                        "scenario": scenario,
+                        "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+                        "speedup_cpu_time": ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
+                        "memory_ratio": ours["peak_mem_gib"] / base["peak_mem_gib"],
+                        "gate": g,
+                    }
+                )
+        result["table"] = table(result)
+        write_json(out / "bench.json", result)
+        (out / "bench.md").write_text(result["table"] + "\n", encoding="utf-8")
+        log(result["table"])
+        log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
+        return result
 
 
 def table(result: dict[str, Any]) -> str:

@@ -52,6 +52,18 @@ def _paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
 
 
+def prose_paragraphs(text: str, seen: set[str]) -> list[str]:
+    """Paragraphs of ``text`` that read as prose: long enough, mostly letters, no code sample, not in ``seen``
+    (which is updated)."""
+    out = []
+    for p in _paragraphs(text):
+        letters = sum(c.isalpha() or c.isspace() for c in p)
+        if len(p) >= MIN_CHARS and letters / len(p) > 0.85 and ">>>" not in p and p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
 def stdlib_passages() -> list[str]:
     """Docstring paragraphs of STDLIB_MODULES and their public members, deterministic for a Python version."""
     out: list[str] = []
@@ -67,12 +79,7 @@ def stdlib_passages() -> list[str]:
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
                 docs.append(inspect.getdoc(obj) or "")
         for d in docs:
-            for p in _paragraphs(d):
-                # prose only: long enough, mostly letters, not a code sample
-                letters = sum(c.isalpha() or c.isspace() for c in p)
-                if len(p) >= MIN_CHARS and letters / len(p) > 0.85 and ">>>" not in p and p not in seen:
-                    seen.add(p)
-                    out.append(p)
+            out += prose_paragraphs(d, seen)
     return out
 
 

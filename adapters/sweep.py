@@ -128,22 +128,6 @@ def pruning_callback(trial):
     return _Prune()
 
 
-def trial_forgetting(run_dir: Path, log=print) -> float:
-    """Forgetting-probe rise of a finished trial (its adapter vs the same model with the adapter disabled)."""
-    import gc
-
-    from .forgetting import probe
-    from .runs import load_tuned, open_run
-
-    run = open_run(run_dir)
-    model, tok = load_tuned(run)
-    try:
-        return float(probe(model, tok, run.recipe, log=log)["rise"])
-    finally:
-        del model
-        gc.collect()
-
-
 def best_eval_loss(log_history: list[dict[str, Any]]) -> float:
     losses = [float(h["eval_loss"]) for h in log_history if "eval_loss" in h]
     return min(losses) if losses else math.inf
@@ -294,7 +278,10 @@ def sweep(
         trial.set_user_attr("steps", max((h.get("step", 0) for h in history), default=0))
         msg = f"[sweep] trial {trial.number}: best validation loss {value:.4f}"
         if constrain:
-            rise = trial_forgetting(run, log=lambda *_: None)
+            from .report import evaluate_run
+
+            # the trial's adapter vs the same model with it disabled, on the recipe's probe
+            rise = float(evaluate_run(run, probe_only=True, log=lambda *_: None)["forgetting"]["rise"])
             trial.set_user_attr("forgetting_rise", rise)
             trial.set_user_attr("constraint", (rise - recipe.forgetting_threshold,))
             ok = rise <= recipe.forgetting_threshold

@@ -18,25 +18,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from adapters.forgetting import MIN_CHARS
-
-
-def _prose(text: str, seen: set[str]) -> list[str]:
-    out = []
-    for p in text.split("\n\n"):
-        p = " ".join(p.split())
-        letters = sum(c.isalpha() or c.isspace() for c in p)
-        if len(p) >= MIN_CHARS and letters / len(p) > 0.85 and ">>>" not in p and p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+from adapters.forgetting import prose_paragraphs
 
 
 def python_reference() -> list[str]:
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
-    return [p for key in sorted(topics) for p in _prose(topics[key], seen)]
+    return [p for key in sorted(topics) for p in prose_paragraphs(topics[key], seen)]
 
 
 def licenses() -> list[str]:
@@ -47,7 +36,7 @@ def licenses() -> list[str]:
             name = Path(str(f)).name.upper()
             if name.startswith(("LICENSE", "LICENCE", "COPYING")):
                 try:
-                    out += _prose(Path(dist.locate_file(f)).read_text(encoding="utf-8"), seen)
+                    out += prose_paragraphs(Path(dist.locate_file(f)).read_text(encoding="utf-8"), seen)
                 except (OSError, UnicodeDecodeError):
                     continue
     return out
