@@ -18,7 +18,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from adapters.forgetting import prose_paragraphs
+from adapters.evaluation.forgetting import prose_paragraphs
 
 
 def python_reference() -> list[str]:

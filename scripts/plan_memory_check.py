@@ -26,11 +26,11 @@ def one(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from adapters.config import load_recipe
-    from adapters.data import encode_rows, read_rows, to_dataset
-    from adapters.lora import attach_lora
-    from adapters.plan import _fallback_tokenizer, count_parameters, estimate
-    from adapters.train import build_trainer
+    from adapters.config.recipe import load_recipe
+    from adapters.data.encode import encode_rows, read_rows, to_dataset
+    from adapters.model.lora import attach_lora
+    from adapters.planning.estimate import _fallback_tokenizer, count_parameters, estimate
+    from adapters.training.run import build_trainer
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

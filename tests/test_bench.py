@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from adapters import fast
-from adapters.bench import BenchError, bench, gate, make_lengths
-from adapters.config import RecipeError, load_recipe
+from adapters.bench.throughput import BenchError, bench, gate, make_lengths
+from adapters.config.recipe import RecipeError, load_recipe
+from adapters.training import speed as fast
 
 from .conftest import tiny_overrides
 
@@ -129,10 +129,10 @@ def test_recipe_switch_values_are_checked(tiny_models, tiny_data, tmp_path):
 def test_build_trainer_applies_the_switches(setting, ragged, expect, tiny_models, tiny_data, tmp_path):
     from datasets import Dataset
 
-    from adapters.data import encode_rows, read_rows
-    from adapters.lora import attach_lora
-    from adapters.models import load_model, load_tokenizer, resolve_model
-    from adapters.train import build_trainer
+    from adapters.data.encode import encode_rows, read_rows
+    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.model.lora import attach_lora
+    from adapters.training.run import build_trainer
 
     recipe, _ = load_recipe(
         "gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free=setting)
@@ -171,10 +171,10 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(tiny_models, t
     """The labelled-only LM head (TRL's Triton-device path, widened to CPU) matches scoring every position."""
     from datasets import Dataset
 
-    from adapters.data import encode_rows, read_rows
-    from adapters.lora import attach_lora
-    from adapters.models import load_model, load_tokenizer, resolve_model
-    from adapters.train import build_trainer
+    from adapters.data.encode import encode_rows, read_rows
+    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.model.lora import attach_lora
+    from adapters.training.run import build_trainer
 
     recipe, _ = load_recipe(
         "gemma3-270m-demo",

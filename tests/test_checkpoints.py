@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adapters.train as train_mod
-from adapters.checkpoints import MARKER, CheckpointError, last_good_checkpoint, validate_adapter_dir
-from adapters.config import load_recipe
+import adapters.training.run as train_mod
+from adapters.config.recipe import load_recipe
+from adapters.training.checkpoints import MARKER, CheckpointError, last_good_checkpoint, validate_adapter_dir
 
 from .conftest import tiny_overrides
 

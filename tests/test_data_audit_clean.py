@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from adapters.audit import audit, violations
-from adapters.clean import clean_rows, near_key, split_rows
-from adapters.config import load_recipe
-from adapters.data import Encoded, EncodeReport, Row
-from adapters.prepare import prepare_data
+from adapters.config.recipe import load_recipe
+from adapters.data.audit import audit, violations
+from adapters.data.clean import clean_rows, near_key, split_rows
+from adapters.data.encode import Encoded, EncodeReport, Row
+from adapters.data.pipeline import prepare_data
 
 from .conftest import build_tokenizer
 
@@ -162,7 +162,7 @@ def test_mixing_weights_and_augmentation_recorded(tmp_path):
 
 
 def test_data_audit_cli_uses_recipe_tokenizer(tmp_path, tiny_models, tiny_data, capsys):
-    from adapters.cli import main
+    from adapters.cli.main import main
 
     out = tmp_path / "audit"
     rc = main(
@@ -205,8 +205,8 @@ def test_data_audit_cli_uses_recipe_tokenizer(tmp_path, tiny_models, tiny_data, 
 def test_template_from_jinja_file_hashed_and_unstoppable_template_refused(tmp_path, tiny_models, tiny_data):
     import hashlib
 
-    from adapters.audit import AuditError
-    from adapters.models import TEMPLATE_DIR, load_tokenizer, resolve_model
+    from adapters.data.audit import AuditError
+    from adapters.model.loading import TEMPLATE_DIR, load_tokenizer, resolve_model
 
     over = {
         "output_root": str(tmp_path),

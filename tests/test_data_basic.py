@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.data import IGNORE_INDEX, DataError, encode_messages, encode_rows, read_rows
+from adapters.data.encode import IGNORE_INDEX, DataError, encode_messages, encode_rows, read_rows
 
 from .conftest import build_tokenizer
 

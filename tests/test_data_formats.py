@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from adapters.data import DataError, encode_rows, read_rows
-from adapters.datasets_io import check, fingerprint
+from adapters.data.encode import DataError, encode_rows, read_rows
+from adapters.data.readers import check, fingerprint
 
 from .conftest import build_tokenizer
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adapters.data import IGNORE_INDEX, encode_rows, read_rows, to_dataset
+from adapters.data.encode import IGNORE_INDEX, encode_rows, read_rows, to_dataset
 
 from .conftest import build_tokenizer, tiny_config, tiny_overrides
 
@@ -55,8 +55,8 @@ def test_sample_loss_same_packed_and_alone(tiny_data, attn):
 
 
 def test_chat_run_trains_assistant_tokens_only_packed(tiny_models, tiny_data, tmp_path, monkeypatch):
-    import adapters.train as tr
-    from adapters.config import load_recipe
+    import adapters.training.run as tr
+    from adapters.config.recipe import load_recipe
 
     seen = {}
     real = tr.build_trainer

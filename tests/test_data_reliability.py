@@ -7,12 +7,12 @@ import logging
 
 import pytest
 
-from adapters.audit import AuditError
-from adapters.cli import main
-from adapters.config import load_recipe
-from adapters.data import IGNORE_INDEX, DataError, encode_messages, encode_rows, read_rows
-from adapters.datasets_io import check
-from adapters.prepare import packing_guard, prepare_data
+from adapters.cli.main import main
+from adapters.config.recipe import load_recipe
+from adapters.data.audit import AuditError
+from adapters.data.encode import IGNORE_INDEX, DataError, encode_messages, encode_rows, read_rows
+from adapters.data.pipeline import packing_guard, prepare_data
+from adapters.data.readers import check
 
 from .conftest import DEMO, build_tokenizer, tiny_overrides
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.config import load_recipe
+from adapters.config.recipe import load_recipe
 from tests.conftest import REPO, tiny_overrides
 
 CONFIGS = sorted((REPO / "adapters" / "accelerate_configs").glob("*.yaml"))
@@ -99,7 +99,7 @@ def test_ddp_only_rank0_writes(ddp_run):
         names = {p.name for p in ckpt.iterdir()}
         # both ranks' RNG states made it in before the main process validated and renamed the folder
         assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE.json", "adapter_model.safetensors"} <= names
-    from adapters.checkpoints import validate_adapter_dir
+    from adapters.training.checkpoints import validate_adapter_dir
 
     info = validate_adapter_dir(run / "adapter", expected_modules=2 * 7)  # 2 layers x 7 linear modules
     assert info["lora_B"] == 14
@@ -107,7 +107,7 @@ def test_ddp_only_rank0_writes(ddp_run):
 
 def test_ddp_loss_matches_one_process(ddp_run, tiny_models, tiny_data):
     """Same effective batch (2 x 4 vs 1 x 8), same seed: the same samples per step, the same losses."""
-    from adapters.train import train
+    from adapters.training.run import train
 
     ov = dict(
         ddp_run["overrides"], per_device_train_batch_size=8, run_name="one", output_root=str(ddp_run["root"] / "one")
@@ -159,7 +159,7 @@ def test_shipped_accelerate_config_validates(path):
 
 
 def test_shipped_set_is_complete():
-    from adapters.preflight import launch_from_config
+    from adapters.planning.preflight import launch_from_config
 
     kinds = {p.stem: launch_from_config(p) for p in CONFIGS}
     assert kinds["single-gpu"].num_processes == 1
@@ -188,7 +188,7 @@ def _recipe(**kw):
 
 
 def _problems(recipe, launch, config=None):
-    from adapters.preflight import problems
+    from adapters.planning.preflight import problems
 
     return "\n".join(problems(recipe, launch, config))
 
@@ -196,7 +196,7 @@ def _problems(recipe, launch, config=None):
 def test_preflight_rejects_each_bad_combination():
     from types import SimpleNamespace
 
-    from adapters.preflight import Launch, launch_from_config
+    from adapters.planning.preflight import Launch, launch_from_config
 
     fsdp = launch_from_config("fsdp2-qlora", num_processes=2)
     zero3 = launch_from_config("zero3", num_processes=2)
@@ -218,7 +218,7 @@ def test_preflight_rejects_each_bad_combination():
 def test_preflight_accepts_good_combinations():
     from types import SimpleNamespace
 
-    from adapters.preflight import Launch, launch_from_config
+    from adapters.planning.preflight import Launch, launch_from_config
 
     llama = SimpleNamespace(model_type="llama", dtype="bfloat16")
     fsdp = launch_from_config("fsdp2-qlora", num_processes=2)
@@ -231,7 +231,7 @@ def test_preflight_accepts_good_combinations():
 
 
 def test_preflight_reads_the_launcher_environment():
-    from adapters.preflight import launch_from_env
+    from adapters.planning.preflight import launch_from_env
 
     env = {
         "WORLD_SIZE": "4",
@@ -249,7 +249,7 @@ def test_preflight_reads_the_launcher_environment():
 
 def test_train_runs_preflight_first(tiny_models, tiny_data, tmp_path, monkeypatch, capsys):
     """Under a ZeRO-3 launch a 4-bit recipe stops before loading anything, exit code 2, fix named."""
-    from adapters.cli import main
+    from adapters.cli.main import main
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
@@ -268,7 +268,7 @@ def test_validation_counts_keys_against_targeted_modules(ddp_run, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from adapters.checkpoints import CheckpointError, validate_adapter_dir
+    from adapters.training.checkpoints import CheckpointError, validate_adapter_dir
 
     src = ddp_run["run"] / "adapter"
     bad = tmp_path / "adapter"
@@ -289,7 +289,7 @@ def test_validation_counts_keys_against_targeted_modules(ddp_run, tmp_path):
 def test_gathered_state_is_none_without_sharding():
     from types import SimpleNamespace
 
-    from adapters.distributed import gathered_adapter_state, sharding
+    from adapters.training.distributed import gathered_adapter_state, sharding
 
     trainer = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
     assert sharding(trainer) is None and gathered_adapter_state(trainer) is None

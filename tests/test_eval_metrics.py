@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from adapters import metrics as M
-from adapters.config import Recipe, RecipeError, load_recipe
+from adapters.config.recipe import Recipe, RecipeError, load_recipe
+from adapters.evaluation import metrics as M
 
 
 def test_label_metrics_match_hand_values():
@@ -85,7 +85,7 @@ def test_forgetting_flag_threshold():
 
 
 def test_stdlib_probe_is_deterministic_prose():
-    from adapters.forgetting import probe_passages, stdlib_passages
+    from adapters.evaluation.forgetting import probe_passages, stdlib_passages
 
     a, b = stdlib_passages(), stdlib_passages()
     assert a == b and len(a) >= 20
@@ -95,7 +95,7 @@ def test_stdlib_probe_is_deterministic_prose():
 
 
 def test_probe_file_replaces_default_and_bad_files_error(tmp_path):
-    from adapters.forgetting import ProbeError, probe_passages
+    from adapters.evaluation.forgetting import ProbeError, probe_passages
 
     f = tmp_path / "probe.txt"
     f.write_text("First passage\nwraps here.\n\nSecond passage.\n")
@@ -113,7 +113,7 @@ def test_probe_file_replaces_default_and_bad_files_error(tmp_path):
 
 
 def test_sweep_space_parsing():
-    from adapters.sweep import search_space
+    from adapters.training.sweep import search_space
 
     recipe, _ = load_recipe(
         "gemma3-270m-demo",
@@ -160,7 +160,7 @@ def test_sweep_space_parsing():
 
 
 def test_early_stopping_config_errors():
-    from adapters.control import config_fields
+    from adapters.training.callbacks import config_fields
 
     r = Recipe(early_stopping_patience=2, eval_strategy="steps", eval_steps=3, save_steps=6)
     f = config_fields(r, has_eval=True)
@@ -184,7 +184,7 @@ def test_early_stopping_config_errors():
 
 
 def test_report_md_from_evaluation(tmp_path):
-    from adapters.report import plot_confusion, plot_task_metrics, write_report
+    from adapters.evaluation.report import plot_confusion, plot_task_metrics, write_report
 
     base = {**M.task_scores(["a", "b"], ["a", "a"], ["a", "b"]), "samples": []}
     tuned = {**M.task_scores(["a", "a"], ["a", "a"], ["a", "b"]), "samples": []}
@@ -208,7 +208,7 @@ def test_report_md_from_evaluation(tmp_path):
 def test_report_to_needs_the_logger_installed(monkeypatch):
     import importlib.util
 
-    from adapters.control import check_report_to
+    from adapters.training.callbacks import check_report_to
 
     check_report_to("tensorboard")
     check_report_to("none")
@@ -221,7 +221,7 @@ def test_report_to_needs_the_logger_installed(monkeypatch):
 def test_sweep_refuses_without_validation_split(tmp_path):
     from pathlib import Path
 
-    from adapters.sweep import sweep
+    from adapters.training.sweep import sweep
 
     with pytest.raises(RecipeError, match="a sweep needs a validation split"):
         sweep(Recipe(eval_strategy="no"), Path("x.yaml"), 3, out_dir=tmp_path)

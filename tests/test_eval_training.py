@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.cli import main
-from adapters.config import load_recipe
-from adapters.train import train
+from adapters.cli.main import main
+from adapters.config.recipe import load_recipe
+from adapters.training.run import train
 
 from .conftest import tiny_overrides
 
@@ -112,7 +112,7 @@ def test_eval_probe_only_uses_another_text_and_writes_nothing(finished_run, tmp_
 
 
 def test_generate_prompt_interactive_and_merged_missing(finished_run, capsys):
-    from adapters.generate import run_generate
+    from adapters.evaluation.generate import run_generate
 
     out = io.StringIO()
     one = run_generate(finished_run, prompt="Catalogue line for this record: city: Riga", max_new_tokens=6, stdout=out)
@@ -204,7 +204,7 @@ def _pretrain_on_probe(model_dir: Path, out: Path, steps: int = 100) -> Path:
     """A random tiny model knows no general text; give it some (the default probe) so that it can forget it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.forgetting import encode_probe, stdlib_passages
+    from adapters.evaluation.forgetting import encode_probe, stdlib_passages
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -223,11 +223,11 @@ def _pretrain_on_probe(model_dir: Path, out: Path, steps: int = 100) -> Path:
 
 
 def test_forgetting_probe_rises_after_hard_training_on_unrelated_data(tiny_models, tiny_data, tmp_path):
-    from adapters.data import encode_rows, read_rows, to_dataset
-    from adapters.forgetting import probe
-    from adapters.lora import attach_lora
-    from adapters.models import load_model, load_tokenizer, resolve_model
-    from adapters.train import build_trainer
+    from adapters.data.encode import encode_rows, read_rows, to_dataset
+    from adapters.evaluation.forgetting import probe
+    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.model.lora import attach_lora
+    from adapters.training.run import build_trainer
 
     unrelated = tmp_path / "digits.jsonl"
     unrelated.write_text(
@@ -271,7 +271,7 @@ def test_forgetting_probe_rises_after_hard_training_on_unrelated_data(tiny_model
     after = probe(model, tok, recipe)
     assert after["ppl_base"] == pytest.approx(before["ppl_base"], rel=1e-4)  # the base is untouched
     assert after["rise"] > 0.05, after
-    from adapters.metrics import forgetting_flag
+    from adapters.evaluation.metrics import forgetting_flag
 
     assert forgetting_flag(after, recipe.forgetting_threshold)["name"] == "forgetting"
 
@@ -279,7 +279,7 @@ def test_forgetting_probe_rises_after_hard_training_on_unrelated_data(tiny_model
 def test_pruning_callback_raises_trial_pruned():
     import optuna
 
-    from adapters.sweep import pruning_callback
+    from adapters.training.sweep import pruning_callback
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
     t0 = study.ask()
@@ -295,7 +295,7 @@ def test_pruning_callback_raises_trial_pruned():
 
 
 def test_sweep_three_trials_writes_best_recipe(tiny_models, tiny_data, tmp_path):
-    from adapters.config import parse_overrides
+    from adapters.config.recipe import parse_overrides
 
     out = tmp_path / "sw"
     overrides = tiny_overrides(

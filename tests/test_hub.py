@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.config import load_recipe
-from adapters.hub import HubError, push, resolve_adapter
-from adapters.runs import RunError, load_tuned, open_run
-from adapters.train import train
+from adapters.config.recipe import load_recipe
+from adapters.publish.hub import HubError, push, resolve_adapter
+from adapters.publish.rundir import RunError, load_tuned, open_run
+from adapters.training.run import train
 
 from .conftest import build_model_dir, tiny_overrides
 from .fake_hub import FakeHub
@@ -137,7 +137,7 @@ def test_card_names_the_canonical_base_and_inherits_its_license(run_dir):
 def test_nan_adapter_is_never_pushed(run_dir):
     from safetensors.torch import load_file, save_file
 
-    from adapters.checkpoints import CheckpointError
+    from adapters.training.checkpoints import CheckpointError
 
     f = run_dir / "adapter" / "adapter_model.safetensors"
     t = load_file(str(f))
@@ -150,7 +150,7 @@ def test_nan_adapter_is_never_pushed(run_dir):
 def test_merged_push_uploads_the_merged_model(run_dir, hub):
     from huggingface_hub import ModelCard
 
-    from adapters.merge import merge_run
+    from adapters.publish.merge import merge_run
 
     merge_run(run_dir, n_probes=2, log=_quiet)  # the real merge verb: merged/ + merge_report.json
     push(run_dir, "me/tiny-merged", merged=True, endpoint=hub.url, backoff=0.01, log=_quiet)
@@ -262,7 +262,7 @@ def test_pull_hub_id_loads_like_the_run_and_refuses_a_wrong_base(run_dir, hub, t
 def test_verify_remote_compares_lfs_files_by_sha256(tmp_path):
     from huggingface_hub.hf_api import RepoFile
 
-    from adapters.hub import Upload, verify_remote
+    from adapters.publish.hub import Upload, verify_remote
 
     u = Upload("adapter_model.safetensors", tmp_path / "x", 10, "ab" * 32, "cd" * 20)
     lfs = RepoFile(path=u.path_in_repo, size=10, oid="ee" * 20, lfs={"size": 10, "oid": "ab" * 32, "pointerSize": 130})
@@ -282,7 +282,7 @@ def test_resolve_adapter_errors(tmp_path):
 
 
 def test_cli_push_dry_run_and_bad_repo_id(run_dir, capsys):
-    from adapters.cli import main
+    from adapters.cli.main import main
 
     assert main(["push", str(run_dir), "--repo-id", "me/tiny-lora", "--dry-run"]) == 0
     assert "README.md" in capsys.readouterr().out

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import cli
-from adapters.config import load_recipe
-from adapters.data import encode_messages, read_rows
-from adapters.merge import MergeError, ensure_full_precision, merge_into, merge_run, save_merged
-from adapters.train import train
+from adapters.cli import main as cli
+from adapters.config.recipe import load_recipe
+from adapters.data.encode import encode_messages, read_rows
+from adapters.publish.merge import MergeError, ensure_full_precision, merge_into, merge_run, save_merged
+from adapters.training.run import train
 
 from .conftest import REPO, build_tokenizer, tiny_overrides
 
@@ -197,7 +197,7 @@ def test_merged_folder_loads_with_plain_transformers(merged_run, tiny_models):
 
 def test_max_kl_failure_exit_code(trained_run, tmp_path, monkeypatch, capsys):
     """A merged model that disagrees with the adapter: exit 1, merged/ not written; --force writes it."""
-    import adapters.merge as m
+    import adapters.publish.merge as m
 
     real = m.merge_into
 
@@ -229,7 +229,7 @@ def test_combine_two_adapters(trained_run, tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapters.combine import combine_runs
+    from adapters.publish.combine import combine_runs
 
     a = _copy_run(trained_run, tmp_path / "a")
     b = _perturbed_run(trained_run, tmp_path / "b")
@@ -254,7 +254,7 @@ def test_combine_two_adapters(trained_run, tiny_models, tmp_path):
 
 
 def test_combine_refuses_different_bases(trained_run, tmp_path):
-    from adapters.combine import combine_runs
+    from adapters.publish.combine import combine_runs
 
     a = _copy_run(trained_run, tmp_path / "a")
     b = _copy_run(trained_run, tmp_path / "b")
@@ -309,7 +309,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, sys.argv[3])
-from adapters.runs import base_fingerprint
+from adapters.publish.rundir import base_fingerprint
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 torch.manual_seed(0)
 # 32000*1024*2 embeddings + 6 layers * (4*1024^2 + 3*1024*2048) = 128M parameters, 0.51 GB in fp32

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.config import load_recipe
-from adapters.models import ModelSourceError, load_tokenizer, quantization_config, resolve_model
+from adapters.config.recipe import load_recipe
+from adapters.model.loading import ModelSourceError, load_tokenizer, quantization_config, resolve_model
 
 
 def test_missing_directory(tmp_path):

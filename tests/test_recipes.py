@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.config import RECIPE_DIR, Recipe, RecipeError, load_recipe, parse_overrides
-from adapters.lora import lora_config
-from adapters.models import quantization_config
+from adapters.config.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe, parse_overrides
+from adapters.model.loading import quantization_config
+from adapters.model.lora import lora_config
 
 SHIPPED = sorted(RECIPE_DIR.glob("*.yaml"))
 
@@ -104,7 +104,7 @@ def test_parse_overrides_types():
 
 
 def test_cli_reports_bad_key(capsys):
-    from adapters.cli import main
+    from adapters.cli.main import main
 
     assert main(["train", "gemma3-270m-demo", "--lerning_rate", "1"]) == 2
     err = capsys.readouterr().err

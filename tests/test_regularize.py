@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from adapters.config import RecipeError, load_recipe
-from adapters.regularize import kl_to_base, sample_positions, unlabelled_positions
+from adapters.config.recipe import RecipeError, load_recipe
+from adapters.training.forgetting_guard import kl_to_base, sample_positions, unlabelled_positions
 
 from .conftest import tiny_overrides
 from .test_eval_training import _pretrain_on_probe
@@ -33,8 +33,8 @@ def test_unlabelled_positions_padded_and_padding_free():
 
 
 def test_kl_is_zero_for_a_fresh_adapter_and_has_gradients_after(tiny_models, tiny_data, tmp_path):
-    from adapters.lora import attach_lora
-    from adapters.models import load_model, resolve_model
+    from adapters.model.loading import load_model, resolve_model
+    from adapters.model.lora import attach_lora
 
     recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path))
     model = attach_lora(load_model(resolve_model(recipe.model_name_or_path), recipe), recipe)
@@ -68,11 +68,11 @@ def knows_prose(tiny_models, tmp_path_factory):
 
 
 def _train_and_probe(model_dir, tiny_data, tmp_path, **extra):
-    from adapters.data import encode_rows, read_rows, to_dataset
-    from adapters.forgetting import probe
-    from adapters.lora import attach_lora
-    from adapters.models import load_model, load_tokenizer, resolve_model
-    from adapters.train import build_trainer
+    from adapters.data.encode import encode_rows, read_rows, to_dataset
+    from adapters.evaluation.forgetting import probe
+    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.model.lora import attach_lora
+    from adapters.training.run import build_trainer
 
     words = "the of a module returns value list when is an object for this by with".split()
     tmp_path.mkdir(parents=True, exist_ok=True)

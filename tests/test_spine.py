@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.config import load_recipe
-from adapters.data import encode_rows, read_rows, to_dataset
-from adapters.lora import attach_lora
-from adapters.models import load_model, load_tokenizer, resolve_model
-from adapters.train import build_trainer, save_adapter, train
+from adapters.config.recipe import load_recipe
+from adapters.data.encode import encode_rows, read_rows, to_dataset
+from adapters.model.loading import load_model, load_tokenizer, resolve_model
+from adapters.model.lora import attach_lora
+from adapters.training.run import build_trainer, save_adapter, train
 
 from .conftest import REPO, tiny_overrides
 

@@ -1,0 +1,232 @@
+"""Data: read JSONL rows with their file:line, render them with the chat template, build labels by position.
+
+Rows are chat ``{"messages": [{"role", "content"}, …]}`` or ``{"prompt": …, "completion": …}``. Loss is on the
+assistant turns (or the completion) only. Labels are built from token positions, never from token ids, so the
+EOS / end-of-turn token that closes each answer is supervised even when the pad token equals EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """Bad input data. ``str()`` starts with ``file:line[:col]: field:``."""
+
+
+@dataclass
+class Row:
+    file: str
+    line: int
+    messages: list[dict[str, str]]
+    text: str | None = None
+    """Plain-text rows (data_format: text) have no messages and train on every token."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+
+
+@dataclass
+class EncodeReport:
+    rows: int = 0
+    kept: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self, max_length: int) -> dict[str, Any]:
+        ls = sorted(self.lengths) or [0]
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "dropped": len(self.dropped),
+            "dropped_rows": self.dropped[:50],
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "trained_share": round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0,
+            "length": {
+                "min": ls[0],
+                "median": statistics.median(ls),
+                "p95": ls[min(len(ls) - 1, int(0.95 * len(ls)))],
+                "max": ls[-1],
+                "max_length": max_length,
+            },
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) from a JSONL file, reading raw bytes so that every error has a location."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + e.start} "
+                    f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def normalise_row(
+    obj: dict[str, Any], where: str, data_format: str | None = None, columns: dict[str, str] | None = None
+) -> list[dict[str, str]]:
+    """Turn a raw row into a list of {role, content} turns, or raise a DataError naming the field."""
+    from adapters.data.readers import normalise
+
+    messages, _, problems, _ = normalise(obj, data_format, columns)
+    if problems:
+        raise DataError(f"{where}: {problems[0][0]}: {problems[0][1]}")
+    return messages or []
+
+
+def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:
+    """Every row of a source (file, directory or saved dataset); the first problem raises, with how many more."""
+    from adapters.data.readers import scan
+
+    s = scan(path, data_format, columns)
+    if s.problems:
+        more = (
+            f" (and {len(s.problems) - 1} more problem(s); run `adapters data check {path}`)"
+            if len(s.problems) > 1
+            else ""
+        )
+        raise DataError(f"{s.problems[0]}{more}")
+    return s.rows
+
+
+def fingerprint(path: str | Path) -> str:
+    from adapters.data.readers import fingerprint as fp
+
+    return fp(path)
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+def render(tok, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_messages(tok, messages: list[dict[str, str]], where: str = "?") -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation, and labels that train the assistant turns only.
+
+    Each assistant turn's span is found by rendering the conversation up to the turn with a generation prompt,
+    then up to and including the turn; that prefix must be a token prefix of the full rendering, or the template
+    cannot produce a loss mask and we refuse the row rather than guess.
+    """
+    full = _ids(tok, render(tok, messages))
+    labels = [IGNORE_INDEX] * len(full)
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = _ids(tok, render(tok, messages[:i], add_generation_prompt=True))
+        end = _ids(tok, render(tok, messages[: i + 1]))
+        if full[: len(start)] != start or full[: len(end)] != end or len(end) <= len(start):
+            raise DataError(
+                f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
+                "conversation, so the assistant-only loss mask cannot be built"
+            )
+        labels[len(start) : len(end)] = full[len(start) : len(end)]
+    return full, labels
+
+
+def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
+    """Plain text: BOS (untrained) + text + EOS, every token after BOS trained."""
+    ids = _ids(tok, text) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    labels = list(ids)
+    if tok.bos_token_id is not None:
+        ids, labels = [tok.bos_token_id] + ids, [IGNORE_INDEX] + labels
+    return ids, labels
+
+
+def encode_rows(
+    tok, rows: list[Row], max_length: int, max_drop_share: float = 0.5
+) -> tuple[list[Encoded], EncodeReport]:
+    """Encode rows; a row whose trained tokens would be cut by ``max_length`` is dropped and reported.
+
+    Raises when more than ``max_drop_share`` of the rows would be dropped: that is a recipe error, not noise.
+    """
+    report = EncodeReport()
+    out: list[Encoded] = []
+    for row in rows:
+        report.rows += 1
+        ids, labels = (
+            encode_text(tok, row.text) if row.text is not None else encode_messages(tok, row.messages, row.where)
+        )
+        report.lengths.append(len(ids))
+        if len(ids) > max_length:
+            report.dropped.append(
+                {
+                    "where": row.where,
+                    "tokens": len(ids),
+                    "reason": f"longer than max_length={max_length}; the answer would be cut",
+                }
+            )
+            continue
+        trained = sum(1 for x in labels if x != IGNORE_INDEX)
+        if trained == 0:
+            report.dropped.append({"where": row.where, "tokens": len(ids), "reason": "no trained token"})
+            continue
+        out.append(Encoded(ids, labels, row.where))
+        report.kept += 1
+        report.tokens += len(ids)
+        report.trained_tokens += trained
+    if report.rows and len(report.dropped) > max_drop_share * report.rows:
+        first = report.dropped[0]
+        raise DataError(
+            f"{first['where']}: {len(report.dropped)} of {report.rows} rows would be dropped "
+            f"(first: {first['reason']}); raise max_length or shorten the data"
+        )
+    return out, report
+
+
+def to_dataset(encoded: list[Encoded], pack_length: int | None = None):
+    """A datasets.Dataset of input_ids/labels; with ``pack_length``, packed by TRL (best fit decreasing)."""
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    if pack_length:
+        from trl import pack_dataset
+
+        ds = pack_dataset(ds, pack_length, strategy="bfd")
+    return ds
+
+
+def prompts_and_answers(rows: list[Row]) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """For scoring: the conversation up to the last assistant turn, and that turn's text."""
+    return [r.messages[:-1] for r in rows], [r.messages[-1]["content"] for r in rows]

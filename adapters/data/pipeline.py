@@ -1,0 +1,243 @@
+"""The data stage of a run: validate -> read/mix -> clean -> split -> augment -> encode -> audit -> report.
+
+``prepare_data(recipe, tok, run_dir)`` is what ``adapters.training.run.train`` calls before loading the model, so every data
+problem stops the run before anything expensive starts. Everything done is recorded for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+from adapters.config.recipe import Recipe
+from adapters.data.audit import AuditError, audit, format_audit, violations
+from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
+from adapters.data.encode import DataError, Encoded, Row, encode_rows
+from adapters.data.readers import check, fingerprint, scan
+from adapters.utils.provenance import write_json
+
+# Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
+# built by masking_utils from position_ids (a restart at 0 starts a new sample) when no 2D attention mask is given,
+# and the flash kernels take cu_seq_lens. That holds only without a KV cache: TRL's compute_loss passes
+# use_cache=False. tests/test_data_packing.py checks sdpa and eager on a tiny model.
+ISOLATING_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
+
+
+def packing_guard(recipe: Recipe, say=print) -> bool:
+    """Decide whether batches are packed. Refuses nothing silently: a non-isolating attention turns packing off
+    with a warning. ``padding_free`` alone is run as BFD packing (TRL refuses padding_free with a max_length, and
+    our rows already fit it). Returns True when the training set must be packed."""
+    extra = recipe.sft_extra
+    wants = bool(extra.get("packing") or extra.get("padding_free"))
+    if not wants:
+        return False
+    attn = recipe.attn_implementation
+    if attn not in ISOLATING_ATTENTION:
+        msg = (
+            f"packing/padding_free disabled: attn_implementation={attn!r} does not keep packed samples apart "
+            f"(use one of {sorted(ISOLATING_ATTENTION)}); tokens of one sample would attend to another"
+        )
+        warnings.warn(msg, stacklevel=2)
+        say(f"[data] warning: {msg}")
+        extra.pop("packing", None)
+        extra.pop("padding_free", None)
+        return False
+    if extra.get("packing_strategy", "bfd") == "wrapped":
+        raise DataError(
+            "packing_strategy: 'wrapped' cuts samples in the middle, so answers lose their prompt; use 'bfd'"
+        )
+    extra["packing"] = True
+    extra.pop("padding_free", None)
+    return True
+
+
+def pack(dataset, max_length: int):
+    """Pack with TRL's best-fit-decreasing packer; ``seq_lengths`` tells the collator where each sample starts."""
+    from trl import pack_dataset
+
+    return pack_dataset(dataset, max_length, strategy="bfd")
+
+
+def _read(path: str, recipe: Recipe) -> list[Row]:
+    return scan(path, recipe.data_format, recipe.data_columns).rows
+
+
+def validate_sources(
+    recipe: Recipe, paths: list[str], run_dir: Path | None, say=print, write: bool = True
+) -> dict[str, Any]:
+    """The same validation as ``adapters data check``, before every train. Errors stop the run unless
+    ``skip_invalid``; then the bad rows go to the quarantine file and their count is reported."""
+    qpath = recipe.quarantine_file or (str(run_dir / "quarantine.jsonl") if run_dir else None)
+    res = check(
+        paths, recipe.data_format, recipe.data_columns, quarantine=qpath if recipe.skip_invalid and write else None
+    )
+    if res.problems and not recipe.skip_invalid:
+        shown = "\n  ".join(str(p) for p in res.problems[:20])
+        more = f"\n  … and {len(res.problems) - 20} more" if len(res.problems) > 20 else ""
+        raise DataError(
+            f"{len(res.problems)} problem(s) in {res.bad_rows} row(s) of the data:\n  {shown}{more}\n"
+            "fix them, or set skip_invalid: true to quarantine these rows"
+        )
+    if res.bad_rows:
+        say(f"[data] {res.bad_rows} invalid row(s) skipped -> {res.quarantine} (first: {res.problems[0]})")
+    return {
+        "rows": res.rows,
+        "valid": res.valid,
+        "invalid": res.bad_rows,
+        "quarantine": str(res.quarantine) if res.quarantine else None,
+    }
+
+
+def prepare_data(
+    recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True
+) -> tuple[list[Encoded], list[Encoded] | None, list[Row], dict[str, Any]]:
+    """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json."""
+    from adapters.model.loading import stop_token_ids
+
+    rng = random.Random(recipe.seed)
+    mix = dict(recipe.data_mix or {})
+    mix.setdefault(recipe.train_file, 1.0)
+    held = [p for p in (recipe.eval_file, recipe.test_file) if p]
+    general = [recipe.general_data_file] if recipe.general_data_file else []
+    report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
+    report["chat_template"] = {
+        "source": recipe.chat_template or "tokenizer (or the family built-in if it has none)",
+        "sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+    }
+    report["packing"] = {
+        "enabled": bool(recipe.sft_extra.get("packing")),
+        "attn_implementation": recipe.attn_implementation,
+    }
+
+    # ---------------------------------------------------------------- sources; clean and split before weighting,
+    # so that duplicates are found across sources and no repeated row can cross the split
+    sources, train_rows, source_of = [], [], {}
+    for path in mix:
+        rows = _read(path, recipe)
+        sources.append({"file": path, "sha256": fingerprint(path), "weight": float(mix[path]), "rows": len(rows)})
+        for r in rows:
+            source_of[id(r)] = path
+        train_rows += rows
+    eval_rows = _read(recipe.eval_file, recipe) if recipe.eval_file else []
+    test_rows = _read(recipe.test_file, recipe) if recipe.test_file else []
+    train_rows, steps = clean_rows(
+        train_rows, recipe.dedup, recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
+    )
+    if recipe.val_split:
+        if recipe.eval_file:
+            raise DataError(
+                f"val_split: set eval_file: null to split the training data, or val_split: 0 to use {recipe.eval_file}"
+            )
+        train_rows, eval_rows = split_rows(train_rows, recipe.val_split, recipe.seed)
+        report["split"] = {"by": "fraction", "val_split": recipe.val_split, "seed": recipe.seed}
+    else:
+        report["split"] = {"by": "file", "eval_file": recipe.eval_file, "test_file": recipe.test_file}
+    before = len(train_rows)
+    train_rows, leaked = remove_overlap(train_rows, eval_rows, test_rows)
+    steps.append(
+        {
+            "step": "overlap_with_eval_or_test",
+            "before": before,
+            "removed": len(leaked),
+            "after": len(train_rows),
+            "examples": [r.where for r in leaked[:10]],
+        }
+    )
+    report["split"].update(train=len(train_rows), eval=len(eval_rows), test=len(test_rows))
+    for s in steps:
+        if s["removed"]:
+            say(f"[data] clean {s['step']}: removed {s['removed']} of {s['before']} (first: {s['examples'][0]})")
+    report["cleaning"] = steps
+    mixed = []
+    for src in sources:
+        rows = [r for r in train_rows if source_of[id(r)] == src["file"]]
+        used = weighted(rows, src["weight"], rng)
+        src["rows_used"] = len(used)
+        for r in used:
+            source_of[id(r)] = src["file"]
+        mixed += used
+    train_rows = mixed
+    source_by_where = {r.where: source_of[id(r)] for r in train_rows}
+
+    # ---------------------------------------------------------------- augmentation (opt-in)
+    aug: dict[str, Any] = {}
+    if recipe.augment_prompt_templates:
+        before = len(train_rows)
+        train_rows = apply_templates(train_rows, recipe.augment_prompt_templates)
+        aug["prompt_templates"] = {
+            "templates": recipe.augment_prompt_templates,
+            "rows_before": before,
+            "rows_after": len(train_rows),
+        }
+    if recipe.general_data_file and recipe.general_data_share:
+        general_rows = _read(recipe.general_data_file, recipe)
+        train_rows, added = mix_general(train_rows, general_rows, recipe.general_data_share, rng)
+        source_by_where.update({r.where: recipe.general_data_file for r in general_rows})
+        aug["general_data"] = {
+            "file": recipe.general_data_file,
+            "sha256": fingerprint(recipe.general_data_file),
+            "share": recipe.general_data_share,
+            "rows_added": added,
+            "rows_available": len(general_rows),
+        }
+        sources.append(
+            {
+                "file": recipe.general_data_file,
+                "sha256": aug["general_data"]["sha256"],
+                "weight": None,
+                "rows": len(general_rows),
+                "rows_used": added,
+            }
+        )
+    if aug:
+        say(f"[data] augmentation: {aug}")
+    report["augmentation"] = aug or None
+
+    # ---------------------------------------------------------------- encode + audit
+    train_enc, rep = encode_rows(tok, train_rows, recipe.max_length, max_drop_share=1.0)
+    a = audit(train_enc, rep, recipe.max_length, stop_token_ids(tok))
+    audits = {"train": a}
+    eval_enc = None
+    if eval_rows:
+        eval_enc, erep = encode_rows(tok, eval_rows, recipe.max_length, max_drop_share=1.0)
+        audits["eval"] = audit(eval_enc, erep, recipe.max_length, stop_token_ids(tok))
+    for s in sources:
+        s["tokens"] = sum(len(e.input_ids) for e in train_enc if source_by_where.get(e.where) == s["file"])
+    report["sources"] = sources
+    # the spine's per-split summary (file, sha256, rows, kept, tokens, trained_share, length)
+    train_sha = next(s["sha256"] for s in sources if s["file"] == recipe.train_file)
+    report["train"] = {"file": recipe.train_file, "sha256": train_sha, **rep.summary(recipe.max_length)}
+    if eval_rows:
+        report["eval"] = {
+            "file": recipe.eval_file,
+            "sha256": fingerprint(recipe.eval_file) if recipe.eval_file else None,
+            **erep.summary(recipe.max_length),
+        }
+    if recipe.test_file:
+        report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file), "rows": len(test_rows)}
+    problems = violations(a, recipe.audit_max_dropped_share, recipe.audit_min_trained_share, recipe.audit_require_eos)
+    audits["thresholds"] = {
+        "audit_max_dropped_share": recipe.audit_max_dropped_share,
+        "audit_min_trained_share": recipe.audit_min_trained_share,
+        "audit_require_eos": recipe.audit_require_eos,
+    }
+    audits["problems"] = problems
+    for name in ("train", "eval"):
+        if name in audits:
+            for line in format_audit(name, audits[name]):
+                say(line)
+    if write and run_dir is not None:
+        write_json(Path(run_dir) / "data_audit.json", audits)
+    report["audit"] = {
+        k: {kk: v for kk, v in audits[k].items() if not kk.endswith("_rows")} for k in ("train", "eval") if k in audits
+    }
+    report["audit"]["problems"] = problems
+    if problems:
+        raise AuditError("data audit failed (see data_audit.json): " + "; ".join(problems))
+    if not train_enc:
+        raise DataError(f"{recipe.train_file}: no usable training rows")
+    say("[audit] no problems")
+    return train_enc, eval_enc, test_rows, report

@@ -1,0 +1,515 @@
+"""Verified merge: the run's adapter folded into a full-precision reload of its base, checked against the adapter.
+
+``adapters merge outputs/<run>`` does, in this order, holding at most one model in memory at a time:
+
+1. reload the base in full precision (the recipe's dtype, or ``--dtype``); a base stored quantized is refused,
+   because folding a LoRA delta into 4/8-bit weights rounds most of it away (peft#2321, peft#2586);
+2. put the adapter on it and record probe logits and greedy answers: reference (b), the adapter on the
+   full-precision base;
+3. ``merge_and_unload(safe_merge=True)`` in place (NaNs are caught by PEFT), compare with (b);
+4. save to ``merged/`` through a staging folder (small safetensors shards, config, generation config, tokenizer,
+   chat template), reload it with plain ``AutoModelForCausalLM.from_pretrained`` and compare again; score the
+   reloaded model on the held-out split;
+5. when the recipe trained on a quantized base, reload that form with the adapter (reference (a)) and compare;
+6. write ``merge_report.json``; promote the staging folder to ``merged/`` only if the merged model agrees with (b)
+   within ``--max-kl`` (or ``--force``).
+
+Probe logits are taken at the positions that produce the reference answer (teacher forcing), so the comparison
+covers the tokens the task is about, and the stored logits stay small even for a 262k vocabulary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.data.encode import IGNORE_INDEX, encode_messages, prompts_and_answers, read_rows
+from adapters.evaluation.generation import answer_budget, exact_match, generate_answers
+from adapters.model.loading import load_model, model_memory_mb
+from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, open_run
+from adapters.utils.provenance import write_json
+
+DEFAULT_MAX_KL = 0.01
+"""Mean KL (nats per answer token) allowed between merged model and adapter model. An fp32 merge agrees to ~1e-9;
+a bf16 merge rounds W + BA once and typically stays below 1e-3; a broken merge (e.g. tied embeddings corrupted)
+is far above 0.01."""
+DEFAULT_SHARD = "200MB"
+"""Safetensors shard size of merged/: each shard is serialized through one buffer, so small shards keep the
+saving step's extra memory small."""
+METHODS = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+
+
+class MergeError(RuntimeError):
+    """The merge cannot be done correctly; the message says why and names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+class PeakRSS:
+    """Peak memory of this process while the block runs (sampled every 5 ms), against its level at the start.
+
+    Two figures: resident set size (RSS, what ``ru_maxrss`` and ``top`` show) and its anonymous part (RSS minus
+    file-backed pages). transformers memory-maps safetensors checkpoints, so RSS also counts clean pages of the
+    base checkpoint that stay mapped while any tensor still points into the file; the kernel drops those under
+    memory pressure without swapping. The anonymous part is the memory the merge really holds.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.start_mb = self.peak_mb = self.start_anon_mb = self.peak_anon_mb = 0.0
+
+    def _sample(self) -> tuple[float, float]:
+        m = self._proc.memory_info()
+        return m.rss / 2**20, (m.rss - getattr(m, "shared", 0)) / 2**20
+
+    def _update(self) -> None:
+        rss, anon = self._sample()
+        self.peak_mb, self.peak_anon_mb = max(self.peak_mb, rss), max(self.peak_anon_mb, anon)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._update()
+
+    def __enter__(self) -> PeakRSS:
+        self.start_mb, self.start_anon_mb = self._sample()
+        self.peak_mb, self.peak_anon_mb = self.start_mb, self.start_anon_mb
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+
+    def summary(self, model_mb: float) -> dict[str, Any]:
+        import resource
+
+        rise, rise_anon = self.peak_mb - self.start_mb, self.peak_anon_mb - self.start_anon_mb
+
+        def ratio(x: float) -> float | None:
+            return round(x / model_mb, 3) if model_mb else None
+
+        return {
+            "peak_rss_mb": round(self.peak_mb, 1),
+            "start_rss_mb": round(self.start_mb, 1),
+            "peak_rise_mb": round(rise, 1),
+            "model_mb": round(model_mb, 1),
+            "peak_rise_over_model": ratio(rise),
+            "peak_anon_mb": round(self.peak_anon_mb, 1),
+            "start_anon_mb": round(self.start_anon_mb, 1),
+            "peak_anon_rise_mb": round(rise_anon, 1),
+            "peak_anon_rise_over_model": ratio(rise_anon),
+            "process_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+
+
+def free(*objs) -> None:
+    """Drop references, collect, and hand freed heap pages back to the OS so the next load does not stack."""
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+def stored_quantization(model_path: str | Path) -> str | None:
+    """The quantization method a checkpoint is stored with (its config.json), or None for full precision."""
+    cfg = Path(model_path) / "config.json"
+    if not cfg.is_file():
+        return None
+    qc = json.loads(cfg.read_text()).get("quantization_config")
+    if not qc:
+        return None
+    bits = "4-bit" if qc.get("load_in_4bit") else "8-bit" if qc.get("load_in_8bit") else f"{qc.get('bits', '?')}-bit"
+    return f"{qc.get('quant_method', 'unknown')} {bits}"
+
+
+def ensure_full_precision(model, where: str) -> None:
+    """Refuse to merge into quantized weights: the LoRA update is smaller than a 4-bit step and rounds away."""
+    quantized = (
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(model, "hf_quantizer", None) is not None
+        or any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    )
+    if quantized:
+        raise MergeError(
+            f"{where}: the base is loaded quantized; merging a LoRA adapter into 4/8-bit weights "
+            "rounds most of the update away (peft#2321). Reload the base in full precision "
+            "(bfloat16 or float32) and merge into that; `adapters merge` does this for you"
+        )
+
+
+def _untie_adapted_embeddings(peft_model) -> bool:
+    """If input and output embeddings are tied and the adapter touches either, give lm_head its own weight.
+
+    PEFT merges the delta into the one shared matrix, which would change the other side too, and a saved model
+    with tie_word_embeddings=True would drop the merged lm_head on reload. Untying keeps both exact; the saved
+    model is larger by one vocab x hidden matrix (recorded in the report).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    base = peft_model.get_base_model()
+    cfgs = [base.config] + ([base.config.text_config] if hasattr(base.config, "text_config") else [])
+    if not any(getattr(c, "tie_word_embeddings", False) for c in cfgs):
+        return False
+    out, inp = base.get_output_embeddings(), base.get_input_embeddings()
+    if out is None or not any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in (out, inp)):
+        return False
+
+    def raw(m):
+        return getattr(m, "base_layer", None) or getattr(m, "original_module", None) or m
+
+    o, i = raw(out), raw(inp)
+    if o.weight is i.weight or o.weight.data_ptr() == i.weight.data_ptr():
+        o.weight = torch.nn.Parameter(i.weight.detach().clone(), requires_grad=False)
+    for c in cfgs:
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- probes
+def probe_set(run: Run, tok, n: int) -> tuple[list[tuple[list[int], list[int]]], list, list[str], str]:
+    """The first ``n`` rows of the run's eval split (else its test split): token ids + answer labels, prompts."""
+    src = run.recipe.eval_file or run.recipe.test_file
+    if not src:
+        raise MergeError(
+            f"{run.path / 'manifest.json'}: the recipe has neither eval_file nor test_file, so there "
+            "are no probe prompts to verify the merge with"
+        )
+    if not Path(src).is_file():
+        raise MergeError(
+            f"{run.path / 'manifest.json'}: probe file {src} (recipe eval_file/test_file) not found; "
+            "run from the directory the run was trained in"
+        )
+    rows = read_rows(src)[:n]
+    enc = [encode_messages(tok, r.messages, r.where) for r in rows]
+    convs, refs = prompts_and_answers(rows)
+    return enc, convs, refs, src
+
+
+@torch.no_grad()
+def probe_logits(model, probes) -> torch.Tensor:
+    """Logits (fp32, CPU) at every position that predicts an answer token, all probes concatenated."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for ids, labels in probes:
+        pos = [i - 1 for i, lab in enumerate(labels) if lab != IGNORE_INDEX and i > 0]
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
+        out.append(logits[pos].float().cpu())
+    return torch.cat(out)
+
+
+def compare(ref: torch.Tensor, got: torch.Tensor, ref_answers=None, got_answers=None) -> dict[str, Any]:
+    """Max/mean |logit difference|, mean and max KL(ref || got) per position, top-1 agreement, greedy answers."""
+    diff = (ref - got).abs()
+    lr, lg = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kl = (lr.exp() * (lr - lg)).sum(-1).clamp_min(0)
+    res = {
+        "positions": int(ref.shape[0]),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+    }
+    if ref_answers is not None and got_answers is not None:
+        same = [a == b for a, b in zip(ref_answers, got_answers)]
+        res["greedy_match"] = sum(same) / len(same) if same else 1.0
+        res["greedy_all_match"] = all(same)
+    return res
+
+
+def _budget(run: Run, tok, refs: list[str]) -> int:
+    ev = run.path / "eval.json"
+    if ev.is_file():
+        got = json.loads(ev.read_text()).get("max_new_tokens")
+        if got:
+            return int(got)
+    return run.recipe.eval_max_new_tokens or answer_budget(tok, refs)
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def promote(staging: Path, final: Path) -> None:
+    """Atomically replace ``final`` with the finished ``staging`` folder (the old one is kept until then)."""
+    _fsync_tree(staging)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_merged(model, tok, staging: Path, max_shard_size: str = DEFAULT_SHARD) -> None:
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
+    tok.save_pretrained(str(staging))
+    if tok.chat_template and not any(staging.glob("chat_template.*")):
+        (staging / "chat_template.jinja").write_text(tok.chat_template)
+
+
+def merge_into(peft_model) -> tuple[Any, bool]:
+    """``merge_and_unload(safe_merge=True)`` on a full-precision base; returns (plain model, untied?)."""
+    ensure_full_precision(peft_model.get_base_model(), "merge")
+    untied = _untie_adapted_embeddings(peft_model)
+    try:
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as e:  # PEFT's safe_merge raises ValueError on NaN/inf in the merged weights
+        raise MergeError(f"merge_and_unload(safe_merge=True) failed: {e}") from None
+    return merged, untied
+
+
+# ---------------------------------------------------------------------------------------------------- merge
+def _dtype_recipe(run: Run, dtype: str | None):
+    import dataclasses
+
+    want = dtype or (run.recipe.dtype if run.recipe.dtype not in ("auto", "float16") else "float32")
+    if want not in ("float32", "bfloat16"):
+        raise MergeError(f"--dtype {want!r}: merge into float32 or bfloat16")
+    return dataclasses.replace(run.recipe, dtype=want), want
+
+
+def merge_run(
+    run_dir: str | Path,
+    max_kl: float = DEFAULT_MAX_KL,
+    force: bool = False,
+    dtype: str | None = None,
+    n_probes: int = 8,
+    max_shard_size: str = DEFAULT_SHARD,
+    log=print,
+) -> dict[str, Any]:
+    """Merge, save and verify; returns the report (also written to ``RUN_DIR/merge_report.json``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    run = open_run(run_dir)
+    q = stored_quantization(run.ref.path)
+    if q:
+        raise MergeError(
+            f"{run.ref.path}/config.json: the base is stored quantized ({q}); merging into quantized "
+            "weights rounds most of the LoRA update away (peft#2321, peft#2586). Train on, or point "
+            "the run at, the full-precision checkpoint of this model and merge into that"
+        )
+    recipe, dtype = _dtype_recipe(run, dtype)
+    tok = load_run_tokenizer(run)
+    probes, convs, refs, probe_file = probe_set(run, tok, n_probes)
+    budget = _budget(run, tok, refs)
+    bs = run.recipe.eval_generation_batch_size
+    staging = run.path / ".merged.staging"
+    final = run.path / "merged"
+    report: dict[str, Any] = {
+        "run": str(run.path),
+        "base": run.ref.canonical_name,
+        "base_path": run.ref.path,
+        "dtype": dtype,
+        "probe_file": probe_file,
+        "probes": len(probes),
+        "max_kl": max_kl,
+        "max_shard_size": max_shard_size,
+    }
+    timing: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+
+    def tick(name: str, since: float) -> float:
+        timing[name] = round(time.time() - since, 2)
+        # running peaks (RSS, anonymous) at the end of each phase: show which phase set them
+        peaks[name] = [round(mem.peak_mb, 1), round(mem.peak_anon_mb, 1)]
+        return time.time()
+
+    with PeakRSS() as mem:
+        t = time.time()
+        base = load_model(run.ref, recipe, quantize=False)
+        ensure_full_precision(base, str(run.ref.path))
+        check_base(run, base)
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False).eval()
+        t = tick("load", t)
+        ref_b = probe_logits(model, probes)
+        ans_b = generate_answers(model, tok, convs, budget, bs, "adapter (full precision)")
+        heldout_fp = _heldout_predictions(run, model, tok, budget, bs, "adapter, full precision (held-out)")
+        t = tick("reference_full_precision", t)
+        merged, untied = merge_into(model)
+        del model, base
+        model_mb = model_memory_mb(merged)
+        t = tick("merge", t)
+        got = probe_logits(merged, probes)
+        ans_m = generate_answers(merged, tok, convs, budget, bs, "merged")
+        report["vs_adapter_full_precision"] = compare(ref_b, got, ans_b, ans_m)
+        save_merged(merged, tok, staging, max_shard_size)
+        free(merged)
+        merged = None
+        t = tick("save", t)
+        # what users will load: the saved folder, through plain transformers
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            str(staging), dtype=recipe_dtype(dtype), device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        )
+        got_r = probe_logits(reloaded, probes)
+        report["reloaded_vs_merged"] = compare(got, got_r)
+        report["reloaded_vs_adapter_full_precision"] = compare(ref_b, got_r)
+        heldout = _heldout(run, reloaded, tok, budget, bs, heldout_fp)
+        free(reloaded)
+        reloaded = None
+        t = tick("reload_and_score", t)
+        if run.recipe.quantized:
+            base_q = load_model(run.ref, run.recipe, quantize=True)
+            model_q = PeftModel.from_pretrained(base_q, str(run.adapter_dir), is_trainable=False).eval()
+            ref_a = probe_logits(model_q, probes)
+            ans_a = generate_answers(model_q, tok, convs, budget, bs, "adapter (as trained, quantized)")
+            free(model_q, base_q)
+            model_q = base_q = None
+            report["vs_adapter_as_trained"] = {"form": _qform(run), **compare(ref_a, got, ans_a, ans_m)}
+            t = tick("reference_as_trained", t)
+        else:
+            report["vs_adapter_as_trained"] = {
+                "form": "same as full precision (the recipe did not quantize)",
+                **report["vs_adapter_full_precision"],
+            }
+    report["heldout"] = heldout
+    report["untied_embeddings"] = untied
+    report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": peaks}
+    report["seconds"] = {**timing, "total": round(time.time() - t0, 2)}
+    report["probe_samples"] = [
+        {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
+    ]
+    kl_b = report["vs_adapter_full_precision"]["mean_kl"]
+    kl_r = report["reloaded_vs_merged"]["mean_kl"]
+    ok = kl_b <= max_kl and kl_r <= max_kl
+    report["verdict"] = "pass" if ok else ("forced" if force else "fail")
+    if ok or force:
+        promote(staging, final)
+        report["merged_dir"] = str(final)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        report["merged_dir"] = None
+    write_json(run.path / "merge_report.json", report)
+    print_report(report, log)
+    if not ok and not force:
+        log(
+            f"[merge] FAILED: mean KL {max(kl_b, kl_r):.3g} > --max-kl {max_kl:g}; merged/ was not written "
+            "(use --force to write it anyway)"
+        )
+    return report
+
+
+def recipe_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _qform(run: Run) -> str:
+    r = run.recipe
+    return "int8" if r.load_in_8bit else f"4bit-{r.bnb_4bit_quant_type}"
+
+
+def _heldout_predictions(run: Run, model, tok, budget: int, bs: int, desc: str) -> list[str] | None:
+    if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
+        return None
+    convs, _ = prompts_and_answers(read_rows(run.recipe.test_file))
+    return generate_answers(model, tok, convs, budget, bs, desc)
+
+
+def _heldout(run: Run, model, tok, budget: int, bs: int, adapter_fp_preds: list[str] | None = None) -> dict[str, Any]:
+    """Exact match of the merged model on the test split, next to the adapter's: on the full-precision base (the
+    like-for-like comparison, same rows) and as trained (from eval.json, quantized base when the recipe was)."""
+    res: dict[str, Any] = {"file": run.recipe.test_file}
+    ev = run.path / "eval.json"
+    if ev.is_file():
+        tuned = json.loads(ev.read_text()).get("tuned") or {}
+        res["adapter_exact_match"] = tuned.get("exact_match")
+    if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
+        res["merged_exact_match"] = None
+        res["note"] = "test split not found; not scored"
+        return res
+    convs, refs = prompts_and_answers(read_rows(run.recipe.test_file))
+    preds = generate_answers(model, tok, convs, budget, bs, "merged (held-out)")
+    res["merged_exact_match"] = round(exact_match(preds, refs), 4)
+    if adapter_fp_preds is not None:
+        res["adapter_full_precision_exact_match"] = round(exact_match(adapter_fp_preds, refs), 4)
+        res["answers_identical_to_adapter_full_precision"] = sum(a == b for a, b in zip(preds, adapter_fp_preds))
+    res["n"] = len(refs)
+    return res
+
+
+def print_report(r: dict[str, Any], log=print) -> None:
+    log("")
+    log(f"  merge check ({r['probes']} probe prompts from {r['probe_file']}, {r['dtype']})")
+    head = f"  {'merged vs':34s}{'max|dlogit|':>12s}{'mean|dlogit|':>13s}{'mean KL':>11s}{'top-1':>7s}{'greedy':>8s}"
+    log(head)
+    rows = [
+        ("adapter, full-precision base", r.get("vs_adapter_full_precision")),
+        ("adapter, base as trained", r.get("vs_adapter_as_trained")),
+        ("merged/ reloaded (plain HF)", r.get("reloaded_vs_merged")),
+    ]
+    for name, c in rows:
+        if not c:
+            continue
+        g = f"{c['greedy_match']:.0%}" if "greedy_match" in c else "-"
+        log(
+            f"  {name:34s}{c['max_abs_logit_diff']:12.2e}{c['mean_abs_logit_diff']:13.2e}{c['mean_kl']:11.2e}"
+            f"{c['top1_agreement']:7.0%}{g:>8s}"
+        )
+    h = r.get("heldout") or {}
+    if h.get("merged_exact_match") is not None:
+        a = h.get("adapter_exact_match")
+        fp = h.get("adapter_full_precision_exact_match")
+        log(
+            f"  held-out exact match ({h.get('n')} rows): merged {h['merged_exact_match']:.3f}"
+            + (
+                f", adapter on full-precision base {fp:.3f} ({h['answers_identical_to_adapter_full_precision']}/"
+                f"{h.get('n')} answers identical)"
+                if fp is not None
+                else ""
+            )
+            + ", adapter as trained "
+            + (f"{a:.3f}" if a is not None else "n/a (no eval.json)")
+        )
+    m = r.get("memory") or {}
+    if m:
+        log(
+            f"  memory: model {m['model_mb']:.0f} MB; peak rise {m['peak_anon_rise_mb']:.0f} MB anonymous "
+            f"({m['peak_anon_rise_over_model']:.2f}x), {m['peak_rise_mb']:.0f} MB RSS incl. mapped checkpoint pages "
+            f"({m['peak_rise_over_model']:.2f}x); peak RSS {m['peak_rss_mb']:.0f} MB; {r['seconds']['total']:.1f} s"
+        )
+    log(f"  verdict: {r['verdict']}" + (f" -> {r['merged_dir']}" if r.get("merged_dir") else ""))
+
+
+__all__ = [
+    "MergeError",
+    "RunError",
+    "merge_run",
+    "merge_into",
+    "ensure_full_precision",
+    "compare",
+    "probe_logits",
+    "PeakRSS",
+    "METHODS",
+]

@@ -1,0 +1,111 @@
+"""Training control: evaluation metrics during training, early stopping with best-checkpoint restore, extra hooks.
+
+``build_trainer`` takes its extra SFTConfig fields from :func:`config_fields` and its extra callbacks from
+:func:`callbacks`. Early stopping uses transformers' own ``EarlyStoppingCallback`` with ``load_best_model_at_end``;
+the atomic checkpoints of adapters/checkpoints.py point ``state.best_model_checkpoint`` at the renamed folder, so
+the restore loads the best complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any
+
+from adapters.config.recipe import Recipe, RecipeError
+
+# Callbacks added to every trainer built while a ``extra_callbacks(...)`` block is active (used by the sweep).
+_EXTRA: list[Any] = []
+
+
+@contextmanager
+def extra_callbacks(*cbs):
+    _EXTRA.extend(cbs)
+    try:
+        yield
+    finally:
+        for cb in cbs:
+            _EXTRA.remove(cb)
+
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_report_to(report_to: Any) -> None:
+    """A logger named in report_to must be importable; say which package to install instead of failing mid-setup."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        pkg = REPORTERS.get(str(name))
+        if pkg and importlib.util.find_spec(pkg) is None:
+            raise RecipeError(
+                f"report_to: {name!r} is not installed (pip install {pkg}); "
+                f"or use report_to: tensorboard (the default) or none"
+            )
+
+
+def config_fields(recipe: Recipe, has_eval: bool) -> dict[str, Any]:
+    """SFTConfig fields: the recipe's pass-through ones plus those early stopping needs."""
+    check_report_to(recipe.report_to)
+    extra = dict(recipe.sft_extra)
+    if recipe.early_stopping_patience is None:
+        return extra
+    if recipe.early_stopping_patience < 1:
+        raise RecipeError(f"early_stopping_patience: must be >= 1, got {recipe.early_stopping_patience}")
+    if not has_eval:
+        raise RecipeError("early_stopping_patience needs a validation split (eval_file) and eval_strategy: steps")
+    if recipe.eval_strategy == "steps":
+        every = recipe.eval_steps or recipe.logging_steps
+        if recipe.save_steps % every:
+            raise RecipeError(
+                f"early_stopping_patience: save_steps ({recipe.save_steps}) must be a multiple of "
+                f"eval_steps ({every}) so that every evaluated step has a checkpoint to restore"
+            )
+    extra.setdefault("load_best_model_at_end", True)
+    extra.setdefault("metric_for_best_model", "eval_loss")
+    if not extra["load_best_model_at_end"]:
+        raise RecipeError("early_stopping_patience requires load_best_model_at_end: true (it restores the best)")
+    return extra
+
+
+class EvalMetrics:
+    """Adds eval_perplexity = exp(eval_loss) to every evaluation log, before the loggers see it.
+
+    TRL already logs eval_mean_token_accuracy (and the training mean_token_accuracy).
+    """
+
+    @staticmethod
+    def make():
+        from transformers import TrainerCallback
+
+        class _EvalMetrics(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "eval_loss" in logs and "eval_perplexity" not in logs:
+                    loss = float(logs["eval_loss"])
+                    logs["eval_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+                    if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
+                        state.log_history[-1]["eval_perplexity"] = logs["eval_perplexity"]
+
+        return _EvalMetrics()
+
+
+def callbacks(recipe: Recipe) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    out: list[Any] = []
+    if recipe.early_stopping_patience is not None:
+        out.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=recipe.early_stopping_patience,
+                early_stopping_threshold=recipe.early_stopping_threshold,
+            )
+        )
+    return out + list(_EXTRA)
+
+
+def install(trainer, recipe: Recipe) -> None:
+    """Put the perplexity callback first (so TensorBoard/wandb/mlflow log it) and add the others."""
+    trainer.callback_handler.callbacks.insert(0, EvalMetrics.make())
+    for cb in callbacks(recipe):
+        trainer.add_callback(cb)
