@@ -27,10 +27,12 @@ def one(args) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from adapters.config.recipe import load_recipe
-    from adapters.data.encode import encode_rows, read_rows, to_dataset
+    from adapters.data.encode import encode_rows, to_dataset
+    from adapters.data.validate import read_rows
     from adapters.model.lora import attach_lora
-    from adapters.planning.estimate import _fallback_tokenizer, count_parameters, estimate
-    from adapters.training.run import build_trainer
+    from adapters.planning.memory import count_parameters, estimate
+    from adapters.planning.smoke import _fallback_tokenizer
+    from adapters.training.trainer import build_trainer
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

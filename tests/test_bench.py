@@ -129,10 +129,12 @@ def test_recipe_switch_values_are_checked(tiny_models, tiny_data, tmp_path):
 def test_build_trainer_applies_the_switches(setting, ragged, expect, tiny_models, tiny_data, tmp_path):
     from datasets import Dataset
 
-    from adapters.data.encode import encode_rows, read_rows
-    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.data.encode import encode_rows
+    from adapters.data.validate import read_rows
+    from adapters.model.loading import load_model, load_tokenizer
     from adapters.model.lora import attach_lora
-    from adapters.training.run import build_trainer
+    from adapters.model.sources import resolve_model
+    from adapters.training.trainer import build_trainer
 
     recipe, _ = load_recipe(
         "gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free=setting)
@@ -171,10 +173,12 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(tiny_models, t
     """The labelled-only LM head (TRL's Triton-device path, widened to CPU) matches scoring every position."""
     from datasets import Dataset
 
-    from adapters.data.encode import encode_rows, read_rows
-    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.data.encode import encode_rows
+    from adapters.data.validate import read_rows
+    from adapters.model.loading import load_model, load_tokenizer
     from adapters.model.lora import attach_lora
-    from adapters.training.run import build_trainer
+    from adapters.model.sources import resolve_model
+    from adapters.training.trainer import build_trainer
 
     recipe, _ = load_recipe(
         "gemma3-270m-demo",

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapters.training.run as train_mod
+import adapters.training.trainer as trainer_mod
 from adapters.config.recipe import load_recipe
 from adapters.training.checkpoints import MARKER, CheckpointError, last_good_checkpoint, validate_adapter_dir
 
@@ -41,7 +42,7 @@ def test_resume_after_kill_matches_unbroken_run(tiny_models, tiny_data, tmp_path
     recipe, path = _recipe(tiny_models, tiny_data, tmp_path, "unbroken")
     unbroken = train_mod.train(recipe, path)
 
-    real = train_mod.make_callbacks
+    real = trainer_mod.make_callbacks
 
     def killing_callbacks():
         guard = real()
@@ -56,7 +57,7 @@ def test_resume_after_kill_matches_unbroken_run(tiny_models, tiny_data, tmp_path
         return guard
 
     recipe, path = _recipe(tiny_models, tiny_data, tmp_path, "broken")
-    monkeypatch.setattr(train_mod, "make_callbacks", killing_callbacks)
+    monkeypatch.setattr(trainer_mod, "make_callbacks", killing_callbacks)
     with pytest.raises(Killed):
         train_mod.train(recipe, path)
     run = tmp_path / "broken"
@@ -66,7 +67,7 @@ def test_resume_after_kill_matches_unbroken_run(tiny_models, tiny_data, tmp_path
     (run / "checkpoints" / ".staging" / "checkpoint-6").mkdir(parents=True)
     (run / "checkpoints" / "checkpoint-5").mkdir()
 
-    monkeypatch.setattr(train_mod, "make_callbacks", real)
+    monkeypatch.setattr(trainer_mod, "make_callbacks", real)
     train_mod.train(recipe, path, resume=True)
     m = json.loads((run / "manifest.json").read_text())
     assert m["train"]["resumed_from"].endswith("checkpoint-3")

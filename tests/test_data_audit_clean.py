@@ -9,8 +9,9 @@ import pytest
 from adapters.config.recipe import load_recipe
 from adapters.data.audit import audit, violations
 from adapters.data.clean import clean_rows, near_key, split_rows
-from adapters.data.encode import Encoded, EncodeReport, Row
+from adapters.data.encode import EncodeReport
 from adapters.data.pipeline import prepare_data
+from adapters.data.rows import Encoded, Row
 
 from .conftest import build_tokenizer
 
@@ -206,7 +207,8 @@ def test_template_from_jinja_file_hashed_and_unstoppable_template_refused(tmp_pa
     import hashlib
 
     from adapters.data.audit import AuditError
-    from adapters.model.loading import TEMPLATE_DIR, load_tokenizer, resolve_model
+    from adapters.model.loading import TEMPLATE_DIR, load_tokenizer
+    from adapters.model.sources import resolve_model
 
     over = {
         "output_root": str(tmp_path),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.data.encode import IGNORE_INDEX, DataError, encode_messages, encode_rows, read_rows
+from adapters.data.encode import encode_messages, encode_rows
+from adapters.data.rows import IGNORE_INDEX, DataError
+from adapters.data.validate import read_rows
 
 from .conftest import build_tokenizer
 

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from adapters.data.encode import DataError, encode_rows, read_rows
-from adapters.data.readers import check, fingerprint
+from adapters.data.encode import encode_rows
+from adapters.data.readers import fingerprint
+from adapters.data.rows import DataError
+from adapters.data.validate import check, read_rows
 
 from .conftest import build_tokenizer
 

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from adapters.data.encode import IGNORE_INDEX, encode_rows, read_rows, to_dataset
+from adapters.data.encode import encode_rows, to_dataset
+from adapters.data.rows import IGNORE_INDEX
+from adapters.data.validate import read_rows
 
 from .conftest import build_tokenizer, tiny_config, tiny_overrides
 

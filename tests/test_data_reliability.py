@@ -10,9 +10,10 @@ import pytest
 from adapters.cli.main import main
 from adapters.config.recipe import load_recipe
 from adapters.data.audit import AuditError
-from adapters.data.encode import IGNORE_INDEX, DataError, encode_messages, encode_rows, read_rows
+from adapters.data.encode import encode_messages, encode_rows
 from adapters.data.pipeline import packing_guard, prepare_data
-from adapters.data.readers import check
+from adapters.data.rows import IGNORE_INDEX, DataError
+from adapters.data.validate import check, read_rows
 
 from .conftest import DEMO, build_tokenizer, tiny_overrides
 

@@ -184,7 +184,8 @@ def test_early_stopping_config_errors():
 
 
 def test_report_md_from_evaluation(tmp_path):
-    from adapters.evaluation.report import plot_confusion, plot_task_metrics, write_report
+    from adapters.evaluation.plots import plot_confusion, plot_task_metrics
+    from adapters.evaluation.report import write_report
 
     base = {**M.task_scores(["a", "b"], ["a", "a"], ["a", "b"]), "samples": []}
     tuned = {**M.task_scores(["a", "a"], ["a", "a"], ["a", "b"]), "samples": []}

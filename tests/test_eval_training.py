@@ -223,11 +223,13 @@ def _pretrain_on_probe(model_dir: Path, out: Path, steps: int = 100) -> Path:
 
 
 def test_forgetting_probe_rises_after_hard_training_on_unrelated_data(tiny_models, tiny_data, tmp_path):
-    from adapters.data.encode import encode_rows, read_rows, to_dataset
+    from adapters.data.encode import encode_rows, to_dataset
+    from adapters.data.validate import read_rows
     from adapters.evaluation.forgetting import probe
-    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.model.loading import load_model, load_tokenizer
     from adapters.model.lora import attach_lora
-    from adapters.training.run import build_trainer
+    from adapters.model.sources import resolve_model
+    from adapters.training.trainer import build_trainer
 
     unrelated = tmp_path / "digits.jsonl"
     unrelated.write_text(

@@ -17,7 +17,8 @@ import torch
 
 from adapters.cli import main as cli
 from adapters.config.recipe import load_recipe
-from adapters.data.encode import encode_messages, read_rows
+from adapters.data.encode import encode_messages
+from adapters.data.validate import read_rows
 from adapters.publish.merge import MergeError, ensure_full_precision, merge_into, merge_run, save_merged
 from adapters.training.run import train
 

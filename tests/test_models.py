@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from adapters.config.recipe import load_recipe
-from adapters.model.loading import ModelSourceError, load_tokenizer, quantization_config, resolve_model
+from adapters.model.loading import load_tokenizer
+from adapters.model.quantization import quantization_config
+from adapters.model.sources import ModelSourceError, resolve_model
 
 
 def test_missing_directory(tmp_path):

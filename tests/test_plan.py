@@ -16,7 +16,7 @@ def test_counts_match_the_real_model(tiny_models):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from adapters.model.lora import lora_config
-    from adapters.planning.estimate import count_parameters
+    from adapters.planning.memory import count_parameters
 
     for arch in ("llama", "gemma3"):
         recipe = load_recipe("llama-3.2-1b-qlora", {"model_name_or_path": str(tiny_models[arch])})[0]
@@ -32,7 +32,7 @@ def test_counts_match_the_real_model(tiny_models):
 def test_estimate_orders_and_micro_batch():
     from transformers import AutoConfig
 
-    from adapters.planning.estimate import GIB, KNOWN_CONFIGS, count_parameters, estimate
+    from adapters.planning.memory import GIB, KNOWN_CONFIGS, count_parameters, estimate
     from adapters.planning.preflight import launch_from_config
 
     values = dict(KNOWN_CONFIGS["llama-3.2-1b"])
@@ -57,7 +57,7 @@ def test_estimate_orders_and_micro_batch():
 
 
 def test_plan_report_and_hub_fallback():
-    from adapters.planning.estimate import plan
+    from adapters.planning.memory import plan
 
     text = plan(load_recipe("qwen2.5-1.5b-qlora")[0], gpus=2, gpu_mem_gib=16)
     assert "preflight: ok" in text and "built-in qwen2.5-1.5b config (hub not reachable" in text
@@ -87,7 +87,8 @@ def test_plan_unknown_model_and_fp16_gemma(tiny_models, capsys):
 def test_twin_keeps_the_architecture():
     from transformers import AutoConfig
 
-    from adapters.planning.estimate import KNOWN_CONFIGS, twin_config
+    from adapters.planning.memory import KNOWN_CONFIGS
+    from adapters.planning.smoke import twin_config
 
     values = dict(KNOWN_CONFIGS["gemma-3-270m"])
     config = AutoConfig.for_model(values.pop("model_type"), **values)
@@ -99,7 +100,7 @@ def test_twin_keeps_the_architecture():
 
 def test_smoke_on_a_local_model(tiny_models, tiny_data, tmp_path):
     """The 4-bit QLoRA recipe on a twin of a local model: trains, merges on a full-precision reload, reloads."""
-    from adapters.planning.estimate import smoke
+    from adapters.planning.smoke import smoke
 
     ov = tiny_overrides(tiny_models["qwen2"], tiny_data, tmp_path)
     ov.update(load_in_4bit=True, dtype="bfloat16", bf16=True)
@@ -113,7 +114,7 @@ def test_smoke_on_a_local_model(tiny_models, tiny_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_smoke_on_every_shipped_recipe(name):
-    from adapters.planning.estimate import smoke
+    from adapters.planning.smoke import smoke
 
     recipe, path = load_recipe(name)
     r = smoke(recipe, path, steps=2)

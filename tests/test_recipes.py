@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from adapters.config.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe, parse_overrides
-from adapters.model.loading import quantization_config
 from adapters.model.lora import lora_config
+from adapters.model.quantization import quantization_config
 
 SHIPPED = sorted(RECIPE_DIR.glob("*.yaml"))
 

@@ -33,8 +33,9 @@ def test_unlabelled_positions_padded_and_padding_free():
 
 
 def test_kl_is_zero_for_a_fresh_adapter_and_has_gradients_after(tiny_models, tiny_data, tmp_path):
-    from adapters.model.loading import load_model, resolve_model
+    from adapters.model.loading import load_model
     from adapters.model.lora import attach_lora
+    from adapters.model.sources import resolve_model
 
     recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path))
     model = attach_lora(load_model(resolve_model(recipe.model_name_or_path), recipe), recipe)
@@ -68,11 +69,13 @@ def knows_prose(tiny_models, tmp_path_factory):
 
 
 def _train_and_probe(model_dir, tiny_data, tmp_path, **extra):
-    from adapters.data.encode import encode_rows, read_rows, to_dataset
+    from adapters.data.encode import encode_rows, to_dataset
+    from adapters.data.validate import read_rows
     from adapters.evaluation.forgetting import probe
-    from adapters.model.loading import load_model, load_tokenizer, resolve_model
+    from adapters.model.loading import load_model, load_tokenizer
     from adapters.model.lora import attach_lora
-    from adapters.training.run import build_trainer
+    from adapters.model.sources import resolve_model
+    from adapters.training.trainer import build_trainer
 
     words = "the of a module returns value list when is an object for this by with".split()
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from adapters.config.recipe import load_recipe
-from adapters.data.encode import encode_rows, read_rows, to_dataset
-from adapters.model.loading import load_model, load_tokenizer, resolve_model
+from adapters.data.encode import encode_rows, to_dataset
+from adapters.data.validate import read_rows
+from adapters.model.loading import load_model, load_tokenizer
 from adapters.model.lora import attach_lora
-from adapters.training.run import build_trainer, save_adapter, train
+from adapters.model.sources import resolve_model
+from adapters.training.run import save_adapter, train
+from adapters.training.trainer import build_trainer
 
 from .conftest import REPO, tiny_overrides
 

@@ -47,7 +47,7 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     """adapters data check FILE…: every problem as file:line[:col]: field: message; exit 1 when there are any."""
     if args.data_verb == "audit":
         return _data_audit(args, rest)
-    from adapters.data.readers import check
+    from adapters.data.validate import check
 
     columns = dict(kv.split("=", 1) for kv in args.columns) if args.columns else None
     quarantine = args.quarantine or ("quarantine.jsonl" if args.skip_invalid else None)
@@ -71,7 +71,8 @@ def _data_audit(args: argparse.Namespace, rest: list[str]) -> int:
 
     from adapters.config.recipe import load_recipe, parse_overrides
     from adapters.data.pipeline import packing_guard, prepare_data
-    from adapters.model.loading import load_tokenizer, resolve_model
+    from adapters.model.loading import load_tokenizer
+    from adapters.model.sources import resolve_model
 
     recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
     tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
@@ -129,7 +130,8 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from adapters.config.recipe import load_recipe, parse_overrides
-    from adapters.planning.estimate import plan, smoke
+    from adapters.planning.memory import plan
+    from adapters.planning.smoke import smoke
 
     recipe, path = load_recipe(args.recipe, parse_overrides(rest))
     print(
@@ -171,7 +173,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from adapters.evaluation.report import evaluate_run
+    from adapters.evaluation.evaluate import evaluate_run
 
     ev = evaluate_run(
         args.run_dir, base=not args.no_base, limit=args.limit, probe_file=args.probe, probe_only=args.probe_only
@@ -385,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from adapters.bench.throughput import BenchError
     from adapters.config.recipe import RecipeError
-    from adapters.data.encode import DataError
+    from adapters.data.rows import DataError
     from adapters.evaluation.forgetting import ProbeError
-    from adapters.model.loading import ModelSourceError
+    from adapters.model.sources import ModelSourceError
     from adapters.planning.preflight import PreflightError
     from adapters.publish.hub import HubError
     from adapters.publish.rundir import RunError

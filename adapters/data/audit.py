@@ -9,7 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from adapters.data.encode import IGNORE_INDEX, DataError, Encoded, EncodeReport
+from adapters.data.encode import EncodeReport
+from adapters.data.rows import IGNORE_INDEX, DataError, Encoded
 
 
 class AuditError(DataError):

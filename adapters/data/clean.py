@@ -10,7 +10,7 @@ import random
 import re
 from typing import Any
 
-from adapters.data.encode import DataError, Row
+from adapters.data.rows import DataError, Row
 
 _WS = re.compile(r"\s+")
 

@@ -7,40 +7,11 @@ EOS / end-of-turn token that closes each answer is supervised even when the pad 
 
 from __future__ import annotations
 
-import json
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-IGNORE_INDEX = -100
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-ROLES = {"system", "user", "assistant"}
-
-
-class DataError(ValueError):
-    """Bad input data. ``str()`` starts with ``file:line[:col]: field:``."""
-
-
-@dataclass
-class Row:
-    file: str
-    line: int
-    messages: list[dict[str, str]]
-    text: str | None = None
-    """Plain-text rows (data_format: text) have no messages and train on every token."""
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    where: str
+from adapters.data.rows import IGNORE_INDEX, DataError, Encoded, Row
 
 
 @dataclass
@@ -73,64 +44,6 @@ class EncodeReport:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) from a JSONL file, reading raw bytes so that every error has a location."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + e.start} "
-                    f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                ) from None
-            offset += len(raw)
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def normalise_row(
-    obj: dict[str, Any], where: str, data_format: str | None = None, columns: dict[str, str] | None = None
-) -> list[dict[str, str]]:
-    """Turn a raw row into a list of {role, content} turns, or raise a DataError naming the field."""
-    from adapters.data.readers import normalise
-
-    messages, _, problems, _ = normalise(obj, data_format, columns)
-    if problems:
-        raise DataError(f"{where}: {problems[0][0]}: {problems[0][1]}")
-    return messages or []
-
-
-def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:
-    """Every row of a source (file, directory or saved dataset); the first problem raises, with how many more."""
-    from adapters.data.readers import scan
-
-    s = scan(path, data_format, columns)
-    if s.problems:
-        more = (
-            f" (and {len(s.problems) - 1} more problem(s); run `adapters data check {path}`)"
-            if len(s.problems) > 1
-            else ""
-        )
-        raise DataError(f"{s.problems[0]}{more}")
-    return s.rows
-
-
-def fingerprint(path: str | Path) -> str:
-    from adapters.data.readers import fingerprint as fp
-
-    return fp(path)
 
 
 # ---------------------------------------------------------------------------------------------------- encoding

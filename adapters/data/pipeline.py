@@ -15,8 +15,10 @@ from typing import Any
 from adapters.config.recipe import Recipe
 from adapters.data.audit import AuditError, audit, format_audit, violations
 from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
-from adapters.data.encode import DataError, Encoded, Row, encode_rows
-from adapters.data.readers import check, fingerprint, scan
+from adapters.data.encode import encode_rows
+from adapters.data.readers import fingerprint
+from adapters.data.rows import DataError, Encoded, Row
+from adapters.data.validate import check, scan
 from adapters.utils.provenance import write_json
 
 # Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is

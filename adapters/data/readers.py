@@ -20,51 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-log = logging.getLogger("adapters.data")
+from adapters.data.rows import DataError, Problem, Record
 
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-ROLES = {"system", "user", "assistant"}
-
-
-@dataclass
-class Problem:
-    file: str
-    line: int
-    field: str | None
-    message: str
-    col: int | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" + (f":{self.col}" if self.col else "")
-        return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
-
-
-@dataclass
-class Record:
-    """One raw row: its location, the parsed object (None when unparsable) and its raw text for quarantine."""
-
-    file: str
-    line: int
-    obj: dict[str, Any] | None
-    raw: str
-    problems: list[Problem] = field(default_factory=list)
-
-
-@dataclass
-class Scan:
-    rows: list = field(default_factory=list)  # list[data.Row]
-    problems: list[Problem] = field(default_factory=list)
-    bad: list[Record] = field(default_factory=list)
-    aliased: int = 0
-    records: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -86,11 +47,8 @@ def source_files(path: str | Path) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
         if not files:
-            from adapters.data.encode import DataError
-
             raise DataError(f"{p}: no {'/'.join(SUFFIXES)} files in this directory")
         return files
-    from adapters.data.encode import DataError
 
     raise DataError(f"{p}: no such file or directory")
 
@@ -259,209 +217,6 @@ def iter_records(path: str | Path) -> Iterator[Record]:
 
 
 # ---------------------------------------------------------------------------------------------------- formats
-def detect_format(obj: dict[str, Any]) -> str | None:
-    if "messages" in obj or "conversations" in obj:
-        return "chat"
-    if "prompt" in obj or "completion" in obj:
-        return "prompt_completion"
-    if "instruction" in obj or "output" in obj:
-        return "alpaca"
-    return None
-
-
-def _empty(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
-
-
-def _turns(value: Any, key: str, shown: str, problems: list[tuple[str, str]]) -> tuple[list[dict[str, str]], bool]:
-    """Validate a list of turns; return the normalised turns and whether aliases were used."""
-    if isinstance(value, str):  # CSV / Parquet store nested lists as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            problems.append((shown, f"not a JSON list of turns: {e.msg}"))
-            return [], False
-    if not isinstance(value, list) or not value:
-        problems.append((shown, "expected a non-empty list of turns"))
-        return [], False
-    out, aliased = [], False
-    for i, t in enumerate(value):
-        if not isinstance(t, dict):
-            problems.append((f"{shown}[{i}]", "expected an object with role and content"))
-            continue
-        if "role" not in t and "from" in t or "content" not in t and "value" in t:
-            aliased = True
-        role = t.get("role", t.get("from"))
-        content = t.get("content", t.get("value"))
-        if role is None:
-            problems.append((f"{shown}[{i}].role", "missing"))
-            continue
-        role = str(role)
-        if role in ROLE_ALIASES:
-            role, aliased = ROLE_ALIASES[role], True
-        if role not in ROLES:
-            problems.append((f"{shown}[{i}].role", f"unknown role {role!r} (expected one of {sorted(ROLES)})"))
-            continue
-        if not isinstance(content, str) or not content.strip():
-            problems.append((f"{shown}[{i}].content", "missing or empty"))
-            continue
-        out.append({"role": role, "content": content})
-    return out, aliased
-
-
-def _check_order(turns: list[dict[str, str]], shown: str, problems: list[tuple[str, str]]) -> None:
-    body = [t for t in turns if t["role"] != "system"]
-    for i, t in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if t["role"] != expected:
-            problems.append((shown, f"turns must alternate user/assistant; turn {i + 1} is {t['role']!r}"))
-            return
-    if not body or body[-1]["role"] != "assistant":
-        problems.append((shown, "no assistant turn to learn from (the last turn must be the assistant's)"))
-
-
-def normalise(
-    obj: dict[str, Any], data_format: str | None = None, columns: dict[str, str] | None = None
-) -> tuple[list[dict[str, str]] | None, str | None, list[tuple[str, str]], bool]:
-    """(messages, text, problems as (field, message), aliased). Every problem of the row is listed."""
-    columns = dict(columns or {})
-    shown = {canon: src for canon, src in columns.items()}
-    obj = dict(obj)
-    for canon, src in columns.items():
-        if src in obj:
-            obj[canon] = obj.pop(src)
-    name = lambda k: shown.get(k, k)  # noqa: E731 - report the user's column name
-    fmt = data_format or detect_format(obj)
-    problems: list[tuple[str, str]] = []
-    if fmt is None:
-        problems.append(
-            (
-                "messages",
-                "missing (expected 'messages', 'prompt'/'completion' or 'instruction'/'output';"
-                " for plain text set data_format: text)",
-            )
-        )
-        return None, None, problems, False
-    if fmt == "text":
-        if not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            problems.append((name("text"), "missing or empty"))
-            return None, None, problems, False
-        return None, obj["text"], problems, False
-    if fmt == "chat":
-        key = "messages" if "messages" in obj or "conversations" not in obj else "conversations"
-        if key not in obj:
-            problems.append((name("messages"), "missing"))
-            return None, None, problems, False
-        turns, aliased = _turns(obj[key], key, name(key), problems)
-        if not problems:
-            _check_order(turns, name(key), problems)
-        return (None if problems else turns), None, problems, aliased
-    if fmt == "prompt_completion":
-        p, c = obj.get("prompt"), obj.get("completion")
-        if isinstance(p, list) or isinstance(c, list):  # TRL's conversational prompt/completion
-            pt, a1 = _turns(p, "prompt", name("prompt"), problems)
-            ct, a2 = _turns(c, "completion", name("completion"), problems)
-            if not problems:
-                _check_order(pt + ct, name("completion"), problems)
-            return (None if problems else pt + ct), None, problems, a1 or a2
-        for k, v in (("prompt", p), ("completion", c)):
-            if not isinstance(v, str) or _empty(v):
-                problems.append((name(k), "missing or empty"))
-        if problems:
-            return None, None, problems, False
-        return [{"role": "user", "content": p}, {"role": "assistant", "content": c}], None, problems, False
-    if fmt == "alpaca":
-        ins, inp, out = obj.get("instruction"), obj.get("input"), obj.get("output")
-        for k, v in (("instruction", ins), ("output", out)):
-            if not isinstance(v, str) or _empty(v):
-                problems.append((name(k), "missing or empty"))
-        if inp is not None and not _empty(inp) and not isinstance(inp, str):
-            problems.append((name("input"), f"expected a string, got {type(inp).__name__}"))
-        if problems:
-            return None, None, problems, False
-        prompt = ins if _empty(inp) else f"{ins}\n\n{inp}"
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": out}], None, problems, False
-    problems.append(("data_format", f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})"))
-    return None, None, problems, False
 
 
 # ---------------------------------------------------------------------------------------------------- scanning
-def scan(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> Scan:
-    """Read every row of a source; collect rows, every problem, and the bad records (for quarantine)."""
-    from adapters.data.encode import Row
-
-    if data_format is not None and data_format not in FORMATS:
-        from adapters.data.encode import DataError
-
-        raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
-    out = Scan()
-    first_alias: dict[str, int] = {}
-    for rec in iter_records(path):
-        out.records += 1
-        if rec.obj is not None:
-            messages, text, probs, aliased = normalise(rec.obj, data_format, columns)
-            rec.problems += [Problem(rec.file, rec.line, f, m) for f, m in probs]
-            if aliased and not probs:
-                out.aliased += 1
-                first_alias.setdefault(rec.file, rec.line)
-        if rec.problems:
-            out.problems += rec.problems
-            out.bad.append(rec)
-            continue
-        out.rows.append(Row(rec.file, rec.line, messages or [], text))
-    for f, line in first_alias.items():
-        log.warning(
-            "%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
-            "(user/assistant, role/content); %d row(s) in this source",
-            f,
-            line,
-            out.aliased,
-        )
-    return out
-
-
-def write_quarantine(bad: list[Record], path: str | Path) -> Path:
-    """Write the bad rows, each with its location and problems, to a JSONL quarantine file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in bad:
-            f.write(
-                json.dumps(
-                    {"where": f"{rec.file}:{rec.line}", "problems": [str(p) for p in rec.problems], "raw": rec.raw},
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-        f.flush()
-    return path
-
-
-@dataclass
-class CheckResult:
-    files: int
-    rows: int
-    valid: int
-    problems: list[Problem]
-    bad_rows: int
-    quarantine: Path | None = None
-
-
-def check(
-    paths: list[str | Path],
-    data_format: str | None = None,
-    columns: dict[str, str] | None = None,
-    quarantine: str | Path | None = None,
-) -> CheckResult:
-    """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there."""
-    problems: list[Problem] = []
-    bad: list[Record] = []
-    rows = valid = 0
-    for p in paths:
-        s = scan(p, data_format, columns)
-        problems += s.problems
-        bad += s.bad
-        rows += s.records
-        valid += len(s.rows)
-    q = write_quarantine(bad, quarantine) if quarantine and bad else None
-    return CheckResult(len(paths), rows, valid, problems, len(bad), q)

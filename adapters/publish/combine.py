@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.data.encode import prompts_and_answers, read_rows
+from adapters.data.encode import prompts_and_answers
+from adapters.data.validate import read_rows
 from adapters.evaluation.generation import exact_match, generate_answers
 from adapters.model.loading import load_model
 from adapters.publish.merge import (

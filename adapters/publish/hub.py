@@ -373,7 +373,7 @@ class HubRun(Run):
 
 
 def _base_source(canonical: str) -> str:
-    from adapters.model.loading import EMBEDDED
+    from adapters.model.sources import EMBEDDED
 
     for name, info in EMBEDDED.items():
         if info["canonical_name"] == canonical:
@@ -385,7 +385,7 @@ def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     """A Run for a folder holding an adapter (a hub snapshot): the base comes from adapter_config.json (or
     ``base``), the identity checks from training_manifest.json."""
     from adapters.config.recipe import Recipe, apply_values
-    from adapters.model.loading import resolve_model
+    from adapters.model.sources import resolve_model
 
     cfg_path = path / "adapter_config.json"
     try:

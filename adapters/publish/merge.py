@@ -32,9 +32,12 @@ from typing import Any
 
 import torch
 
-from adapters.data.encode import IGNORE_INDEX, encode_messages, prompts_and_answers, read_rows
+from adapters.data.encode import encode_messages, prompts_and_answers
+from adapters.data.rows import IGNORE_INDEX
+from adapters.data.validate import read_rows
 from adapters.evaluation.generation import answer_budget, exact_match, generate_answers
-from adapters.model.loading import load_model, model_memory_mb
+from adapters.model.loading import load_model
+from adapters.model.quantization import model_memory_mb
 from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, open_run
 from adapters.utils.provenance import write_json
 

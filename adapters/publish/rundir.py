@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config.recipe import Recipe, apply_values
-from adapters.model.loading import ModelRef, load_model
+from adapters.model.loading import load_model
+from adapters.model.sources import ModelRef
 
 
 class RunError(RuntimeError):
@@ -51,7 +52,7 @@ def open_run(run_dir: str | Path) -> Run:
     recipe = Recipe(**apply_values({**cfg, **extra}, str(mf)))
     ref = ModelRef(**manifest["base_model"])
     if not Path(ref.path).exists() and ref.kind in ("embedded", "gguf"):
-        from adapters.model.loading import resolve_model
+        from adapters.model.sources import resolve_model
 
         ref = resolve_model(ref.source)  # the cache was cleared: rebuild it from the same source
     return Run(path, manifest, recipe, ref)

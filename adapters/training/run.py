@@ -6,9 +6,7 @@ processes), and only the main process writes the run directory.
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import math
 import os
 import shutil
 import sys
@@ -17,14 +15,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adapters.config.recipe import Recipe
 from adapters.data.encode import to_dataset
-from adapters.model.loading import ModelRef, load_model, load_tokenizer, model_memory_mb, probe_loss, resolve_model
+from adapters.model.loading import load_tokenizer
 from adapters.model.lora import attach_lora, parameter_counts
-from adapters.training import callbacks as trainctl
+from adapters.model.quantization import _general_batch, _probe_batch, print_quant_report, quantization_report
+from adapters.model.sources import resolve_model
 from adapters.training import checkpoints as ckpt
+from adapters.training.trainer import build_trainer
 from adapters.utils.provenance import git_state, hardware, versions, write_json
 
 
@@ -61,193 +59,6 @@ def set_seed(seed: int) -> None:
     from transformers import set_seed as hf_set_seed
 
     hf_set_seed(seed)
-
-
-def _probe_batch(encoded, n: int = 4) -> dict[str, torch.Tensor]:
-    """A fixed batch of the first ``n`` training rows, right-padded, loss on the answers."""
-    rows = encoded[:n]
-    width = max(len(e.input_ids) for e in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, e in enumerate(rows):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def _free(model) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-GENERAL_PROBE = [
-    "The history of the city goes back more than two thousand years, to a small settlement on the river.",
-    "To make the sauce, melt the butter in a pan, add the flour and stir until the mixture turns golden.",
-]
-
-
-def _general_batch(tok) -> dict[str, torch.Tensor]:
-    """General English text, loss on every token: what quantization does to the model beyond the task."""
-    enc = tok(GENERAL_PROBE, return_tensors="pt", padding=True)
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
-
-def _probe(model, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    out = {f"{name}_loss": round(probe_loss(model, b), 4) for name, b in batches.items()}
-    out["memory_mb"] = round(model_memory_mb(model), 1)
-    return out
-
-
-def quantization_report(ref: ModelRef, recipe: Recipe, batches: dict[str, dict[str, torch.Tensor]]):
-    """Load the base (quantized if the recipe says so) and measure the quantization damage.
-
-    With quantization on, the full-precision model is loaded first and both are scored on the same probe batches:
-    ``task`` (the first training rows, loss on the answers) and ``general`` (plain English, every token).
-    """
-    report: dict[str, Any] = {"method": "none"}
-    if recipe.quantized:
-        report["method"] = (
-            "int8"
-            if recipe.load_in_8bit
-            else (f"4bit-{recipe.bnb_4bit_quant_type}" + ("+double_quant" if recipe.bnb_4bit_use_double_quant else ""))
-        )
-        if recipe.quant_probe:
-            full = load_model(ref, recipe, quantize=False)
-            report["full_precision"] = _probe(full, batches)
-            _free(full)
-    model = load_model(ref, recipe, quantize=True)
-    report["quantized" if recipe.quantized else "full_precision"] = _probe(model, batches)
-    if "full_precision" in report and "quantized" in report:
-        for name in batches:
-            a, b = report["full_precision"][f"{name}_loss"], report["quantized"][f"{name}_loss"]
-            report[f"{name}_loss_change"] = round(b - a, 4)
-            report[f"{name}_loss_change_pct"] = round(100 * (b - a) / a, 2) if a else None
-    return model, report
-
-
-def print_quant_report(r: dict[str, Any]) -> None:
-    names = [k[: -len("_loss")] for k in (r.get("full_precision") or r.get("quantized") or {}) if k.endswith("_loss")]
-    log(f"[quant] method: {r['method']}")
-    log(f"[quant] {'':16s}" + "".join(f"{n + ' loss':>14s}" for n in names) + f"{'memory MB':>12s}")
-    for key in ("full_precision", "quantized"):
-        if key in r:
-            log(
-                f"[quant] {key:16s}"
-                + "".join(f"{r[key][n + '_loss']:14.4f}" for n in names)
-                + f"{r[key]['memory_mb']:12.1f}"
-            )
-    for n in names:
-        if f"{n}_loss_change" in r:
-            log(
-                f"[quant] quantization changed the {n} probe loss by {r[f'{n}_loss_change']:+.4f} "
-                f"({r[f'{n}_loss_change_pct']:+.1f}%)"
-            )
-
-
-def make_callbacks():
-    from transformers import TrainerCallback
-
-    class FiniteGuard(TrainerCallback):
-        """Stops at the first non-finite loss or gradient norm, before anything else is saved."""
-
-        bad: dict[str, Any] | None = None
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            for k in ("loss", "grad_norm"):
-                v = (logs or {}).get(k)
-                if v is not None and not math.isfinite(float(v)):
-                    self.bad = {"step": state.global_step, k: v}
-                    control.should_training_stop = True
-                    control.should_save = False
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.bad:
-                control.should_save = False
-
-    return FiniteGuard()
-
-
-def _ckpt_flag(config_cls) -> str:
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
-
-def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
-    from trl import SFTConfig, SFTTrainer
-
-    from adapters.training.forgetting_guard import BaseKLMixin
-
-    class Trainer(ckpt.AtomicCheckpointMixin, BaseKLMixin, SFTTrainer):
-        base_kl_weight = recipe.base_kl_weight
-        base_kl_positions = recipe.base_kl_positions
-
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, not per process
-    use_cpu = not torch.cuda.is_available()
-    has_eval = eval_ds is not None and recipe.eval_strategy != "no"
-    from adapters.training.speed import for_recipe
-
-    fast = for_recipe(recipe, train_ds)  # padding_free / liger / compile switches, each auto or set by the recipe
-    args = SFTConfig(
-        output_dir=str(run / "checkpoints"),
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler_type,
-        warmup_steps=recipe.warmup_steps,
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        per_device_eval_batch_size=recipe.per_device_eval_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm,
-        optim=recipe.optim,
-        neftune_noise_alpha=recipe.neftune_noise_alpha,
-        logging_steps=recipe.logging_steps,
-        eval_strategy=recipe.eval_strategy if has_eval else "no",
-        eval_steps=recipe.eval_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        bf16=recipe.bf16,
-        fp16=recipe.fp16,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        report_to=recipe.report_to,
-        max_length=recipe.max_length if not fast.padding_free else None,
-        use_cpu=use_cpu,
-        dataloader_pin_memory=not use_cpu,
-        dataset_kwargs={"skip_prepare_dataset": True},  # we tokenized and masked by position ourselves
-        # Checkpointing was already set up on the base by attach_lora (with the k-bit preparation); the Trainer
-        # must not wrap it again. transformers 5.2x renamed the flag.
-        **{_ckpt_flag(SFTConfig): False},
-        **trainctl.config_fields(recipe, has_eval),  # recipe pass-through + early stopping
-        **fast.sft_kwargs(),
-    )
-    if "disable_tqdm" not in recipe.sft_extra:
-        args.disable_tqdm = False  # transformers hides the bar when its logger is quiet; we quiet it, we want the bar
-    guard = make_callbacks()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds if has_eval else None,
-        processing_class=tok,
-        callbacks=[guard],
-    )
-    trainer.fast_path = fast.report()
-    if fast.trained_positions_only:
-        from adapters.training.speed import enable_trained_positions_only
-
-        enable_trained_positions_only()
-    trainctl.install(trainer, recipe)  # eval perplexity, early stopping, sweep pruning
-    return trainer, guard
 
 
 def save_adapter(model, tok, out: Path, base_path: str, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -328,7 +139,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
 
     # ------------------------------------------------------------ model, quantization damage, base score
     model, qreport = quantization_report(ref, recipe, {"task": _probe_batch(train_enc), "general": _general_batch(tok)})
-    print_quant_report(qreport)
+    print_quant_report(qreport, log=log)
     manifest["quantization"] = qreport
     from adapters.publish.rundir import base_fingerprint
 
@@ -372,9 +183,9 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     if state.is_main_process:
         manifest["adapter"] = save_adapter(trainer.model, tok, run / "adapter", ref.path, state_dict=full_state)
         log(f"[save] adapter -> {run / 'adapter'}")
-        from adapters.evaluation.plots import loss_curve
+        from adapters.evaluation.plots import plot_curves
 
-        loss_curve(trainer.state.log_history, run / "loss_curve.png", title=run.name)
+        plot_curves(trainer.state.log_history, run / "loss_curve.png", title=run.name)
         tokens_seen = sum(len(e.input_ids) for e in train_enc) * (
             result.global_step * manifest["effective_batch_size"] / max(len(train_enc), 1)
         )
@@ -395,7 +206,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         )
         write_json(run / "manifest.json", manifest)
         if recipe.eval_after_train:  # base (adapter disabled) vs tuned, forgetting probe, flags, report.md
-            from adapters.evaluation.report import evaluate_model
+            from adapters.evaluation.evaluate import evaluate_model
 
             evaluate_model(trainer.model, tok, recipe, run, trainer.state.log_history, base=recipe.eval_base, log=log)
             manifest["wall_seconds_with_eval"] = round(time.time() - t0, 1)

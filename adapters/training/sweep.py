@@ -278,7 +278,7 @@ def sweep(
         trial.set_user_attr("steps", max((h.get("step", 0) for h in history), default=0))
         msg = f"[sweep] trial {trial.number}: best validation loss {value:.4f}"
         if constrain:
-            from adapters.evaluation.report import evaluate_run
+            from adapters.evaluation.evaluate import evaluate_run
 
             # the trial's adapter vs the same model with it disabled, on the recipe's probe
             rise = float(evaluate_run(run, probe_only=True, log=lambda *_: None)["forgetting"]["rise"])

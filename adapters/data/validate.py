@@ -1,0 +1,107 @@
+"""Validation of whole sources: every row read, every problem located (``file:line[:col]: field: message``), bad rows
+quarantined on request. ``adapters data check`` and every ``train`` run go through :func:`check`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.data.formats import FORMATS, normalise
+from adapters.data.readers import iter_records
+from adapters.data.rows import DataError, Problem, Record, Row, Scan
+
+log = logging.getLogger("adapters.data")
+
+
+def scan(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> Scan:
+    """Read every row of a source; collect rows, every problem, and the bad records (for quarantine)."""
+
+    if data_format is not None and data_format not in FORMATS:
+        raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
+    out = Scan()
+    first_alias: dict[str, int] = {}
+    for rec in iter_records(path):
+        out.records += 1
+        if rec.obj is not None:
+            messages, text, probs, aliased = normalise(rec.obj, data_format, columns)
+            rec.problems += [Problem(rec.file, rec.line, f, m) for f, m in probs]
+            if aliased and not probs:
+                out.aliased += 1
+                first_alias.setdefault(rec.file, rec.line)
+        if rec.problems:
+            out.problems += rec.problems
+            out.bad.append(rec)
+            continue
+        out.rows.append(Row(rec.file, rec.line, messages or [], text))
+    for f, line in first_alias.items():
+        log.warning(
+            "%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
+            "(user/assistant, role/content); %d row(s) in this source",
+            f,
+            line,
+            out.aliased,
+        )
+    return out
+
+
+def write_quarantine(bad: list[Record], path: str | Path) -> Path:
+    """Write the bad rows, each with its location and problems, to a JSONL quarantine file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in bad:
+            f.write(
+                json.dumps(
+                    {"where": f"{rec.file}:{rec.line}", "problems": [str(p) for p in rec.problems], "raw": rec.raw},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+        f.flush()
+    return path
+
+
+@dataclass
+class CheckResult:
+    files: int
+    rows: int
+    valid: int
+    problems: list[Problem]
+    bad_rows: int
+    quarantine: Path | None = None
+
+
+def check(
+    paths: list[str | Path],
+    data_format: str | None = None,
+    columns: dict[str, str] | None = None,
+    quarantine: str | Path | None = None,
+) -> CheckResult:
+    """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there."""
+    problems: list[Problem] = []
+    bad: list[Record] = []
+    rows = valid = 0
+    for p in paths:
+        s = scan(p, data_format, columns)
+        problems += s.problems
+        bad += s.bad
+        rows += s.records
+        valid += len(s.rows)
+    q = write_quarantine(bad, quarantine) if quarantine and bad else None
+    return CheckResult(len(paths), rows, valid, problems, len(bad), q)
+
+
+def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:
+    """Every row of a source (file, directory or saved dataset); the first problem raises, with how many more."""
+
+    s = scan(path, data_format, columns)
+    if s.problems:
+        more = (
+            f" (and {len(s.problems) - 1} more problem(s); run `adapters data check {path}`)"
+            if len(s.problems) > 1
+            else ""
+        )
+        raise DataError(f"{s.problems[0]}{more}")
+    return s.rows
