@@ -116,9 +116,18 @@ def plan(
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     p = Plan()
-    attn = attn_implementation or "sdpa"
+    _padding_free(p, settings, attn_implementation or "sdpa", per_device_batch, packing, cuda, padding)
+    _liger(p, settings)
+    _compile(p, settings)
+    if "gradient_checkpointing" in settings or activation_gib is not None:
+        _gradient_checkpointing(p, settings, activation_gib, budget_gib)
+    _trained_positions_only(p, settings, cuda)
+    return p
 
-    # ---- padding-free batching
+
+def _padding_free(
+    p: Plan, settings: dict[str, Any], attn: str, per_device_batch: int, packing: bool, cuda: bool, padding
+) -> None:
     want = check_switch("padding_free", settings.get("padding_free"))
     isolates = attn in ISOLATING_ATTENTION and not (attn == "flex_attention" and not cuda)
     if want is True:
@@ -147,52 +156,47 @@ def plan(
         share = "" if padding is None else f"batches would be {padding:.0%} padding; "
         p.set("padding_free", True, f"{share}{attn} masks samples apart via position_ids", "auto")
 
-    # ---- Liger kernels
+
+def _liger(p: Plan, settings: dict[str, Any]) -> None:
     want = check_switch("use_liger_kernel", settings.get("use_liger_kernel"))
     if want is True and not liger_available():
         raise FastPathError("use_liger_kernel: true, but liger_kernel is not installed or there is no CUDA device")
     if want is AUTO:
         ok = liger_available()
-        p.set(
-            "use_liger_kernel",
-            ok,
+        why = (
             "liger_kernel imports and CUDA is present"
             if ok
-            else "liger_kernel not installed or no CUDA (it needs Triton)",
-            "auto",
+            else "liger_kernel not installed or no CUDA (it needs Triton)"
         )
+        p.set("use_liger_kernel", ok, why, "auto")
     else:
         p.set("use_liger_kernel", want, "set by the recipe", "recipe")
 
-    # ---- torch.compile
+
+def _compile(p: Plan, settings: dict[str, Any]) -> None:
     want = check_switch("torch_compile", settings.get("torch_compile"))
     if want is AUTO:
-        p.set(
-            "torch_compile",
-            False,
-            "not measured to pay with PEFT/bitsandbytes here (compile time, graph breaks)",
-            "auto",
-        )
+        why = "not measured to pay with PEFT/bitsandbytes here (compile time, graph breaks)"
+        p.set("torch_compile", False, why, "auto")
     else:
         p.set("torch_compile", want, "set by the recipe", "recipe")
 
-    # ---- gradient checkpointing from the memory plan
-    if "gradient_checkpointing" in settings or activation_gib is not None:
-        want = check_switch("gradient_checkpointing", settings.get("gradient_checkpointing"))
-        if want is not AUTO:
-            p.set("gradient_checkpointing", want, "set by the recipe", "recipe")
-        elif activation_gib is None or budget_gib is None:
-            p.set("gradient_checkpointing", True, "no memory estimate: keep the safe default", "auto")
-        else:
-            fits = activation_gib <= budget_gib
-            p.set(
-                "gradient_checkpointing",
-                not fits,
-                f"activations ~{activation_gib:.2f} GiB {'fit' if fits else 'exceed'} the budget {budget_gib:.2f} GiB",
-                "auto",
-            )
 
-    # ---- loss logits at trained positions only (TRL's fused LM head)
+def _gradient_checkpointing(p: Plan, settings: dict[str, Any], activation_gib, budget_gib) -> None:
+    """From the memory plan: off when the activation estimate fits the budget (bench only)."""
+    want = check_switch("gradient_checkpointing", settings.get("gradient_checkpointing"))
+    if want is not AUTO:
+        p.set("gradient_checkpointing", want, "set by the recipe", "recipe")
+    elif activation_gib is None or budget_gib is None:
+        p.set("gradient_checkpointing", True, "no memory estimate: keep the safe default", "auto")
+    else:
+        fits = activation_gib <= budget_gib
+        why = f"activations ~{activation_gib:.2f} GiB {'fit' if fits else 'exceed'} the budget {budget_gib:.2f} GiB"
+        p.set("gradient_checkpointing", not fits, why, "auto")
+
+
+def _trained_positions_only(p: Plan, settings: dict[str, Any], cuda: bool) -> None:
+    """Loss logits at trained positions only (TRL's fused LM head)."""
     want = check_switch("trained_positions_only", settings.get("trained_positions_only"))
     tri = triton_available() if cuda else False
     if tri:
@@ -211,7 +215,6 @@ def plan(
             "prompt positions carry no loss, and the LM head is most of a small model's FLOPs",
             "recipe" if want is True else "auto",
         )
-    return p
 
 
 def compact_hook_available() -> bool:
