@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,36 @@ def _dtype_recipe(run: Run, dtype: str | None):
     return dataclasses.replace(run.recipe, dtype=want), want
 
 
+@dataclass
+class _Probe:
+    """What every phase of a merge is checked on: the probe prompts and the generation settings."""
+
+    run: Run
+    tok: Any
+    probes: list
+    convs: list
+    refs: list[str]
+    budget: int
+    batch: int
+    ref_b: Any = None  # probe logits of the adapter on the full-precision base, set by _merge_and_save
+    heldout_fp: list[str] | None = None  # its held-out answers, for the like-for-like exact match
+
+    def answers(self, model, desc: str) -> list[str]:
+        return generate_answers(model, self.tok, self.convs, self.budget, self.batch, desc)
+
+
+class _Phases:
+    """Seconds per phase, and the running peaks (RSS, anonymous) at the end of each: which phase set them."""
+
+    def __init__(self, mem: PeakRSS):
+        self.mem, self.seconds, self.peaks, self.t = mem, {}, {}, time.time()
+
+    def tick(self, name: str) -> None:
+        self.seconds[name] = round(time.time() - self.t, 2)
+        self.peaks[name] = [round(self.mem.peak_mb, 1), round(self.mem.peak_anon_mb, 1)]
+        self.t = time.time()
+
+
 def merge_run(
     run_dir: str | Path,
     max_kl: float = DEFAULT_MAX_KL,
@@ -312,25 +343,14 @@ def merge_run(
     log=print,
 ) -> dict[str, Any]:
     """Merge, save and verify; returns the report (also written to ``RUN_DIR/merge_report.json``)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     t0 = time.time()
     run = open_run(run_dir)
-    q = stored_quantization(run.ref.path)
-    if q:
-        raise MergeError(
-            f"{run.ref.path}/config.json: the base is stored quantized ({q}); merging into quantized "
-            "weights rounds most of the LoRA update away (peft#2321, peft#2586). Train on, or point "
-            "the run at, the full-precision checkpoint of this model and merge into that"
-        )
+    _refuse_stored_quantized(run)
     recipe, dtype = _dtype_recipe(run, dtype)
     tok = load_run_tokenizer(run)
     probes, convs, refs, probe_file = probe_set(run, tok, n_probes)
-    budget = _budget(run, tok, refs)
-    bs = run.recipe.eval_generation_batch_size
+    pr = _Probe(run, tok, probes, convs, refs, _budget(run, tok, refs), run.recipe.eval_generation_batch_size)
     staging = run.path / ".merged.staging"
-    final = run.path / "merged"
     report: dict[str, Any] = {
         "run": str(run.path),
         "base": run.ref.canonical_name,
@@ -341,74 +361,101 @@ def merge_run(
         "max_kl": max_kl,
         "max_shard_size": max_shard_size,
     }
-    timing: dict[str, float] = {}
-    peaks: dict[str, float] = {}
-
-    def tick(name: str, since: float) -> float:
-        timing[name] = round(time.time() - since, 2)
-        # running peaks (RSS, anonymous) at the end of each phase: show which phase set them
-        peaks[name] = [round(mem.peak_mb, 1), round(mem.peak_anon_mb, 1)]
-        return time.time()
-
     with PeakRSS() as mem:
-        t = time.time()
-        base = load_model(run.ref, recipe, quantize=False)
-        ensure_full_precision(base, str(run.ref.path))
-        check_base(run, base)
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False).eval()
-        t = tick("load", t)
-        ref_b = probe_logits(model, probes)
-        ans_b = generate_answers(model, tok, convs, budget, bs, "adapter (full precision)")
-        heldout_fp = _heldout_predictions(run, model, tok, budget, bs, "adapter, full precision (held-out)")
-        t = tick("reference_full_precision", t)
-        merged, untied = merge_into(model)
-        del model, base
-        model_mb = model_memory_mb(merged)
-        t = tick("merge", t)
-        got = probe_logits(merged, probes)
-        ans_m = generate_answers(merged, tok, convs, budget, bs, "merged")
-        report["vs_adapter_full_precision"] = compare(ref_b, got, ans_b, ans_m)
-        save_merged(merged, tok, staging, max_shard_size)
-        free(merged)
-        merged = None
-        t = tick("save", t)
-        # what users will load: the saved folder, through plain transformers
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            str(staging), dtype=recipe_dtype(dtype), device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}
-        )
-        got_r = probe_logits(reloaded, probes)
-        report["reloaded_vs_merged"] = compare(got, got_r)
-        report["reloaded_vs_adapter_full_precision"] = compare(ref_b, got_r)
-        heldout = _heldout(run, reloaded, tok, budget, bs, heldout_fp)
-        free(reloaded)
-        reloaded = None
-        t = tick("reload_and_score", t)
-        if run.recipe.quantized:
-            base_q = load_model(run.ref, run.recipe, quantize=True)
-            model_q = PeftModel.from_pretrained(base_q, str(run.adapter_dir), is_trainable=False).eval()
-            ref_a = probe_logits(model_q, probes)
-            ans_a = generate_answers(model_q, tok, convs, budget, bs, "adapter (as trained, quantized)")
-            free(model_q, base_q)
-            model_q = base_q = None
-            report["vs_adapter_as_trained"] = {"form": _qform(run), **compare(ref_a, got, ans_a, ans_m)}
-            t = tick("reference_as_trained", t)
-        else:
-            report["vs_adapter_as_trained"] = {
-                "form": "same as full precision (the recipe did not quantize)",
-                **report["vs_adapter_full_precision"],
-            }
-    report["heldout"] = heldout
+        ph = _Phases(mem)
+        got, ans_b, ans_m, untied, model_mb = _merge_and_save(pr, recipe, staging, max_shard_size, report, ph)
+        _reload_and_score(pr, staging, dtype, got, report, ph)
+        _against_as_trained(pr, got, ans_m, report, ph)
     report["untied_embeddings"] = untied
-    report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": peaks}
-    report["seconds"] = {**timing, "total": round(time.time() - t0, 2)}
+    report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": ph.peaks}
+    report["seconds"] = {**ph.seconds, "total": round(time.time() - t0, 2)}
     report["probe_samples"] = [
         {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
     ]
+    return _verdict(run, report, staging, max_kl, force, log)
+
+
+def _refuse_stored_quantized(run: Run) -> None:
+    q = stored_quantization(run.ref.path)
+    if q:
+        raise MergeError(
+            f"{run.ref.path}/config.json: the base is stored quantized ({q}); merging into quantized "
+            "weights rounds most of the LoRA update away (peft#2321, peft#2586). Train on, or point "
+            "the run at, the full-precision checkpoint of this model and merge into that"
+        )
+
+
+def _merge_and_save(pr: _Probe, recipe, staging: Path, max_shard_size: str, report: dict[str, Any], ph: _Phases):
+    """Reference (b): the adapter on a full-precision reload of the base; then merge in place, compare, save."""
+    from peft import PeftModel
+
+    run = pr.run
+    base = load_model(run.ref, recipe, quantize=False)
+    ensure_full_precision(base, str(run.ref.path))
+    check_base(run, base)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False).eval()
+    ph.tick("load")
+    ref_b = probe_logits(model, pr.probes)
+    ans_b = pr.answers(model, "adapter (full precision)")
+    pr.heldout_fp = _heldout_predictions(run, model, pr.tok, pr.budget, pr.batch, "adapter, full precision (held-out)")
+    ph.tick("reference_full_precision")
+    merged, untied = merge_into(model)
+    del model, base
+    model_mb = model_memory_mb(merged)
+    ph.tick("merge")
+    got = probe_logits(merged, pr.probes)
+    ans_m = pr.answers(merged, "merged")
+    report["vs_adapter_full_precision"] = compare(ref_b, got, ans_b, ans_m)
+    pr.ref_b = ref_b
+    save_merged(merged, pr.tok, staging, max_shard_size)
+    free(merged)
+    ph.tick("save")
+    return got, ans_b, ans_m, untied, model_mb
+
+
+def _reload_and_score(pr: _Probe, staging: Path, dtype: str, got, report: dict[str, Any], ph: _Phases) -> None:
+    """What users will load: the saved folder, through plain transformers; scored on the held-out split too."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(staging), dtype=recipe_dtype(dtype), device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+    )
+    got_r = probe_logits(reloaded, pr.probes)
+    report["reloaded_vs_merged"] = compare(got, got_r)
+    report["reloaded_vs_adapter_full_precision"] = compare(pr.ref_b, got_r)
+    report["heldout"] = _heldout(pr.run, reloaded, pr.tok, pr.budget, pr.batch, pr.heldout_fp)
+    free(reloaded)
+    ph.tick("reload_and_score")
+
+
+def _against_as_trained(pr: _Probe, got, ans_m: list[str], report: dict[str, Any], ph: _Phases) -> None:
+    """Reference (a): the adapter on the base as it was trained (quantized when the recipe was)."""
+    from peft import PeftModel
+
+    run = pr.run
+    if not run.recipe.quantized:
+        report["vs_adapter_as_trained"] = {
+            "form": "same as full precision (the recipe did not quantize)",
+            **report["vs_adapter_full_precision"],
+        }
+        return
+    base_q = load_model(run.ref, run.recipe, quantize=True)
+    model_q = PeftModel.from_pretrained(base_q, str(run.adapter_dir), is_trainable=False).eval()
+    ref_a = probe_logits(model_q, pr.probes)
+    ans_a = pr.answers(model_q, "adapter (as trained, quantized)")
+    free(model_q, base_q)
+    report["vs_adapter_as_trained"] = {"form": _qform(run), **compare(ref_a, got, ans_a, ans_m)}
+    ph.tick("reference_as_trained")
+
+
+def _verdict(run: Run, report: dict[str, Any], staging: Path, max_kl: float, force: bool, log) -> dict[str, Any]:
+    """Promote staging to merged/ only when the merged model agrees with the adapter (or --force)."""
     kl_b = report["vs_adapter_full_precision"]["mean_kl"]
     kl_r = report["reloaded_vs_merged"]["mean_kl"]
     ok = kl_b <= max_kl and kl_r <= max_kl
     report["verdict"] = "pass" if ok else ("forced" if force else "fail")
     if ok or force:
+        final = run.path / "merged"
         promote(staging, final)
         report["merged_dir"] = str(final)
     else:
