@@ -9,6 +9,7 @@ Adapters trained on different bases (base fingerprint or architecture) or with d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -68,9 +69,56 @@ def combine_runs(
     n_probes: int = 8,
     log=print,
 ) -> dict[str, Any]:
-    from peft import PeftModel
-
     t0 = time.time()
+    weights, density = _check_args(run_dirs, method, weights, density)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MergeError(f"{out}: already exists; choose another --out or pass --force")
+    runs = [open_run(d) for d in run_dirs]
+    check_same_base(runs)
+    lead = runs[0]
+    tok = load_run_tokenizer(lead)
+    recipe = dataclasses.replace(
+        lead.recipe, dtype=dtype or ("float32" if lead.recipe.dtype in ("auto", "float16") else lead.recipe.dtype)
+    )
+    probes, convs, refs, probe_file = probe_set(lead, tok, n_probes)
+    budget = _budget(lead, tok, refs)
+    base = load_model(lead.ref, recipe, quantize=False)
+    for r in runs:
+        check_base(r, base)
+    model, base_logits, src_logits, got = _combine(base, runs, probes, method, weights, density)
+    report: dict[str, Any] = {
+        "method": method,
+        "weights": weights,
+        "density": density,
+        "dtype": recipe.dtype,
+        "sources": [str(r.path) for r in runs],
+        "probe_file": probe_file,
+        "probes": len(probes),
+        "vs_base": compare(base_logits, got),
+        "vs_sources": {str(r.path): compare(s, got) for r, s in zip(runs, src_logits)},
+        "heldout": _score_heldout(runs, model, tok, budget, lead.recipe.eval_generation_batch_size),
+    }
+    _write_combined(model, base, tok, runs, weights, method, density, out, report, budget, t0)
+    print_combine(report, log)
+    if merged:
+        from adapters.publish.merge import DEFAULT_MAX_KL
+
+        mr = merge_run(
+            out,
+            max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
+            force=force,
+            dtype=recipe.dtype,
+            n_probes=n_probes,
+            log=log,
+        )
+        report["merge_verdict"] = mr["verdict"]
+        report["verdict"] = mr["verdict"]
+        write_json(out / "combine_report.json", report)
+    return report
+
+
+def _check_args(run_dirs: list[str], method: str, weights, density) -> tuple[list[float], float | None]:
     if method not in METHODS:
         raise MergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if len(run_dirs) < 2:
@@ -84,27 +132,15 @@ def combine_runs(
             raise MergeError(f"--density {density}: must be in (0, 1]")
     elif density is not None:
         raise MergeError(f"--density is used by {', '.join(DENSITY_METHODS)}, not by {method}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MergeError(f"{out}: already exists; choose another --out or pass --force")
-    runs = [open_run(d) for d in run_dirs]
-    check_same_base(runs)
-    lead = runs[0]
-    tok = load_run_tokenizer(lead)
-    import dataclasses
+    return weights, density
 
-    recipe = dataclasses.replace(
-        lead.recipe, dtype=dtype or ("float32" if lead.recipe.dtype in ("auto", "float16") else lead.recipe.dtype)
-    )
-    probes, convs, refs, probe_file = probe_set(lead, tok, n_probes)
-    budget = _budget(lead, tok, refs)
-    bs = lead.recipe.eval_generation_batch_size
 
-    base = load_model(lead.ref, recipe, quantize=False)
-    for r in runs:
-        check_base(r, base)
+def _combine(base, runs, probes, method: str, weights: list[float], density: float | None):
+    """Every source adapter on one base, probed alone; then PEFT's add_weighted_adapter as "default"."""
+    from peft import PeftModel
+
     names = [f"src{i}" for i in range(len(runs))]
-    model = PeftModel.from_pretrained(base, str(lead.adapter_dir), adapter_name=names[0], is_trainable=False)
+    model = PeftModel.from_pretrained(base, str(runs[0].adapter_dir), adapter_name=names[0], is_trainable=False)
     for name, r in zip(names[1:], runs[1:]):
         model.load_adapter(str(r.adapter_dir), adapter_name=name, is_trainable=False)
     model.eval()
@@ -122,18 +158,11 @@ def combine_runs(
     got = probe_logits(model, probes)
     for name in names:
         model.delete_adapter(name)
+    return model, base_logits, src_logits, got
 
-    report: dict[str, Any] = {
-        "method": method,
-        "weights": weights,
-        "density": density,
-        "dtype": recipe.dtype,
-        "sources": [str(r.path) for r in runs],
-        "probe_file": probe_file,
-        "probes": len(probes),
-        "vs_base": compare(base_logits, got),
-        "vs_sources": {str(r.path): compare(s, got) for r, s in zip(runs, src_logits)},
-    }
+
+def _score_heldout(runs, model, tok, budget: int, bs: int) -> dict[str, Any]:
+    """Exact match of the combination on each source's test split, next to the source's own."""
     heldout: dict[str, Any] = {}
     scored: dict[str, dict[str, Any]] = {}  # runs usually share one test file: score it once
     for r in runs:
@@ -148,8 +177,13 @@ def combine_runs(
                 scored[tf] = {"combined_exact_match": round(exact_match(preds, refs_t), 4), "n": len(refs_t)}
             entry.update(scored[tf])
         heldout[str(r.path)] = entry
-    report["heldout"] = heldout
+    return heldout
 
+
+def _write_combined(model, base, tok, runs, weights, method, density, out: Path, report, budget: int, t0: float):
+    """A run-like directory: adapter/, manifest.json, eval.json, combine_report.json; staged, then renamed."""
+    lead = runs[0]
+    heldout = report["heldout"]
     staging = out.with_name(f".{out.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)
@@ -187,22 +221,6 @@ def combine_runs(
     report["seconds"] = round(time.time() - t0, 2)
     write_json(staging / "combine_report.json", report)
     promote(staging, out)
-    print_combine(report, log)
-    if merged:
-        from adapters.publish.merge import DEFAULT_MAX_KL
-
-        mr = merge_run(
-            out,
-            max_kl=DEFAULT_MAX_KL if max_kl is None else max_kl,
-            force=force,
-            dtype=recipe.dtype,
-            n_probes=n_probes,
-            log=log,
-        )
-        report["merge_verdict"] = mr["verdict"]
-        report["verdict"] = mr["verdict"]
-        write_json(out / "combine_report.json", report)
-    return report
 
 
 def print_combine(r: dict[str, Any], log=print) -> None:
