@@ -308,7 +308,7 @@ def push(
         log(f"[push] card written to {run.path / STAGE / 'README.md'}")
         return plan
 
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
         raise HubError("HF_HUB_OFFLINE is set: unset it to push (or use --dry-run)")
@@ -317,36 +317,9 @@ def push(
         raise HubError(
             "no hub token: set HF_TOKEN in the environment or run `hf auth login` (never pass it as an argument)"
         )
-    kw = dict(attempts=attempts, backoff=backoff, log=log)
-    branch = revision or "main"
+    message = f"{'Merged model' if merged else 'Adapter'} from run {run.manifest.get('run_name', run.path.name)}"
     with client_timeout(timeout):
-        with_retries(
-            lambda: api.create_repo(repo_id, private=private or None, exist_ok=True), f"create_repo {repo_id}", **kw
-        )
-        if branch != "main":
-            with_retries(
-                lambda: api.create_branch(repo_id, branch=branch, exist_ok=True),
-                f"create_branch {repo_id}@{branch}",
-                **kw,
-            )
-        run_name = run.manifest.get("run_name", run.path.name)
-
-        def commit():  # fresh operations each attempt: huggingface_hub mutates them
-            ops = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.local)) for u in uploads]
-            return api.create_commit(
-                repo_id,
-                operations=ops,
-                revision=branch,
-                commit_message=f"{'Merged model' if merged else 'Adapter'} from run {run_name}",
-                commit_description="Pushed by `adapters push`.",
-            )
-
-        info = with_retries(commit, f"commit to {repo_id}@{branch}", **kw)
-        remote = with_retries(
-            lambda: list(api.list_repo_tree(repo_id, revision=info.oid, recursive=True)),
-            f"list files of {repo_id}@{info.oid[:12]}",
-            **kw,
-        )
+        info, remote = _send(api, repo_id, revision or "main", private, uploads, message, attempts, backoff, log)
     oids = verify_remote(remote, uploads)
     record = {
         **plan,
@@ -361,6 +334,39 @@ def push(
     assert_token_free([run.path / PUBLISHED])
     log(f"[push] verified {len(uploads)} files at {repo_id}@{info.oid[:12]}; record -> {run.path / PUBLISHED}")
     return record
+
+
+def _send(api, repo_id: str, branch: str, private: bool, uploads: list[Upload], message: str, attempts, backoff, log):
+    """Create the repo (and branch), commit every upload in one commit, list the files of that commit; each call
+    retried on transient errors. Returns (commit info, remote files)."""
+    from huggingface_hub import CommitOperationAdd
+
+    kw = dict(attempts=attempts, backoff=backoff, log=log)
+    with_retries(
+        lambda: api.create_repo(repo_id, private=private or None, exist_ok=True), f"create_repo {repo_id}", **kw
+    )
+    if branch != "main":
+        with_retries(
+            lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), f"create_branch {repo_id}@{branch}", **kw
+        )
+
+    def commit():  # fresh operations each attempt: huggingface_hub mutates them
+        ops = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.local)) for u in uploads]
+        return api.create_commit(
+            repo_id,
+            operations=ops,
+            revision=branch,
+            commit_message=message,
+            commit_description="Pushed by `adapters push`.",
+        )
+
+    info = with_retries(commit, f"commit to {repo_id}@{branch}", **kw)
+    remote = with_retries(
+        lambda: list(api.list_repo_tree(repo_id, revision=info.oid, recursive=True)),
+        f"list files of {repo_id}@{info.oid[:12]}",
+        **kw,
+    )
+    return info, remote
 
 
 # ---------------------------------------------------------------------------------------------------- pull
