@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,6 @@ def prepare_data(
     recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True
 ) -> tuple[list[Encoded], list[Encoded] | None, list[Row], dict[str, Any]]:
     """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json."""
-    from adapters.model.loading import stop_token_ids
-
     rng = random.Random(recipe.seed)
     mix = dict(recipe.data_mix or {})
     mix.setdefault(recipe.train_file, 1.0)
@@ -113,71 +112,96 @@ def prepare_data(
         "enabled": bool(recipe.sft_extra.get("packing")),
         "attn_implementation": recipe.attn_implementation,
     }
+    data = _Rows.read(recipe, mix)
+    _clean_split_weigh(recipe, data, rng, report, say)
+    _augment(recipe, data, rng, report, say)
+    train_enc, eval_enc = _encode_and_audit(recipe, tok, data, run_dir, report, say, write)
+    return train_enc, eval_enc, data.test, report
 
-    # ---------------------------------------------------------------- sources; clean and split before weighting,
-    # so that duplicates are found across sources and no repeated row can cross the split
-    sources, train_rows, source_of = [], [], {}
-    for path in mix:
-        rows = _read(path, recipe)
-        sources.append({"file": path, "sha256": fingerprint(path), "weight": float(mix[path]), "rows": len(rows)})
-        for r in rows:
-            source_of[id(r)] = path
-        train_rows += rows
-    eval_rows = _read(recipe.eval_file, recipe) if recipe.eval_file else []
-    test_rows = _read(recipe.test_file, recipe) if recipe.test_file else []
-    train_rows, steps = clean_rows(
-        train_rows, recipe.dedup, recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
+
+@dataclass
+class _Rows:
+    """The rows of a run's data as they move through the stage, and the source each training row came from."""
+
+    sources: list[dict[str, Any]]
+    train: list[Row]
+    eval: list[Row]
+    test: list[Row]
+    source_of: dict[int, str] = field(default_factory=dict)  # id(row) -> source file
+    source_by_where: dict[str, str] = field(default_factory=dict)  # "file:line" -> source file
+
+    @classmethod
+    def read(cls, recipe: Recipe, mix: dict[str, float]) -> _Rows:
+        sources, train_rows, source_of = [], [], {}
+        for path in mix:
+            rows = _read(path, recipe)
+            sources.append({"file": path, "sha256": fingerprint(path), "weight": float(mix[path]), "rows": len(rows)})
+            for r in rows:
+                source_of[id(r)] = path
+            train_rows += rows
+        eval_rows = _read(recipe.eval_file, recipe) if recipe.eval_file else []
+        test_rows = _read(recipe.test_file, recipe) if recipe.test_file else []
+        return cls(sources, train_rows, eval_rows, test_rows, source_of)
+
+
+def _clean_split_weigh(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say) -> None:
+    """Clean and split before weighting, so that duplicates are found across sources and no repeated row can cross
+    the split; then each source's rows are weighted (repeated or subsampled)."""
+    data.train, steps = clean_rows(
+        data.train, recipe.dedup, recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
     )
     if recipe.val_split:
         if recipe.eval_file:
             raise DataError(
                 f"val_split: set eval_file: null to split the training data, or val_split: 0 to use {recipe.eval_file}"
             )
-        train_rows, eval_rows = split_rows(train_rows, recipe.val_split, recipe.seed)
+        data.train, data.eval = split_rows(data.train, recipe.val_split, recipe.seed)
         report["split"] = {"by": "fraction", "val_split": recipe.val_split, "seed": recipe.seed}
     else:
         report["split"] = {"by": "file", "eval_file": recipe.eval_file, "test_file": recipe.test_file}
-    before = len(train_rows)
-    train_rows, leaked = remove_overlap(train_rows, eval_rows, test_rows)
+    before = len(data.train)
+    data.train, leaked = remove_overlap(data.train, data.eval, data.test)
     steps.append(
         {
             "step": "overlap_with_eval_or_test",
             "before": before,
             "removed": len(leaked),
-            "after": len(train_rows),
+            "after": len(data.train),
             "examples": [r.where for r in leaked[:10]],
         }
     )
-    report["split"].update(train=len(train_rows), eval=len(eval_rows), test=len(test_rows))
+    report["split"].update(train=len(data.train), eval=len(data.eval), test=len(data.test))
     for s in steps:
         if s["removed"]:
             say(f"[data] clean {s['step']}: removed {s['removed']} of {s['before']} (first: {s['examples'][0]})")
     report["cleaning"] = steps
     mixed = []
-    for src in sources:
-        rows = [r for r in train_rows if source_of[id(r)] == src["file"]]
+    for src in data.sources:
+        rows = [r for r in data.train if data.source_of[id(r)] == src["file"]]
         used = weighted(rows, src["weight"], rng)
         src["rows_used"] = len(used)
         for r in used:
-            source_of[id(r)] = src["file"]
+            data.source_of[id(r)] = src["file"]
         mixed += used
-    train_rows = mixed
-    source_by_where = {r.where: source_of[id(r)] for r in train_rows}
+    data.train = mixed
+    data.source_by_where = {r.where: data.source_of[id(r)] for r in data.train}
 
-    # ---------------------------------------------------------------- augmentation (opt-in)
+
+def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say) -> None:
+    """Opt-in: prompt-template variants, and a share of general data against forgetting."""
     aug: dict[str, Any] = {}
     if recipe.augment_prompt_templates:
-        before = len(train_rows)
-        train_rows = apply_templates(train_rows, recipe.augment_prompt_templates)
+        before = len(data.train)
+        data.train = apply_templates(data.train, recipe.augment_prompt_templates)
         aug["prompt_templates"] = {
             "templates": recipe.augment_prompt_templates,
             "rows_before": before,
-            "rows_after": len(train_rows),
+            "rows_after": len(data.train),
         }
     if recipe.general_data_file and recipe.general_data_share:
         general_rows = _read(recipe.general_data_file, recipe)
-        train_rows, added = mix_general(train_rows, general_rows, recipe.general_data_share, rng)
-        source_by_where.update({r.where: recipe.general_data_file for r in general_rows})
+        data.train, added = mix_general(data.train, general_rows, recipe.general_data_share, rng)
+        data.source_by_where.update({r.where: recipe.general_data_file for r in general_rows})
         aug["general_data"] = {
             "file": recipe.general_data_file,
             "sha256": fingerprint(recipe.general_data_file),
@@ -185,7 +209,7 @@ def prepare_data(
             "rows_added": added,
             "rows_available": len(general_rows),
         }
-        sources.append(
+        data.sources.append(
             {
                 "file": recipe.general_data_file,
                 "sha256": aug["general_data"]["sha256"],
@@ -198,29 +222,42 @@ def prepare_data(
         say(f"[data] augmentation: {aug}")
     report["augmentation"] = aug or None
 
-    # ---------------------------------------------------------------- encode + audit
-    train_enc, rep = encode_rows(tok, train_rows, recipe.max_length, max_drop_share=1.0)
-    a = audit(train_enc, rep, recipe.max_length, stop_token_ids(tok))
-    audits = {"train": a}
+
+def _encode_and_audit(recipe: Recipe, tok, data: _Rows, run_dir: Path | None, report: dict[str, Any], say, write):
+    """Encode train and eval rows, audit them against the recipe's thresholds, write data_audit.json."""
+    from adapters.model.loading import stop_token_ids
+
+    train_enc, rep = encode_rows(tok, data.train, recipe.max_length, max_drop_share=1.0)
+    audits = {"train": audit(train_enc, rep, recipe.max_length, stop_token_ids(tok))}
     eval_enc = None
-    if eval_rows:
-        eval_enc, erep = encode_rows(tok, eval_rows, recipe.max_length, max_drop_share=1.0)
+    if data.eval:
+        eval_enc, erep = encode_rows(tok, data.eval, recipe.max_length, max_drop_share=1.0)
         audits["eval"] = audit(eval_enc, erep, recipe.max_length, stop_token_ids(tok))
-    for s in sources:
-        s["tokens"] = sum(len(e.input_ids) for e in train_enc if source_by_where.get(e.where) == s["file"])
-    report["sources"] = sources
+    for s in data.sources:
+        s["tokens"] = sum(len(e.input_ids) for e in train_enc if data.source_by_where.get(e.where) == s["file"])
+    report["sources"] = data.sources
     # the spine's per-split summary (file, sha256, rows, kept, tokens, trained_share, length)
-    train_sha = next(s["sha256"] for s in sources if s["file"] == recipe.train_file)
+    train_sha = next(s["sha256"] for s in data.sources if s["file"] == recipe.train_file)
     report["train"] = {"file": recipe.train_file, "sha256": train_sha, **rep.summary(recipe.max_length)}
-    if eval_rows:
+    if data.eval:
         report["eval"] = {
             "file": recipe.eval_file,
             "sha256": fingerprint(recipe.eval_file) if recipe.eval_file else None,
             **erep.summary(recipe.max_length),
         }
     if recipe.test_file:
-        report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file), "rows": len(test_rows)}
-    problems = violations(a, recipe.audit_max_dropped_share, recipe.audit_min_trained_share, recipe.audit_require_eos)
+        report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file), "rows": len(data.test)}
+    _check_audit(recipe, audits, run_dir, report, say, write)
+    if not train_enc:
+        raise DataError(f"{recipe.train_file}: no usable training rows")
+    say("[audit] no problems")
+    return train_enc, eval_enc
+
+
+def _check_audit(recipe: Recipe, audits: dict[str, Any], run_dir: Path | None, report: dict[str, Any], say, write):
+    problems = violations(
+        audits["train"], recipe.audit_max_dropped_share, recipe.audit_min_trained_share, recipe.audit_require_eos
+    )
     audits["thresholds"] = {
         "audit_max_dropped_share": recipe.audit_max_dropped_share,
         "audit_min_trained_share": recipe.audit_min_trained_share,
@@ -239,7 +276,3 @@ def prepare_data(
     report["audit"]["problems"] = problems
     if problems:
         raise AuditError("data audit failed (see data_audit.json): " + "; ".join(problems))
-    if not train_enc:
-        raise DataError(f"{recipe.train_file}: no usable training rows")
-    say("[audit] no problems")
-    return train_enc, eval_enc, test_rows, report
