@@ -57,13 +57,6 @@ def packing_guard(recipe: Recipe, say=print) -> bool:
     return True
 
 
-def pack(dataset, max_length: int):
-    """Pack with TRL's best-fit-decreasing packer; ``seq_lengths`` tells the collator where each sample starts."""
-    from trl import pack_dataset
-
-    return pack_dataset(dataset, max_length, strategy="bfd")
-
-
 def _read(path: str, recipe: Recipe) -> list[Row]:
     return scan(path, recipe.data_format, recipe.data_columns).rows
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -62,12 +61,3 @@ def generate_answers(
             cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
             out.append(tok.decode(ids[:cut], skip_special_tokens=True))
     return out
-
-
-def score(model, tok, conversations, references, max_new_tokens: int, batch_size: int, desc: str) -> dict[str, Any]:
-    preds = generate_answers(model, tok, conversations, max_new_tokens, batch_size, desc)
-    return {
-        "exact_match": round(exact_match(preds, references), 4),
-        "n": len(references),
-        "samples": [{"expected": r, "got": p} for p, r in list(zip(preds, references))[:5]],
-    }

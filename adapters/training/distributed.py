@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -21,14 +20,6 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def launched_world_size() -> int:
-    """Processes the launcher started (``WORLD_SIZE``), 1 when not launched; readable before any state exists."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def sharding(trainer) -> str | None:
