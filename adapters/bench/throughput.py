@@ -32,12 +32,13 @@ import torch
 
 from adapters.model.shapes import ARCHS  # real architecture shapes, random init: only the shapes matter
 from adapters.training import speed as fast
+from adapters.utils.errors import AdaptersError
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 GATE_RTOL = 1e-3
 
 
-class BenchError(ValueError):
+class BenchError(AdaptersError, ValueError):
     """A bench argument is invalid; the message names it."""
 
 
