@@ -167,9 +167,13 @@ def cmd_push(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from adapters.bench.throughput import main_args
+    import dataclasses
 
-    return main_args(args, rest)
+    from adapters.bench.throughput import BenchOptions, bench, passed
+    from adapters.config.recipe import parse_overrides
+
+    options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
+    return 0 if passed(bench(options, overrides=parse_overrides(rest))) else 1
 
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
@@ -329,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), "
         "llama-3.1-8b, qwen2.5-1.5b, tiny-qwen2",
     )
-    p.add_argument("--scenarios", default="fixed,ragged", help="comma list of fixed, ragged")
+    p.add_argument(
+        "--scenarios",
+        default=("fixed", "ragged"),
+        type=lambda s: tuple(x for x in s.split(",") if x),
+        help="comma list of fixed, ragged",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps per run (CPU 5, GPU 25)")
     p.add_argument("--warmup", type=int, help="untimed first steps (CPU 1, GPU 5)")
     p.add_argument("--batch", type=int, help="per-device batch, fixed scenario (4)")
