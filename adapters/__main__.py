@@ -1,3 +1,3 @@
-from adapters.cli.main import main
+from adapters.cli import main
 
 raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Entry point for the multi-process tests: `accelerate launch ... tests/_dist_entry.py train RECIPE ...`.
 
-Runs `adapters.cli.main.main` unchanged, plus two observers per rank, written to $ADAPTERS_TRACE_DIR/rank<R>.json:
+Runs `adapters.cli.main` unchanged, plus two observers per rank, written to $ADAPTERS_TRACE_DIR/rank<R>.json:
 - the training samples this rank's data loader produced (a hash of each example's input_ids);
 - every file or folder this rank created, wrote, renamed or removed under $ADAPTERS_TRACE_WATCH (Python audit hooks).
 """
@@ -78,7 +78,7 @@ def _trace_collator(trainer) -> None:
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import adapters.training.run as train_mod
-    from adapters.cli.main import main as cli_main
+    from adapters.cli import main as cli_main
 
     build = train_mod.build_trainer
 

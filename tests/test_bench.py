@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adapters.bench.throughput import BenchError, bench, gate, make_lengths
+from adapters.bench.throughput import BenchError, BenchOptions, bench, gate, make_lengths
 from adapters.config.recipe import RecipeError, load_recipe
 from adapters.training import speed as fast
 
@@ -17,17 +17,10 @@ from .conftest import tiny_overrides
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    res = bench(
-        model="tiny-llama",
-        scenarios=("ragged",),
-        steps=3,
-        warmup=1,
-        ragged_batch=4,
-        max_len=64,
-        median=24,
-        out=out,
-        log=lambda *_: None,
+    opts = BenchOptions(
+        model="tiny-llama", scenarios=("ragged",), steps=3, warmup=1, ragged_batch=4, max_len=64, median=24, out=out
     )
+    res = bench(opts, log=lambda *_: None)
     return out, res
 
 
@@ -160,11 +153,11 @@ def test_build_trainer_applies_the_switches(setting, ragged, expect, tiny_models
 
 def test_bench_rejects_bad_arguments(tmp_path):
     with pytest.raises(BenchError, match="--model"):
-        bench(model="gpt-9", out=tmp_path)
+        bench(BenchOptions(model="gpt-9", out=tmp_path))
     with pytest.raises(BenchError, match="unknown switch"):
-        bench(model="tiny-llama", overrides={"padding_fre": True}, out=tmp_path)
+        bench(BenchOptions(model="tiny-llama", out=tmp_path), overrides={"padding_fre": True})
     with pytest.raises(BenchError, match="--steps"):
-        bench(model="tiny-llama", steps=2, warmup=2, out=tmp_path)
+        bench(BenchOptions(model="tiny-llama", steps=2, warmup=2, out=tmp_path))
     lens = make_lengths(200, "ragged", 128, 40)
     assert max(lens) <= 128 and 20 < sorted(lens)[100] < 80
 

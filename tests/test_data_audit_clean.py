@@ -163,7 +163,7 @@ def test_mixing_weights_and_augmentation_recorded(tmp_path):
 
 
 def test_data_audit_cli_uses_recipe_tokenizer(tmp_path, tiny_models, tiny_data, capsys):
-    from adapters.cli.main import main
+    from adapters.cli import main
 
     out = tmp_path / "audit"
     rc = main(

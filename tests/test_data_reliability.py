@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from adapters.cli.main import main
+from adapters.cli import main
 from adapters.config.recipe import load_recipe
 from adapters.data.audit import AuditError
 from adapters.data.encode import encode_messages, encode_rows

@@ -249,7 +249,7 @@ def test_preflight_reads_the_launcher_environment():
 
 def test_train_runs_preflight_first(tiny_models, tiny_data, tmp_path, monkeypatch, capsys):
     """Under a ZeRO-3 launch a 4-bit recipe stops before loading anything, exit code 2, fix named."""
-    from adapters.cli.main import main
+    from adapters.cli import main
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.cli.main import main
+from adapters.cli import main
 from adapters.config.recipe import load_recipe
 from adapters.training.run import train
 

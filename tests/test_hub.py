@@ -282,7 +282,7 @@ def test_resolve_adapter_errors(tmp_path):
 
 
 def test_cli_push_dry_run_and_bad_repo_id(run_dir, capsys):
-    from adapters.cli.main import main
+    from adapters.cli import main
 
     assert main(["push", str(run_dir), "--repo-id", "me/tiny-lora", "--dry-run"]) == 0
     assert "README.md" in capsys.readouterr().out

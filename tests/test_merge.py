@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.cli import main as cli
+from adapters import cli
 from adapters.config.recipe import load_recipe
 from adapters.data.encode import encode_messages
 from adapters.data.validate import read_rows

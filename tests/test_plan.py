@@ -73,7 +73,7 @@ def test_plan_report_and_hub_fallback():
 
 
 def test_plan_unknown_model_and_fp16_gemma(tiny_models, capsys):
-    from adapters.cli.main import main
+    from adapters.cli import main
 
     assert main(["plan", "llama-3.2-1b-qlora", "--model_name_or_path", "someorg/mystery-7b"]) == 2
     assert "no built-in config" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def test_parse_overrides_types():
 
 
 def test_cli_reports_bad_key(capsys):
-    from adapters.cli.main import main
+    from adapters.cli import main
 
     assert main(["train", "gemma3-270m-demo", "--lerning_rate", "1"]) == 2
     err = capsys.readouterr().err

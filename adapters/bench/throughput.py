@@ -3,7 +3,8 @@
 Both runs use the same random-initialised model (a real architecture config, no download), the same pre-tokenised
 random data, the same LoRA config (r=16, alpha=32, all-linear) and the same effective batch. The baseline is
 ``SFTTrainer`` with its defaults (gradient checkpointing on, padded per batch), NF4 double-quant where CUDA is present
-(../shared/ANCHORS.md). Our path is the same trainer with the switches of ``adapters.training.speed`` turned on.
+(as in the measured GPU baseline in docs/bench.md). Our path is the same trainer with the switches of
+``adapters.training.speed`` turned on.
 
 Reported per run: real tokens/s (padding not counted), peak memory (``torch.cuda.max_memory_allocated`` on GPU,
 peak RSS sampled during the run on CPU), model FLOPs utilisation against 989 TFLOP/s and against a measured matmul
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,13 @@ import torch
 
 from adapters.model.shapes import ARCHS  # real architecture shapes, random init: only the shapes matter
 from adapters.training import speed as fast
+from adapters.utils.errors import AdaptersError
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 GATE_RTOL = 1e-3
 
 
-class BenchError(ValueError):
+class BenchError(AdaptersError, ValueError):
     """A bench argument is invalid; the message names it."""
 
 
@@ -81,7 +83,7 @@ def tokenizer():
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
 def flops_per_sample(cfg, n_lora: int, length: int) -> float:
-    """Model FLOPs of one LoRA training pass over a sample (../shared/ANCHORS.md).
+    """Model FLOPs of one LoRA training pass over a sample (the count behind the MFU figures of docs/bench.md).
 
     Frozen matmul weights cost 4N per token (forward + input gradients, no weight gradients); LoRA weights 6N;
     causal attention 6 * layers * (heads * head_dim) * length per token. Checkpoint recompute is not model FLOPs.
@@ -201,94 +203,102 @@ def _clock():
     return Clock()
 
 
-def run_one(
-    setup: Setup, path: str, model_dir: Path, ds, switches: fast.Plan | None, attn: str, out_dir: Path
-) -> dict[str, Any]:
-    """Train ``setup.steps`` steps; ``switches`` None is the plain baseline."""
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+def _load_model(setup: Setup, model_dir: Path, attn: str, cuda: bool):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kw: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn)
+    if setup.quant == "nf4":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if cuda:
+        kw["device_map"] = {"": 0}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+
+
+def _sft_config(setup: Setup, out_dir: Path, cuda: bool, gckpt: bool, sw: dict[str, Any]):
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    mem = RssPeak() if not cuda else None
-    if mem:
-        mem.__enter__()
-    t0 = time.perf_counter()
-    try:
-        kw: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn)
-        if setup.quant == "nf4":
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
-        if cuda:
-            kw["device_map"] = {"": 0}
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
-        sw = switches.sft_kwargs() if switches is not None else {}
-        compact = bool(switches.values.get("trained_positions_only")) if switches is not None else False
-        if fast.compact_hook_available():
-            fast.enable_trained_positions_only(compact)  # the baseline keeps TRL's own choice
-        gckpt = switches.values.get("gradient_checkpointing", True) if switches is not None else True
-        args = SFTConfig(
-            output_dir=str(out_dir / "trainer"),
-            per_device_train_batch_size=setup.batch,
-            gradient_accumulation_steps=setup.grad_accum,
-            max_steps=setup.steps,
-            learning_rate=2e-4,
-            logging_steps=10_000,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            seed=setup.seed,
-            data_seed=setup.seed,
-            bf16=cuda,
-            use_cpu=not cuda,
-            dataloader_pin_memory=cuda,
-            # the baseline keeps TRL's default max_length (data is already cut to max_len); padding-free needs None
-            max_length=None if sw.get("padding_free") else setup.max_len,
-            dataset_kwargs={"skip_prepare_dataset": True},  # pre-tokenised; both paths see the same ids
-            gradient_checkpointing=gckpt,
-            **sw,
-        )
-        peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-        set_seed(setup.seed)  # same LoRA init in both runs
-        clock = _clock()
-        trainer = _trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=ds,
-            processing_class=tokenizer(),
-            peft_config=peft_cfg,
-            callbacks=[clock],
-            keep_losses=setup.gate_batches,
-        )
-        trainer.train()
-    finally:
-        if mem:
-            mem.__exit__(None, None, None)
-    if cuda:
-        peak, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
-    else:
-        peak, peak_kind = mem.peak / 2**30, "peak_rss"
+    return SFTConfig(
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=setup.batch,
+        gradient_accumulation_steps=setup.grad_accum,
+        max_steps=setup.steps,
+        learning_rate=2e-4,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=setup.seed,
+        data_seed=setup.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        # the baseline keeps TRL's default max_length (data is already cut to max_len); padding-free needs None
+        max_length=None if sw.get("padding_free") else setup.max_len,
+        dataset_kwargs={"skip_prepare_dataset": True},  # pre-tokenised; both paths see the same ids
+        gradient_checkpointing=gckpt,
+        **sw,
+    )
+
+
+@dataclass
+class _Trained:
+    """What one timed run leaves for its row: the trainer (losses, lengths), the clock and the switches used."""
+
+    trainer: Any
+    clock: Any
+    gradient_checkpointing: bool
+    sft_switches: dict[str, Any]
+
+
+def _train(
+    setup: Setup, model_dir: Path, ds, switches: fast.Plan | None, attn: str, out_dir: Path, cuda: bool
+) -> _Trained:
+    from peft import LoraConfig
+    from transformers import set_seed
+
+    model = _load_model(setup, model_dir, attn, cuda)
+    sw = switches.sft_kwargs() if switches is not None else {}
+    compact = bool(switches.values.get("trained_positions_only")) if switches is not None else False
+    if fast.compact_hook_available():
+        fast.enable_trained_positions_only(compact)  # the baseline keeps TRL's own choice
+    gckpt = switches.values.get("gradient_checkpointing", True) if switches is not None else True
+    args = _sft_config(setup, out_dir, cuda, gckpt, sw)
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    set_seed(setup.seed)  # same LoRA init in both runs
+    clock = _clock()
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer(),
+        peft_config=peft_cfg,
+        callbacks=[clock],
+        keep_losses=setup.gate_batches,
+    )
+    trainer.train()
+    return _Trained(trainer, clock, gckpt, sw)
+
+
+def _row(setup: Setup, path: str, run: _Trained, attn: str, t0: float, peak: float, peak_kind: str) -> dict[str, Any]:
+    """Throughput over the timed steps (after warmup), counting real tokens and, separately, computed ones."""
+    trainer, clock = run.trainer, run.clock
     cfg = model_config(setup.model)
     n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     timed = [(s, lens) for s, lens in trainer.lengths if s > setup.warmup]
     tokens = sum(sum(lens) for _, lens in timed)
     flops = sum(flops_per_sample(cfg, n_lora, n) for _, lens in timed for n in lens)
-    padded = (
-        sum(len(lens) * max(lens) for _, lens in timed) if switches is None or not sw.get("padding_free") else tokens
-    )
+    # padding-free computes only real tokens; otherwise every sample is padded to its batch's longest
+    padded = tokens if run.sft_switches.get("padding_free") else sum(len(lens) * max(lens) for _, lens in timed)
     last = max(clock.marks)
     dt = clock.marks[last] - clock.marks[setup.warmup]
     dt_cpu = clock.cpu[last] - clock.cpu[setup.warmup]
-    row = {
+    return {
         "path": path,
         "scenario": setup.scenario,
         "steps_timed": last - setup.warmup,
@@ -303,15 +313,40 @@ def run_one(
         "time_to_first_step_s": round(clock.marks[1] - t0, 3),
         "losses": trainer.losses,
         "attn_implementation": attn,
-        "gradient_checkpointing": gckpt,
+        "gradient_checkpointing": run.gradient_checkpointing,
         "quantization": setup.quant,
         "trainable_params": n_lora,
     }
+
+
+def run_one(
+    setup: Setup, path: str, model_dir: Path, ds, switches: fast.Plan | None, attn: str, out_dir: Path
+) -> dict[str, Any]:
+    """Train setup.steps steps; switches None is the plain baseline."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    mem = RssPeak() if not cuda else None
+    if mem:
+        mem.__enter__()
+    t0 = time.perf_counter()
+    try:
+        run = _train(setup, model_dir, ds, switches, attn, out_dir, cuda)
+    finally:
+        if mem:
+            mem.__exit__(None, None, None)
+    if cuda:
+        peak, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
+    else:
+        peak, peak_kind = mem.peak / 2**30, "peak_rss"
+    row = _row(setup, path, run, attn, t0, peak, peak_kind)
     if mem:
         row["rss_rise_gib"] = round((mem.peak - mem.start) / 2**30, 4)
     if switches is not None:
         row["switches"] = switches.report()
-    del trainer, model
+    del run
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -346,6 +381,45 @@ def gate(baseline: list[float], ours: list[float], rtol: float = GATE_RTOL) -> d
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+def _option(default: Any, help: str | None, **cli: Any) -> Any:
+    """A bench option's default and help, declared once; cli: extra argparse settings (choices, a parsing type)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(s for s in text.split(",") if s)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The options of adapters bench. The CLI builds one flag per field (ragged_batch -> --ragged-batch) with this
+    default and help; None means the device's default (see defaults())."""
+
+    model: str | None = _option(
+        None,
+        "architecture shape: tiny-llama (CPU default), llama-3.2-1b (GPU default), llama-3.1-8b, qwen2.5-1.5b, "
+        "tiny-qwen2",
+    )
+    scenarios: tuple[str, ...] = _option(("fixed", "ragged"), "comma list of fixed, ragged", type=_comma_list)
+    steps: int | None = _option(None, "optimizer steps per run (CPU 5, GPU 25)")
+    warmup: int | None = _option(None, "untimed first steps (CPU 1, GPU 5)")
+    batch: int | None = _option(None, "per-device batch, fixed scenario (4)")
+    ragged_batch: int | None = _option(None, "per-device batch, ragged scenario (8)")
+    grad_accum: int = _option(1, None)
+    max_len: int | None = _option(None, "fixed length and ragged cap (CPU 256, GPU 2048)")
+    median: int | None = _option(None, "ragged median length (CPU 80, GPU 600)")
+    quant: str | None = _option(None, "base quantization of both runs (GPU nf4, CPU none)", choices=["nf4", "none"])
+    gate_batches: int = _option(2, "first micro-batches whose losses must agree")
+    out: str | Path = _option("outputs/bench", "where bench.json and bench.md go")
+    threads: int = _option(1, "torch CPU threads during a CPU bench (1: steadiest on a shared machine)")
+
+    def resolved(self, cuda: bool) -> BenchOptions:
+        """These options with every unset one (None or 0; warmup: None only) taken from defaults(cuda)."""
+        d = defaults(cuda)
+        filled = {k: getattr(self, k) or v for k, v in d.items() if k != "warmup"}
+        return replace(self, **filled, warmup=d["warmup"] if self.warmup is None else self.warmup)
+
+
 def defaults(cuda: bool) -> dict[str, Any]:
     """GPU: the anchor setup (seq 2048; ragged median 600, batch 8). CPU: the same shape of problem, scaled down."""
     if cuda:
@@ -374,7 +448,8 @@ def plan_ours(setup: Setup, overrides: dict[str, Any], cuda: bool, lengths: list
         padding=fast.padding_share(lengths, setup.batch),
     )
     if "attn_implementation" not in overrides and cuda and p.padding_free and not p.use_liger_kernel:
-        # ANCHORS.md: without Liger, padding-free with flex_attention was the fastest ragged option on the H200
+        # the measured GPU baseline in docs/bench.md: without Liger, padding-free with flex_attention was the fastest
+        # ragged option on the H200
         attn = "flex_attention"
         p.set("attn_implementation", attn, "padding-free without Liger: flex_attention measured fastest", "auto")
     else:
@@ -399,56 +474,95 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def bench(
-    model: str | None = None,
-    scenarios: tuple[str, ...] = ("fixed", "ragged"),
-    steps: int | None = None,
-    warmup: int | None = None,
-    batch: int | None = None,
-    ragged_batch: int | None = None,
-    grad_accum: int = 1,
-    max_len: int | None = None,
-    median: int | None = None,
-    quant: str | None = None,
-    gate_batches: int = 2,
-    out: str | Path = "outputs/bench",
-    overrides: dict[str, Any] | None = None,
-    log=print,
-    cpu_threads: int = 1,
-) -> dict[str, Any]:
-    """Run baseline then ours for each scenario; write ``bench.json`` and ``bench.md`` under ``out``; return the JSON."""
-    cuda = torch.cuda.is_available()
-    d = defaults(cuda)
-    model = model or d["model"]
-    cfg = model_config(model)
-    steps = steps or d["steps"]
-    warmup = d["warmup"] if warmup is None else warmup
-    if steps <= warmup:
-        raise BenchError(f"--steps ({steps}) must exceed --warmup ({warmup})")
-    quant = quant or d["quant"]
-    if quant not in ("nf4", "none"):
-        raise BenchError(f"--quant: expected nf4 or none, got {quant!r}")
+def _checked(options: BenchOptions, overrides: dict[str, Any] | None, cuda: bool) -> tuple[BenchOptions, Any, dict]:
+    """The options with the device defaults filled in, the model's config and the switch overrides; else BenchError."""
+    opts = options.resolved(cuda)
+    cfg = model_config(opts.model)
+    if opts.steps <= opts.warmup:
+        raise BenchError(f"--steps ({opts.steps}) must exceed --warmup ({opts.warmup})")
+    if opts.quant not in ("nf4", "none"):
+        raise BenchError(f"--quant: expected nf4 or none, got {opts.quant!r}")
     overrides = dict(overrides or {})
     known = (*fast.SWITCHES, *fast.EXTRA_SWITCHES, "gradient_checkpointing", "attn_implementation")
     unknown = set(overrides) - set(known)
     if unknown:
         raise BenchError(f"unknown switch {sorted(unknown)[0]!r}; known: {', '.join(known)}")
-    out = Path(out)
+    return opts, cfg, overrides
+
+
+def _save_random_model(cfg, cuda: bool, tmp: Path) -> Path:
+    """The random-initialised model both runs load, so neither pays for the other's initialisation."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp / "model"
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
+    m.save_pretrained(model_dir)
+    del m
+    return model_dir
+
+
+def _compare(
+    opts: BenchOptions, scenario: str, ctx: dict[str, Any], overrides: dict[str, Any], log
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Baseline then ours on one scenario's data: their two rows and the comparison (speedups, memory, gate)."""
+    cfg, cuda, peak, tmp = ctx["cfg"], ctx["cuda"], ctx["peak"], ctx["tmp"]
+    bs = opts.ragged_batch if scenario == "ragged" else opts.batch
+    setup = Setup(
+        model=opts.model,
+        scenario=scenario,
+        steps=opts.steps,
+        warmup=opts.warmup,
+        batch=bs,
+        grad_accum=opts.grad_accum,
+        max_len=opts.max_len,
+        median=opts.median,
+        quant=opts.quant,
+        gate_batches=opts.gate_batches,
+    )
+    n = bs * opts.grad_accum * opts.steps
+    lengths = make_lengths(n, scenario, setup.max_len, setup.median)
+    ds = make_dataset(lengths, cfg.vocab_size)
+    switches, attn = plan_ours(setup, overrides, cuda, lengths)
+    log(f"[bench] {scenario}: {n} samples, mean length {sum(lengths) / n:.0f}, batch {bs}x{opts.grad_accum}")
+    base = run_one(setup, "baseline", ctx["model_dir"], ds, None, "sdpa", tmp)
+    log(f"[bench]   baseline {base['tokens_per_s']:,.0f} tok/s")
+    ours = run_one(setup, "ours", ctx["model_dir"], ds, switches, attn, tmp)
+    log(f"[bench]   ours     {ours['tokens_per_s']:,.0f} tok/s")
+    for r in (base, ours):
+        r["mfu_vs_989"] = r["model_tflops"] / PEAK_TFLOPS
+        r["mfu_vs_measured"] = r["model_tflops"] / peak
+        r["batch"], r["grad_accum"], r["mean_length"] = bs, opts.grad_accum, sum(lengths) / n
+    comparison = {
+        "scenario": scenario,
+        "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+        "speedup_cpu_time": ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
+        "memory_ratio": ours["peak_mem_gib"] / base["peak_mem_gib"],
+        "gate": gate(base["losses"], ours["losses"]),
+    }
+    return [base, ours], comparison
+
+
+def bench(options: BenchOptions | None = None, overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """Run baseline then ours for each scenario; write bench.json and bench.md under options.out; return the JSON.
+
+    overrides force switches of adapters.training.speed (adapters bench --padding_free false)."""
+    cuda = torch.cuda.is_available()
+    opts, cfg, overrides = _checked(options or BenchOptions(), overrides, cuda)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     # one thread on CPU: on a shared CPU, more threads than free cores make every timing noise
-    with _torch_threads(None if cuda else cpu_threads):
-        from transformers import AutoModelForCausalLM
-
+    with _torch_threads(None if cuda else opts.threads):
         from adapters.utils.provenance import hardware, versions, write_json
 
         peak = matmul_peak_tflops(cuda)
         log(
-            f"[bench] {model} on {torch.cuda.get_device_name(0) if cuda else 'CPU'}; measured matmul peak "
+            f"[bench] {opts.model} on {torch.cuda.get_device_name(0) if cuda else 'CPU'}; measured matmul peak "
             f"{peak:.3f} TFLOP/s ({'bf16' if cuda else 'fp32'})"
         )
-
         result: dict[str, Any] = {
-            "model": model,
+            "model": opts.model,
             "config": cfg.to_diff_dict(),
             "device": "cuda" if cuda else "cpu",
             "matmul_peak_tflops": peak,
@@ -460,56 +574,22 @@ def bench(
             "comparisons": [],
         }
         with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
-            model_dir = Path(tmp) / "model"
-            torch.manual_seed(0)
-            with torch.device("cuda" if cuda else "cpu"):
-                m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
-            m.save_pretrained(model_dir)
-            del m
-            for scenario in scenarios:
-                bs = (ragged_batch or d["ragged_batch"]) if scenario == "ragged" else (batch or d["batch"])
-                setup = Setup(
-                    model=model,
-                    scenario=scenario,
-                    steps=steps,
-                    warmup=warmup,
-                    batch=bs,
-                    grad_accum=grad_accum,
-                    max_len=max_len or d["max_len"],
-                    median=median or d["median"],
-                    quant=quant,
-                    gate_batches=gate_batches,
-                )
-                n = bs * grad_accum * steps
-                lengths = make_lengths(n, scenario, setup.max_len, setup.median)
-                ds = make_dataset(lengths, cfg.vocab_size)
-                switches, attn = plan_ours(setup, overrides, cuda, lengths)
-                log(f"[bench] {scenario}: {n} samples, mean length {sum(lengths) / n:.0f}, batch {bs}x{grad_accum}")
-                base = run_one(setup, "baseline", model_dir, ds, None, "sdpa", Path(tmp))
-                log(f"[bench]   baseline {base['tokens_per_s']:,.0f} tok/s")
-                ours = run_one(setup, "ours", model_dir, ds, switches, attn, Path(tmp))
-                log(f"[bench]   ours     {ours['tokens_per_s']:,.0f} tok/s")
-                for r in (base, ours):
-                    r["mfu_vs_989"] = r["model_tflops"] / PEAK_TFLOPS
-                    r["mfu_vs_measured"] = r["model_tflops"] / peak
-                    r["batch"], r["grad_accum"], r["mean_length"] = bs, grad_accum, sum(lengths) / n
-                g = gate(base["losses"], ours["losses"])
-                result["rows"] += [base, ours]
-                result["comparisons"].append(
-                    {
-                        "scenario": scenario,
-                        "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
-                        "speedup_cpu_time": ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
-                        "memory_ratio": ours["peak_mem_gib"] / base["peak_mem_gib"],
-                        "gate": g,
-                    }
-                )
+            ctx = dict(cfg=cfg, cuda=cuda, peak=peak, tmp=Path(tmp), model_dir=_save_random_model(cfg, cuda, Path(tmp)))
+            for scenario in opts.scenarios:
+                rows, comparison = _compare(opts, scenario, ctx, overrides, log)
+                result["rows"] += rows
+                result["comparisons"].append(comparison)
         result["table"] = table(result)
         write_json(out / "bench.json", result)
         (out / "bench.md").write_text(result["table"] + "\n", encoding="utf-8")
         log(result["table"])
         log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
         return result
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """Every comparison's loss gate passed: the speed figures compare the same computation."""
+    return all(c["gate"]["verdict"] == "PASS" for c in result["comparisons"])
 
 
 def table(result: dict[str, Any]) -> str:
@@ -549,28 +629,3 @@ def table(result: dict[str, Any]) -> str:
             on = [f"{k}={v['value']}" for k, v in r["switches"].items()]
             lines.append(f"Our path ({r['scenario']}): " + ", ".join(on) + ".")
     return "\n".join(lines)
-
-
-def main_args(args, rest: list[str]) -> int:
-    """``adapters bench`` entry: parse the switch overrides (``--padding_free false``) and run."""
-    from adapters.config.recipe import parse_overrides
-
-    overrides = parse_overrides(rest)
-    result = bench(
-        model=args.model,
-        scenarios=tuple(s for s in args.scenarios.split(",") if s),
-        steps=args.steps,
-        warmup=args.warmup,
-        batch=args.batch,
-        ragged_batch=args.ragged_batch,
-        grad_accum=args.grad_accum,
-        max_len=args.max_len,
-        median=args.median,
-        quant=args.quant,
-        gate_batches=args.gate_batches,
-        out=args.out,
-        overrides=overrides,
-        cpu_threads=args.threads,
-    )
-    bad = [c for c in result["comparisons"] if c["gate"]["verdict"] != "PASS"]
-    return 1 if bad else 0

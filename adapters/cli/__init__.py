@@ -1,0 +1,56 @@
+"""The adapters command line: one module per verb (register adds its arguments, run calls one library function).
+
+main() is the console script and python -m adapters. A user's mistake is an AdaptersError: one line on stderr, exit 2.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from adapters.utils.errors import AdaptersError
+
+DESCRIPTION = "The adapters command line. Each verb parses its arguments and calls one function of the package."
+# the order of adapters --help
+VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices meant for library authors
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call int8 dtype notes on CPU
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adapters", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    for verb in VERBS:
+        importlib.import_module(f"adapters.cli.{verb}").register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _quiet_libraries()
+    try:
+        return args.func(args, rest)
+    except AdaptersError as e:
+        print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
+        return 2

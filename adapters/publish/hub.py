@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.publish.rundir import Run, RunError, open_run
+from adapters.utils.errors import AdaptersError
 from adapters.utils.provenance import write_json
 
 PUBLISHED = "published.json"
@@ -34,7 +35,7 @@ REPORTS = ("eval.json", "merge_report.json")
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 
-class HubError(RuntimeError):
+class HubError(AdaptersError, RuntimeError):
     """A push or pull failed; the message names the run, file or repo (never the token)."""
 
 

@@ -40,6 +40,7 @@ from adapters.evaluation.generation import answer_budget, exact_match, generate_
 from adapters.model.loading import load_model
 from adapters.model.quantization import model_memory_mb
 from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, open_run
+from adapters.utils.errors import AdaptersError
 from adapters.utils.provenance import write_json
 
 DEFAULT_MAX_KL = 0.01
@@ -52,7 +53,7 @@ saving step's extra memory small."""
 METHODS = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 
 
-class MergeError(RuntimeError):
+class MergeError(AdaptersError, RuntimeError):
     """The merge cannot be done correctly; the message says why and names the file."""
 
 

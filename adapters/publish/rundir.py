@@ -16,9 +16,10 @@ from typing import Any
 from adapters.config.recipe import Recipe, apply_values
 from adapters.model.loading import load_model
 from adapters.model.sources import ModelRef
+from adapters.utils.errors import AdaptersError
 
 
-class RunError(RuntimeError):
+class RunError(AdaptersError, RuntimeError):
     """A run directory is incomplete or inconsistent; the message names the file."""
 
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from adapters.utils.errors import AdaptersError
+
 STAGING = ".staging"
 MARKER = "COMPLETE.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AdaptersError, RuntimeError):
     pass
 
 

@@ -23,10 +23,11 @@ from adapters.model.quantization import _general_batch, _probe_batch, print_quan
 from adapters.model.sources import resolve_model
 from adapters.training import checkpoints as ckpt
 from adapters.training.trainer import build_trainer
+from adapters.utils.errors import AdaptersError, PathExistsError, PathNotFoundError
 from adapters.utils.provenance import git_state, hardware, versions, write_json
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(AdaptersError, RuntimeError):
     """The loss or gradient norm became NaN/inf; nothing from that point was saved."""
 
 
@@ -49,7 +50,7 @@ def run_dir_for(recipe: Recipe, recipe_path: Path, resume: bool) -> Path:
     if resume:  # the newest run of this recipe
         runs = sorted((p for p in root.glob(f"{recipe_path.stem}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
         if not runs:
-            raise FileNotFoundError(f"--resume: no earlier run of {recipe_path.stem} under {root}/; pass --run_name")
+            raise PathNotFoundError(f"--resume: no earlier run of {recipe_path.stem} under {root}/; pass --run_name")
         return runs[-1]
     return root / new_run_name(recipe_path)
 
@@ -94,7 +95,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     set_seed(recipe.seed)
     run = run_dir_for(recipe, recipe_path, resume)
     if run.exists() and not resume and any(run.iterdir()):
-        raise FileExistsError(f"{run} already exists; pass --resume to continue it or choose another --run_name")
+        raise PathExistsError(f"{run} already exists; pass --resume to continue it or choose another --run_name")
     state.wait_for_everyone()  # every rank has checked before the main process creates the folder
     resume_from = None
     if resume:

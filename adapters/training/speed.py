@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from adapters.utils.errors import AdaptersError
+
 AUTO = "auto"
 SWITCHES = ("padding_free", "use_liger_kernel", "torch_compile")
 EXTRA_SWITCHES = ("trained_positions_only",)
@@ -49,7 +51,7 @@ def padding_share(lengths: list[int], batch: int, trials: int = 64, seed: int = 
     return pad / (pad + real)
 
 
-class FastPathError(ValueError):
+class FastPathError(AdaptersError, ValueError):
     """A switch was asked for where it cannot work; the message names the key."""
 
 

@@ -1,0 +1,38 @@
+"""adapters bench [--model M] [--switch value …] -> adapters.bench.throughput.bench; flags built from BenchOptions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def _flag_type(annotation: Any) -> Any:
+    """int for int | None, str for str | Path: the first concrete type of the field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def register(sub) -> None:
+    from adapters.bench.throughput import BenchOptions
+
+    p = sub.add_parser(
+        "bench",
+        help="plain TRL+PEFT baseline vs our path: tokens/s, memory, MFU, loss gate",
+        epilog="example: adapters bench --scenarios ragged --padding_free false  (force a switch)",
+    )
+    hints = typing.get_type_hints(BenchOptions)
+    for f in dataclasses.fields(BenchOptions):
+        kw = {"type": _flag_type(hints[f.name]), **f.metadata}
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+    p.set_defaults(func=run, takes_rest=True)
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    """Exit 1 when a comparison's loss gate fails (its speed figures would compare different computations)."""
+    from adapters.bench.throughput import BenchOptions, bench, passed
+    from adapters.config.recipe import parse_overrides
+
+    options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
+    return 0 if passed(bench(options, overrides=parse_overrides(rest))) else 1

@@ -1,0 +1,27 @@
+"""adapters sweep RECIPE [--key value …] -> adapters.training.sweep.sweep."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="Optuna search (TPE + median pruning on validation loss); writes the best recipe",
+        epilog="example: adapters sweep gemma3-270m-demo --trials 3 --max_steps 10",
+    )
+    p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe")
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--out", default=None, help="sweep directory (default outputs/sweep-<recipe>-<time>)")
+    p.set_defaults(func=run, takes_rest=True)
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    from adapters.config.recipe import load_recipe, parse_overrides
+    from adapters.training.sweep import sweep
+
+    overrides = parse_overrides(rest)
+    recipe, path = load_recipe(args.recipe, overrides)
+    sweep(recipe, path, args.trials, overrides, args.out)
+    return 0
