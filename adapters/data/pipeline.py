@@ -6,7 +6,6 @@ problem stops the run before anything expensive starts. Everything done is recor
 
 from __future__ import annotations
 
-import hashlib
 import random
 import warnings
 from pathlib import Path
@@ -16,9 +15,9 @@ from adapters.config.recipe import Recipe
 from adapters.data.audit import AuditError, audit, format_audit, violations
 from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
 from adapters.data.encode import encode_rows
-from adapters.data.readers import fingerprint
 from adapters.data.rows import DataError, Encoded, Row
 from adapters.data.validate import check, scan
+from adapters.utils.hashing import chat_template_sha256, fingerprint
 from adapters.utils.provenance import write_json
 
 # Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
@@ -107,7 +106,7 @@ def prepare_data(
     report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
     report["chat_template"] = {
         "source": recipe.chat_template or "tokenizer (or the family built-in if it has none)",
-        "sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+        "sha256": chat_template_sha256(tok),
     }
     report["packing"] = {
         "enabled": bool(recipe.sft_extra.get("packing")),

@@ -10,7 +10,6 @@ Adapters trained on different bases (base fingerprint or architecture) or with d
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,15 +24,14 @@ from adapters.publish.merge import (
     MergeError,
     _budget,
     compare,
-    free,
     merge_run,
     probe_logits,
     probe_set,
-    promote,
 )
 from adapters.publish.rundir import check_base, load_run_tokenizer, open_run
 from adapters.training.checkpoints import validate_adapter_dir
-from adapters.utils.provenance import write_json
+from adapters.utils.atomic import fresh_staging, promote, write_json
+from adapters.utils.memory import free
 
 DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
 
@@ -150,10 +148,7 @@ def combine_runs(
         heldout[str(r.path)] = entry
     report["heldout"] = heldout
 
-    staging = out.with_name(f".{out.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(out)
     model.peft_config["default"].base_model_name_or_path = lead.ref.path
     model.save_pretrained(str(staging / "adapter"))
     tok.save_pretrained(str(staging / "adapter"))
