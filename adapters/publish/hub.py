@@ -18,12 +18,12 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapters.compat.huggingface_hub import client_timeout
 from adapters.publish.rundir import Run, RunError, open_run
 from adapters.utils.provenance import write_json
 
@@ -226,30 +226,6 @@ def with_retries(
             log(f"[push] {what}: {msg}; retrying in {wait:.1f}s ({i + 2}/{attempts})")
             time.sleep(wait)
     raise AssertionError("unreachable")
-
-
-@contextmanager
-def client_timeout(seconds: float | None):
-    """huggingface_hub's shared HTTP client waits forever by default; give every request a deadline."""
-    if not seconds:
-        yield
-        return
-    import httpx2
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
-    prev = _http._GLOBAL_CLIENT_FACTORY
-
-    def factory():
-        client = prev()
-        client.timeout = httpx2.Timeout(seconds)
-        return client
-
-    set_client_factory(factory)
-    try:
-        yield
-    finally:
-        set_client_factory(prev)
 
 
 # ---------------------------------------------------------------------------------------------------- push

@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from adapters.compat.trl import compact_hook_available
+from adapters.compat.trl import enable_trained_positions_only as enable_trained_positions_only  # re-export
+
 AUTO = "auto"
 SWITCHES = ("padding_free", "use_liger_kernel", "torch_compile")
 EXTRA_SWITCHES = ("trained_positions_only",)
@@ -212,40 +215,6 @@ def plan(
             "recipe" if want is True else "auto",
         )
     return p
-
-
-def compact_hook_available() -> bool:
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:  # pragma: no cover
-        return False
-    return callable(getattr(trl_utils, "_use_triton", None))
-
-
-def enable_trained_positions_only(on: bool = True) -> None:
-    """Let TRL's fused LM head keep only the labelled positions on CPU/MPS as it does on Triton devices.
-
-    TRL 1.16 (``trl.trainer.utils``, fused LM head) decides with ``_use_triton(device)`` whether to gather the
-    positions that carry a label before the vocabulary projection; off Triton it projects every position to keep
-    tile shapes fixed for compiled backends (Neuron). Eager CPU/MPS has no such constraint, so we widen that
-    decision there; the kernel choice (``trl.kernels.chunked_logprob._use_triton``) is untouched, so the torch
-    tiles still run. Same loss and gradients (tested), a fraction of the LM-head work. ``on=False`` restores TRL's.
-    """
-    from trl.trainer import utils as trl_utils
-
-    current = trl_utils._use_triton
-    orig = getattr(current, "_adapters_orig", current)
-    if not on:
-        trl_utils._use_triton = orig
-        return
-    if current is not orig:
-        return
-
-    def use_compact(device: torch.device) -> bool:
-        return device.type in ("cpu", "mps") or orig(device)
-
-    use_compact._adapters_orig = orig  # type: ignore[attr-defined]
-    trl_utils._use_triton = use_compact
 
 
 def activation_estimate_gib(config, tokens_per_micro_batch: int, bytes_per_el: int) -> float:
