@@ -17,14 +17,9 @@ from adapters.data.clean import apply_templates, clean_rows, mix_general, remove
 from adapters.data.encode import encode_rows
 from adapters.data.rows import DataError, Encoded, Row
 from adapters.data.validate import check, scan
+from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
 from adapters.utils.hashing import chat_template_sha256, fingerprint
 from adapters.utils.provenance import write_json
-
-# Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
-# built by masking_utils from position_ids (a restart at 0 starts a new sample) when no 2D attention mask is given,
-# and the flash kernels take cu_seq_lens. That holds only without a KV cache: TRL's compute_loss passes
-# use_cache=False. tests/test_data_packing.py checks sdpa and eager on a tiny model.
-ISOLATING_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
 def packing_guard(recipe: Recipe, say=print) -> bool:
@@ -36,10 +31,11 @@ def packing_guard(recipe: Recipe, say=print) -> bool:
     if not wants:
         return False
     attn = recipe.attn_implementation
-    if attn not in ISOLATING_ATTENTION:
+    if not isolates_samples(attn):
         msg = (
             f"packing/padding_free disabled: attn_implementation={attn!r} does not keep packed samples apart "
-            f"(use one of {sorted(ISOLATING_ATTENTION)}); tokens of one sample would attend to another"
+            f"(use one of {sorted(ISOLATING_ATTENTION)}; flex_attention only on CUDA); tokens of one sample would "
+            "attend to another"
         )
         warnings.warn(msg, stacklevel=2)
         say(f"[data] warning: {msg}")

@@ -31,8 +31,22 @@ from adapters.compat.trl import enable_trained_positions_only as enable_trained_
 AUTO = "auto"
 SWITCHES = ("padding_free", "use_liger_kernel", "torch_compile")
 EXTRA_SWITCHES = ("trained_positions_only",)
-# transformers 5 builds the per-sample mask from position_ids for these (masking_utils / varlen flash kernels)
+# Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
+# built by masking_utils from position_ids (a restart at 0 starts a new sample) when no 2D attention mask is given,
+# and the flash kernels take cu_seq_lens. That holds only without a KV cache: TRL's compute_loss passes
+# use_cache=False. flex_attention only on CUDA: it has no backward on CPU. tests/test_data_packing.py checks sdpa
+# and eager on a tiny model.
 ISOLATING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+CUDA_ONLY_ISOLATING = ("flex_attention",)
+
+
+def isolates_samples(attn: str | None, cuda: bool | None = None) -> bool:
+    """Whether ``attn`` keeps packed / padding-free samples apart here (``cuda``: None = this machine)."""
+    if attn not in ISOLATING_ATTENTION:
+        return False
+    if attn in CUDA_ONLY_ISOLATING:
+        return torch.cuda.is_available() if cuda is None else cuda
+    return True
 
 
 MIN_PADDING = 0.1  # padding-free pays once batches would be at least this much padding
@@ -123,7 +137,7 @@ def plan(
 
     # ---- padding-free batching
     want = check_switch("padding_free", settings.get("padding_free"))
-    isolates = attn in ISOLATING_ATTENTION and not (attn == "flex_attention" and not cuda)
+    isolates = isolates_samples(attn, cuda)
     if want is True:
         if packing:
             raise FastPathError(
