@@ -25,6 +25,7 @@ from typing import Any
 
 from adapters.compat.huggingface_hub import client_timeout
 from adapters.publish.rundir import Run, RunError, open_run
+from adapters.utils.atomic import write_text
 from adapters.utils.provenance import write_json
 
 PUBLISHED = "published.json"
@@ -100,12 +101,6 @@ def _hashes(path: Path, chunk: int = 1 << 20) -> tuple[int, str, str]:
             sha.update(block)
             git.update(block)
     return size, sha.hexdigest(), git.hexdigest()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def public_manifest(m: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +182,7 @@ def stage(
         if (run.path / name).is_file():
             files[name] = run.path / name
     card = build_card(run.manifest, run.path, repo_id, merged=merged, datasets=datasets)
-    _write_text(out / "README.md", str(card))
+    write_text(out / "README.md", str(card))
     files["README.md"] = out / "README.md"
     assert_token_free(list(files.values()))
     uploads = [Upload(k, v, *_hashes(v)) for k, v in sorted(files.items())]
