@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------- trl
+def _trl_original_use_triton(monkeypatch):
+    """TRL's own _use_triton, installed for this test: a trainer built by an earlier test may have left it widened
+    (monkeypatch puts back whatever was there)."""
+    from trl.trainer import utils as trl_utils
+
+    orig = getattr(trl_utils._use_triton, "_adapters_orig", trl_utils._use_triton)
+    monkeypatch.setattr(trl_utils, "_use_triton", orig)
+    return orig
+
+
 def _fused_llama(tiny_models):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
@@ -33,6 +43,7 @@ def test_trl_fused_lm_head_decides_through_module_level_use_triton(tiny_models, 
     at call time, with the hidden states' device, and gather only labelled positions when it says True."""
     from trl.trainer import utils as trl_utils
 
+    _trl_original_use_triton(monkeypatch)
     assert list(inspect.signature(trl_utils._use_triton).parameters) == ["device"]
     assert trl_utils._use_triton(torch.device("cpu")) is False
     model, ids, labels = _fused_llama(tiny_models)
@@ -52,14 +63,14 @@ def test_trl_fused_lm_head_decides_through_module_level_use_triton(tiny_models, 
     assert rows == [ids.shape[1] - 1, n_labelled], "compact=True no longer scores only the labelled positions"
 
 
-def test_enable_trained_positions_only_widens_and_restores(tiny_models):
+def test_enable_trained_positions_only_widens_and_restores(tiny_models, monkeypatch):
     from trl.kernels import chunked_logprob
     from trl.trainer import utils as trl_utils
 
     from adapters.compat.trl import compact_hook_available, enable_trained_positions_only
 
     assert compact_hook_available()
-    orig = trl_utils._use_triton
+    orig = _trl_original_use_triton(monkeypatch)
     model, ids, labels = _fused_llama(tiny_models)
     want = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
     try:
