@@ -14,15 +14,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def one(args) -> dict:
-    import psutil
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -33,6 +30,7 @@ def one(args) -> dict:
     from adapters.planning.memory import count_parameters, estimate
     from adapters.planning.smoke import _fallback_tokenizer
     from adapters.training.trainer import build_trainer
+    from adapters.utils.memory import PeakRSS
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -77,25 +75,12 @@ def one(args) -> dict:
     import gc
 
     gc.collect()
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    trainer.train()
-    stop.set()
-    t.join()
+    with PeakRSS(interval=0.002) as mem:
+        trainer.train()
     counts = count_parameters(cfg, recipe)
     est = estimate(recipe, counts, tokens=tokens, overhead_bytes=0)
     predicted = est.lora + args.batch * (est.activations_per_sample + est.logits_per_sample)
-    measured = peak[0] - base
+    measured = mem.peak - mem.start
     return {
         "hidden": args.hidden,
         "layers": args.layers,

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from adapters.data.encode import encode_rows
-from adapters.data.readers import fingerprint
 from adapters.data.rows import DataError
 from adapters.data.validate import check, read_rows
+from adapters.utils.hashing import fingerprint
 
 from .conftest import build_tokenizer
 

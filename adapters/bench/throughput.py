@@ -18,11 +18,9 @@ baseline's on each of those batches, else the comparison is INVALID.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -34,6 +32,7 @@ import torch
 from adapters.model.shapes import ARCHS  # real architecture shapes, random init: only the shapes matter
 from adapters.training import speed as fast
 from adapters.utils.errors import AdaptersError
+from adapters.utils.memory import PeakRSS
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 GATE_RTOL = 1e-3
@@ -111,36 +110,6 @@ def matmul_peak_tflops(cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-# ---------------------------------------------------------------------------------------------------- memory
-class RssPeak:
-    """Samples this process's RSS in a thread; the CPU stand-in for torch.cuda.max_memory_allocated."""
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
-
-    def __enter__(self):
-        gc.collect()
-        try:  # hand freed heap back to the OS, so one run's leftovers don't inflate the next run's figure
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.start = self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def _loop(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -328,7 +297,7 @@ def run_one(
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    mem = RssPeak() if not cuda else None
+    mem = PeakRSS(free_first=True) if not cuda else None
     if mem:
         mem.__enter__()
     t0 = time.perf_counter()

@@ -6,7 +6,6 @@ problem stops the run before anything expensive starts. Everything done is recor
 
 from __future__ import annotations
 
-import hashlib
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -17,16 +16,11 @@ from adapters.config.recipe import Recipe
 from adapters.data.audit import AuditError, audit, format_audit, violations
 from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
 from adapters.data.encode import encode_rows
-from adapters.data.readers import fingerprint
 from adapters.data.rows import DataError, Encoded, Row
 from adapters.data.validate import check, scan
+from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
+from adapters.utils.hashing import chat_template_sha256, fingerprint
 from adapters.utils.provenance import write_json
-
-# Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
-# built by masking_utils from position_ids (a restart at 0 starts a new sample) when no 2D attention mask is given,
-# and the flash kernels take cu_seq_lens. That holds only without a KV cache: TRL's compute_loss passes
-# use_cache=False. tests/test_data_packing.py checks sdpa and eager on a tiny model.
-ISOLATING_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
 def packing_guard(recipe: Recipe, say=print) -> bool:
@@ -38,10 +32,11 @@ def packing_guard(recipe: Recipe, say=print) -> bool:
     if not wants:
         return False
     attn = recipe.attn_implementation
-    if attn not in ISOLATING_ATTENTION:
+    if not isolates_samples(attn):
         msg = (
             f"packing/padding_free disabled: attn_implementation={attn!r} does not keep packed samples apart "
-            f"(use one of {sorted(ISOLATING_ATTENTION)}); tokens of one sample would attend to another"
+            f"(use one of {sorted(ISOLATING_ATTENTION)}; flex_attention only on CUDA); tokens of one sample would "
+            "attend to another"
         )
         warnings.warn(msg, stacklevel=2)
         say(f"[data] warning: {msg}")
@@ -99,7 +94,7 @@ def prepare_data(
     report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
     report["chat_template"] = {
         "source": recipe.chat_template or "tokenizer (or the family built-in if it has none)",
-        "sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+        "sha256": chat_template_sha256(tok),
     }
     report["packing"] = {
         "enabled": bool(recipe.sft_extra.get("packing")),

@@ -18,7 +18,6 @@ Formats (per row, or forced with the recipe key ``data_format``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,20 +50,6 @@ def source_files(path: str | Path) -> list[Path]:
         return files
 
     raise DataError(f"{p}: no such file or directory")
-
-
-def fingerprint(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (relative names and bytes, sorted)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _decode(raw: bytes, file: str, lineno: int, offset: int) -> tuple[str | None, Problem | None]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from adapters.compat.bitsandbytes import keep_cpu_layout_trainable
 from adapters.config.recipe import Recipe
 from adapters.model.quantization import quantization_config
 from adapters.model.sources import ModelRef, ModelSourceError
@@ -56,17 +57,8 @@ def load_model(ref: ModelRef, recipe: Recipe, quantize: bool = True):
     except OSError as e:
         raise ModelSourceError(f"model {ref.source!r}: cannot load from {ref.path}: {e}") from None
     if qc is not None:
-        keep_bnb_cpu_layout_trainable(model)
+        keep_cpu_layout_trainable(model)  # bitsandbytes' CPU inference layout breaks training
     return model
-
-
-def keep_bnb_cpu_layout_trainable(model) -> None:
-    """bitsandbytes on AVX512-BF16 CPUs repacks a 4-bit weight into an inference-only layout at its first eval-mode
-    forward (our quantization probe and base scoring do one); training a layer with a bias afterwards then fails
-    (Qwen2's q/k/v), and tiny layers cannot be repacked at all. The layout is a CPU inference speed-up only: off."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

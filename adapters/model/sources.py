@@ -9,18 +9,17 @@ A model source is one of:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapters.utils.atomic import discard, fresh_staging, promote
 from adapters.utils.errors import AdaptersError
+from adapters.utils.hashing import file_sha256
 
 EMBEDDED = {
     "gemma-3-270m": {
@@ -56,32 +55,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("ADAPTERS_CACHE", Path.home() / ".cache" / "adapters"))
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def gguf_to_cache(gguf: Path, name: str, sha256: str | None = None) -> Path:
     """Dequantize a .gguf once into ``<cache>/models/<name>-<sha8>/`` (safetensors), atomically."""
-    sha256 = sha256 or _sha256(gguf)
+    sha256 = sha256 or file_sha256(gguf)
     target = cache_root() / "models" / f"{name}-{sha256[:12]}"
     if (target / ".complete").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[model] converting {gguf.name} to a safetensors cache at {target} (once; ~1 min)", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # a private staging name: every rank of a launch may convert at once
+    tmp = fresh_staging(target, unique=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -94,12 +78,12 @@ def gguf_to_cache(gguf: Path, name: str, sha256: str | None = None) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256}, indent=2))
         (tmp / ".complete").write_text("ok\n")
-        _fsync_tree(tmp)
-        if target.exists():  # a partial leftover from a killed conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if (target / ".complete").exists():  # another process finished first: keep its copy, which may be in use
+            discard(tmp)
+        else:  # also replaces a partial leftover from a killed conversion
+            promote(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return target
 
@@ -131,7 +115,7 @@ def resolve_model(source: str) -> ModelRef:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelSourceError(f"model {source!r}: no such .gguf file")
-        sha = _sha256(p)
+        sha = file_sha256(p)
         return ModelRef(source, str(gguf_to_cache(p, p.stem, sha)), p.stem, "gguf", sha)
     if p.exists():
         if not (p / "config.json").is_file():

@@ -15,6 +15,7 @@ from typing import Any
 from adapters.config.recipe import Recipe
 from adapters.model.shapes import known_config
 from adapters.planning.preflight import Launch, check, launch_from_config
+from adapters.utils.dtypes import dtype_bytes
 from adapters.utils.errors import PathNotFoundError
 
 GIB = 2**30
@@ -137,10 +138,6 @@ def count_parameters(config: Any, recipe: Recipe) -> Counts:
 
 
 # ---------------------------------------------------------------------------------------------------- estimate
-def _bytes(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
-
-
 def _optimizer_bytes(optim: str) -> float:
     if "8bit" in optim:
         return 2.0  # two 8-bit Adam moments
@@ -190,7 +187,7 @@ def estimate(
     """
     launch = launch or Launch()
     tokens = tokens or recipe.max_length
-    wb = _bytes(recipe.dtype)
+    wb = dtype_bytes(recipe.dtype)
     act_b = 2 if (recipe.bf16 or recipe.fp16) else wb
     # weights
     if recipe.load_in_4bit:

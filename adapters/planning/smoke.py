@@ -162,8 +162,7 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
             run_recipe,
             train_file=_head(recipe.train_file, work / "train.jsonl", steps * run_recipe.per_device_train_batch_size),
         )
-        with _no_bnb_cpu_inference_layout():
-            run = train(run_recipe, recipe_path)
+        run = train(run_recipe, recipe_path)  # load_model keeps bitsandbytes' CPU layout trainable
         manifest = json.loads((run / "manifest.json").read_text())
         # merge on a full-precision reload (never into a quantized base), save, reload, compare logits
         base = AutoModelForCausalLM.from_pretrained(str(twin), dtype=torch.float32)
@@ -195,22 +194,6 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _no_bnb_cpu_inference_layout():
-    """bitsandbytes on AVX512-BF16 CPUs repacks a 4-bit weight into an inference-only layout at its first eval-mode
-    forward (the quantization probe); training a layer with a bias afterwards then fails with an in-place error
-    (Qwen2's q/k/v). That layout is a CPU inference speed-up only, so the smoke run turns it off."""
-    import contextlib
-    from unittest import mock
-
-    try:
-        import bitsandbytes.nn.modules as bnb_modules
-    except ImportError:
-        return contextlib.nullcontext()
-    if not hasattr(bnb_modules, "has_avx512bf16"):
-        return contextlib.nullcontext()
-    return mock.patch.object(bnb_modules, "has_avx512bf16", lambda: False)
 
 
 def _head(path: str | None, out: Path, n: int) -> str | None:

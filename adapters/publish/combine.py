@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,15 +25,14 @@ from adapters.publish.merge import (
     MergeError,
     _budget,
     compare,
-    free,
     merge_run,
     probe_logits,
     probe_set,
-    promote,
 )
 from adapters.publish.rundir import check_base, load_run_tokenizer, open_run
 from adapters.training.checkpoints import validate_adapter_dir
-from adapters.utils.provenance import write_json
+from adapters.utils.atomic import fresh_staging, promote, write_json
+from adapters.utils.memory import free
 
 DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
 
@@ -184,10 +182,7 @@ def _write_combined(model, base, tok, runs, weights, method, density, out: Path,
     """A run-like directory: adapter/, manifest.json, eval.json, combine_report.json; staged, then renamed."""
     lead = runs[0]
     heldout = report["heldout"]
-    staging = out.with_name(f".{out.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(out)
     model.peft_config["default"].base_model_name_or_path = lead.ref.path
     model.save_pretrained(str(staging / "adapter"))
     tok.save_pretrained(str(staging / "adapter"))

@@ -14,11 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapters.publish.merge import promote
 from adapters.publish.rundir import load_run_tokenizer, open_run
 from adapters.training.checkpoints import validate_adapter_dir
+from adapters.utils.atomic import fresh_staging, promote, write_json
 from adapters.utils.errors import PathExistsError
-from adapters.utils.provenance import write_json
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -89,10 +88,7 @@ def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=pri
     to = Path(to)
     if to.exists() and any(to.iterdir()) and not force:
         raise PathExistsError(f"{to}: already exists; choose another --to or pass --force")
-    staging = to.with_name(f".{to.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(to)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy2(run.adapter_dir / name, staging / name)
     cfg_path = staging / "adapter_config.json"

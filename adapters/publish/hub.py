@@ -18,13 +18,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapters.compat.huggingface_hub import client_timeout
 from adapters.publish.rundir import Run, RunError, open_run
+from adapters.utils.atomic import write_text
 from adapters.utils.errors import AdaptersError
 from adapters.utils.provenance import write_json
 
@@ -101,12 +102,6 @@ def _hashes(path: Path, chunk: int = 1 << 20) -> tuple[int, str, str]:
             sha.update(block)
             git.update(block)
     return size, sha.hexdigest(), git.hexdigest()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def public_manifest(m: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +183,7 @@ def stage(
         if (run.path / name).is_file():
             files[name] = run.path / name
     card = build_card(run.manifest, run.path, repo_id, merged=merged, datasets=datasets)
-    _write_text(out / "README.md", str(card))
+    write_text(out / "README.md", str(card))
     files["README.md"] = out / "README.md"
     assert_token_free(list(files.values()))
     uploads = [Upload(k, v, *_hashes(v)) for k, v in sorted(files.items())]
@@ -227,30 +222,6 @@ def with_retries(
             log(f"[push] {what}: {msg}; retrying in {wait:.1f}s ({i + 2}/{attempts})")
             time.sleep(wait)
     raise AssertionError("unreachable")
-
-
-@contextmanager
-def client_timeout(seconds: float | None):
-    """huggingface_hub's shared HTTP client waits forever by default; give every request a deadline."""
-    if not seconds:
-        yield
-        return
-    import httpx2
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
-    prev = _http._GLOBAL_CLIENT_FACTORY
-
-    def factory():
-        client = prev()
-        client.timeout = httpx2.Timeout(seconds)
-        return client
-
-    set_client_factory(factory)
-    try:
-        yield
-    finally:
-        set_client_factory(prev)
 
 
 # ---------------------------------------------------------------------------------------------------- push

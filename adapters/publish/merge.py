@@ -20,12 +20,7 @@ covers the tokens the task is about, and the stored logits stay small even for a
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
-import os
-import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +35,10 @@ from adapters.evaluation.generation import answer_budget, exact_match, generate_
 from adapters.model.loading import load_model
 from adapters.model.quantization import model_memory_mb
 from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, open_run
+from adapters.utils.atomic import clear, discard, promote, staging_path, write_json
+from adapters.utils.dtypes import torch_dtype
 from adapters.utils.errors import AdaptersError
-from adapters.utils.provenance import write_json
+from adapters.utils.memory import PeakRSS, free
 
 DEFAULT_MAX_KL = 0.01
 """Mean KL (nats per answer token) allowed between merged model and adapter model. An fp32 merge agrees to ~1e-9;
@@ -55,82 +52,6 @@ METHODS = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune
 
 class MergeError(AdaptersError, RuntimeError):
     """The merge cannot be done correctly; the message says why and names the file."""
-
-
-# ---------------------------------------------------------------------------------------------------- memory
-class PeakRSS:
-    """Peak memory of this process while the block runs (sampled every 5 ms), against its level at the start.
-
-    Two figures: resident set size (RSS, what ``ru_maxrss`` and ``top`` show) and its anonymous part (RSS minus
-    file-backed pages). transformers memory-maps safetensors checkpoints, so RSS also counts clean pages of the
-    base checkpoint that stay mapped while any tensor still points into the file; the kernel drops those under
-    memory pressure without swapping. The anonymous part is the memory the merge really holds.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.start_mb = self.peak_mb = self.start_anon_mb = self.peak_anon_mb = 0.0
-
-    def _sample(self) -> tuple[float, float]:
-        m = self._proc.memory_info()
-        return m.rss / 2**20, (m.rss - getattr(m, "shared", 0)) / 2**20
-
-    def _update(self) -> None:
-        rss, anon = self._sample()
-        self.peak_mb, self.peak_anon_mb = max(self.peak_mb, rss), max(self.peak_anon_mb, anon)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._update()
-
-    def __enter__(self) -> PeakRSS:
-        self.start_mb, self.start_anon_mb = self._sample()
-        self.peak_mb, self.peak_anon_mb = self.start_mb, self.start_anon_mb
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._update()
-
-    def summary(self, model_mb: float) -> dict[str, Any]:
-        import resource
-
-        rise, rise_anon = self.peak_mb - self.start_mb, self.peak_anon_mb - self.start_anon_mb
-
-        def ratio(x: float) -> float | None:
-            return round(x / model_mb, 3) if model_mb else None
-
-        return {
-            "peak_rss_mb": round(self.peak_mb, 1),
-            "start_rss_mb": round(self.start_mb, 1),
-            "peak_rise_mb": round(rise, 1),
-            "model_mb": round(model_mb, 1),
-            "peak_rise_over_model": ratio(rise),
-            "peak_anon_mb": round(self.peak_anon_mb, 1),
-            "start_anon_mb": round(self.start_anon_mb, 1),
-            "peak_anon_rise_mb": round(rise_anon, 1),
-            "peak_anon_rise_over_model": ratio(rise_anon),
-            "process_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }
-
-
-def free(*objs) -> None:
-    """Drop references, collect, and hand freed heap pages back to the OS so the next load does not stack."""
-    del objs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
@@ -255,32 +176,13 @@ def _budget(run: Run, tok, refs: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- save
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def promote(staging: Path, final: Path) -> None:
-    """Atomically replace ``final`` with the finished ``staging`` folder (the old one is kept until then)."""
-    _fsync_tree(staging)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_merged(model, tok, staging: Path, max_shard_size: str = DEFAULT_SHARD) -> None:
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
-    tok.save_pretrained(str(staging))
-    if tok.chat_template and not any(staging.glob("chat_template.*")):
-        (staging / "chat_template.jinja").write_text(tok.chat_template)
+def save_merged(model, tok, out: Path, max_shard_size: str = DEFAULT_SHARD) -> None:
+    """The merged model (small shards), tokenizer and chat template into ``out``, which is replaced if there."""
+    clear(out)
+    model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+    tok.save_pretrained(str(out))
+    if tok.chat_template and not any(out.glob("chat_template.*")):
+        (out / "chat_template.jinja").write_text(tok.chat_template)
 
 
 def merge_into(peft_model) -> tuple[Any, bool]:
@@ -351,7 +253,7 @@ def merge_run(
     tok = load_run_tokenizer(run)
     probes, convs, refs, probe_file = probe_set(run, tok, n_probes)
     pr = _Probe(run, tok, probes, convs, refs, _budget(run, tok, refs), run.recipe.eval_generation_batch_size)
-    staging = run.path / ".merged.staging"
+    staging = staging_path(run.path / "merged")  # promoted to merged/ only when the check passes
     report: dict[str, Any] = {
         "run": str(run.path),
         "base": run.ref.canonical_name,
@@ -419,7 +321,7 @@ def _reload_and_score(pr: _Probe, staging: Path, dtype: str, got, report: dict[s
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(
-        str(staging), dtype=recipe_dtype(dtype), device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        str(staging), dtype=torch_dtype(dtype), device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}
     )
     got_r = probe_logits(reloaded, pr.probes)
     report["reloaded_vs_merged"] = compare(got, got_r)
@@ -460,7 +362,7 @@ def _verdict(run: Run, report: dict[str, Any], staging: Path, max_kl: float, for
         promote(staging, final)
         report["merged_dir"] = str(final)
     else:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         report["merged_dir"] = None
     write_json(run.path / "merge_report.json", report)
     print_report(report, log)
@@ -470,10 +372,6 @@ def _verdict(run: Run, report: dict[str, Any], staging: Path, max_kl: float, for
             "(use --force to write it anyway)"
         )
     return report
-
-
-def recipe_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _qform(run: Run) -> str:
@@ -561,6 +459,5 @@ __all__ = [
     "ensure_full_precision",
     "compare",
     "probe_logits",
-    "PeakRSS",
     "METHODS",
 ]

@@ -17,6 +17,7 @@ from adapters.config.recipe import Recipe, apply_values
 from adapters.model.loading import load_model
 from adapters.model.sources import ModelRef
 from adapters.utils.errors import AdaptersError
+from adapters.utils.hashing import chat_template_sha256
 
 
 class RunError(AdaptersError, RuntimeError):
@@ -59,19 +60,15 @@ def open_run(run_dir: str | Path) -> Run:
     return Run(path, manifest, recipe, ref)
 
 
-def _template_sha(tok) -> str:
-    return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
-
-
 def load_run_tokenizer(run: Run):
     """The tokenizer saved with the adapter; its chat template must hash to the manifest's."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     want = run.manifest.get("chat_template_sha256")
-    if want and _template_sha(tok) != want:
+    if want and chat_template_sha256(tok) != want:
         raise RunError(
-            f"{run.adapter_dir}: chat template hash {_template_sha(tok)[:12]} differs from the one "
+            f"{run.adapter_dir}: chat template hash {chat_template_sha256(tok)[:12]} differs from the one "
             f"trained with ({want[:12]}, manifest.json); the tokenizer or template changed after training"
         )
     if tok.pad_token is None:

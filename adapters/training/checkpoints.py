@@ -8,17 +8,16 @@ is finite, lora_B is not all zero), fsynced, marked with ``COMPLETE.json`` and o
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapters.compat.transformers import StagedCheckpoints
+from adapters.utils.atomic import promote
 from adapters.utils.errors import AdaptersError
 
-STAGING = ".staging"
 MARKER = "COMPLETE.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -65,18 +64,6 @@ def validate_adapter_dir(
     return {"tensors": len(tensors), "lora_B": len(b)}
 
 
-def _fsync_dir_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _step(p: Path) -> int:
     m = re.fullmatch(r"checkpoint-(\d+)", p.name)
     return int(m.group(1)) if m else -1
@@ -101,58 +88,12 @@ def last_good_checkpoint(ckpt_root: str | Path, log=print) -> Path | None:
     return None
 
 
-class AtomicCheckpointMixin:
+class AtomicCheckpointMixin(StagedCheckpoints):
     """Mixed into a transformers Trainer: checkpoints are staged, validated, marked, then renamed."""
 
-    _staging_active = False
+    def _commit_checkpoint(self, staged: Path, final: Path) -> None:
+        from adapters.training.distributed import lora_module_count
 
-    def _get_output_dir(self, trial):  # noqa: D401 - Trainer hook
-        real = super()._get_output_dir(trial)
-        return os.path.join(real, STAGING) if self._staging_active else real
-
-    def _save_checkpoint(self, model, trial):
-        real_root = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staged = real_root / STAGING / name
-        if self.args.should_save and staged.exists():
-            shutil.rmtree(staged)
-        self._staging_active = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_active = False
-        # Every rank writes its own RNG state (and, under DeepSpeed, its shards) into the staged folder: wait for all
-        # of them before the main process validates and renames it, or a late rank writes into a folder gone.
-        _barrier(self.args.world_size)
-        if self.args.should_save:
-            from adapters.training.distributed import lora_module_count
-
-            info = validate_adapter_dir(staged, expected_modules=lora_module_count(self.model) or None)
-            (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, **info}) + "\n")
-            _fsync_dir_tree(staged)
-            final = real_root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            _fsync_dir_tree(real_root)
-            if self.state.best_global_step:
-                best = real_root / f"checkpoint-{self.state.best_global_step}"
-                if best.exists():
-                    self.state.best_model_checkpoint = str(best)
-            from transformers.trainer_utils import rotate_checkpoints
-
-            rotate_checkpoints(
-                output_dir=str(real_root),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        _barrier(self.args.world_size)
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
+        info = validate_adapter_dir(staged, expected_modules=lora_module_count(self.model) or None)
+        (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, **info}) + "\n")
+        promote(staged, final)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adapters.compat.trl import log_metric
+
 
 def _body(model):
     """The decoder stack (the module whose output the LM head projects) of a PeftModel or plain causal LM."""
@@ -123,7 +125,7 @@ class BaseKLMixin:
         self._kl_micro = (step, micro)
         gen = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + step * 1009 + micro)
         kl = kl_to_base(inner, inputs, captured["h"], self.base_kl_positions, gen)
-        self._metrics["train"]["base_kl"].append(float(kl.detach()))
+        log_metric(self, "base_kl", float(kl.detach()))  # averaged into the next log line
         term = self.base_kl_weight * kl
         # the task loss was normalised over the whole accumulated batch (num_items_in_batch); match that
         scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (

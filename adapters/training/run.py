@@ -6,9 +6,6 @@ processes), and only the main process writes the run directory.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import sys
 import time
 from datetime import datetime
@@ -23,7 +20,9 @@ from adapters.model.quantization import _general_batch, _probe_batch, print_quan
 from adapters.model.sources import resolve_model
 from adapters.training import checkpoints as ckpt
 from adapters.training.trainer import build_trainer
+from adapters.utils.atomic import staged_dir
 from adapters.utils.errors import AdaptersError, PathExistsError, PathNotFoundError
+from adapters.utils.hashing import chat_template_sha256
 from adapters.utils.provenance import git_state, hardware, versions, write_json
 
 
@@ -67,23 +66,14 @@ def save_adapter(model, tok, out: Path, base_path: str, state_dict: dict[str, An
 
     ``state_dict``: the gathered full tensors under FSDP / ZeRO-3 (see ``distributed.gathered_adapter_state``).
     """
-    staging = out.with_name(f".{out.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.peft_config["default"].base_model_name_or_path = base_path
-    model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
-    tok.save_pretrained(str(staging))
     from adapters.training.distributed import lora_module_count
 
-    info = ckpt.validate_adapter_dir(staging, expected_modules=lora_module_count(model) or None)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    model.peft_config["default"].base_model_name_or_path = base_path
+    with staged_dir(out) as staging:
+        model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
+        tok.save_pretrained(str(staging))
+        info = ckpt.validate_adapter_dir(staging, expected_modules=lora_module_count(model) or None)
     return info
-
-
-def template_hash(tok) -> str:
-    return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -132,7 +122,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         * recipe.gradient_accumulation_steps
         * state.num_processes,
         "data": data_report,
-        "chat_template_sha256": template_hash(tok),
+        "chat_template_sha256": chat_template_sha256(tok),
         "started": datetime.now().isoformat(timespec="seconds"),
     }
     if state.is_main_process:

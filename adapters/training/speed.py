@@ -25,13 +25,29 @@ from typing import Any
 
 import torch
 
+from adapters.compat.trl import compact_hook_available
+from adapters.compat.trl import enable_trained_positions_only as enable_trained_positions_only  # re-export
 from adapters.utils.errors import AdaptersError
 
 AUTO = "auto"
 SWITCHES = ("padding_free", "use_liger_kernel", "torch_compile")
 EXTRA_SWITCHES = ("trained_positions_only",)
-# transformers 5 builds the per-sample mask from position_ids for these (masking_utils / varlen flash kernels)
+# Attention implementations whose masks keep padding-free/packed samples apart. In transformers 5 the causal mask is
+# built by masking_utils from position_ids (a restart at 0 starts a new sample) when no 2D attention mask is given,
+# and the flash kernels take cu_seq_lens. That holds only without a KV cache: TRL's compute_loss passes
+# use_cache=False. flex_attention only on CUDA: it has no backward on CPU. tests/test_data_packing.py checks sdpa
+# and eager on a tiny model.
 ISOLATING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+CUDA_ONLY_ISOLATING = ("flex_attention",)
+
+
+def isolates_samples(attn: str | None, cuda: bool | None = None) -> bool:
+    """Whether ``attn`` keeps packed / padding-free samples apart here (``cuda``: None = this machine)."""
+    if attn not in ISOLATING_ATTENTION:
+        return False
+    if attn in CUDA_ONLY_ISOLATING:
+        return torch.cuda.is_available() if cuda is None else cuda
+    return True
 
 
 MIN_PADDING = 0.1  # padding-free pays once batches would be at least this much padding
@@ -131,7 +147,7 @@ def _padding_free(
     p: Plan, settings: dict[str, Any], attn: str, per_device_batch: int, packing: bool, cuda: bool, padding
 ) -> None:
     want = check_switch("padding_free", settings.get("padding_free"))
-    isolates = attn in ISOLATING_ATTENTION and not (attn == "flex_attention" and not cuda)
+    isolates = isolates_samples(attn, cuda)
     if want is True:
         if packing:
             raise FastPathError(
@@ -217,40 +233,6 @@ def _trained_positions_only(p: Plan, settings: dict[str, Any], cuda: bool) -> No
             "prompt positions carry no loss, and the LM head is most of a small model's FLOPs",
             "recipe" if want is True else "auto",
         )
-
-
-def compact_hook_available() -> bool:
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:  # pragma: no cover
-        return False
-    return callable(getattr(trl_utils, "_use_triton", None))
-
-
-def enable_trained_positions_only(on: bool = True) -> None:
-    """Let TRL's fused LM head keep only the labelled positions on CPU/MPS as it does on Triton devices.
-
-    TRL 1.16 (``trl.trainer.utils``, fused LM head) decides with ``_use_triton(device)`` whether to gather the
-    positions that carry a label before the vocabulary projection; off Triton it projects every position to keep
-    tile shapes fixed for compiled backends (Neuron). Eager CPU/MPS has no such constraint, so we widen that
-    decision there; the kernel choice (``trl.kernels.chunked_logprob._use_triton``) is untouched, so the torch
-    tiles still run. Same loss and gradients (tested), a fraction of the LM-head work. ``on=False`` restores TRL's.
-    """
-    from trl.trainer import utils as trl_utils
-
-    current = trl_utils._use_triton
-    orig = getattr(current, "_adapters_orig", current)
-    if not on:
-        trl_utils._use_triton = orig
-        return
-    if current is not orig:
-        return
-
-    def use_compact(device: torch.device) -> bool:
-        return device.type in ("cpu", "mps") or orig(device)
-
-    use_compact._adapters_orig = orig  # type: ignore[attr-defined]
-    trl_utils._use_triton = use_compact
 
 
 def activation_estimate_gib(config, tokens_per_micro_batch: int, bytes_per_el: int) -> float:

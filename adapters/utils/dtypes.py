@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+NAMES = ("float32", "bfloat16", "float16")  # each is also the torch attribute's name
 
 
 def torch_dtype(name: str | None) -> torch.dtype | str:
     if name in (None, "auto"):
         return "auto"
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}") from None
+    if name not in NAMES:
+        raise ValueError(f"unknown dtype {name!r}")
+    import torch  # here, not at import: the planner reads sizes without loading torch
+
+    return getattr(torch, name)
+
+
+def dtype_bytes(name: str | None, default: int = 4) -> int:
+    """Bytes per element of a named dtype; ``default`` for auto or a name this map does not know."""
+    return torch_dtype(name).itemsize if name in NAMES else default

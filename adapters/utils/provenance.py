@@ -1,15 +1,15 @@
-"""The run record: versions, git commit, hardware, and atomic JSON writes."""
+"""The run record: versions, git commit, hardware. ``write_json`` lives in ``adapters.utils.atomic``."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from adapters.utils.atomic import write_json  # noqa: F401 - its importers predate utils.atomic
 
 PACKAGES = (
     "torch",
@@ -74,20 +74,3 @@ def hardware() -> dict[str, Any]:
             for i in range(torch.cuda.device_count())
         ]
     return info
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
