@@ -6,7 +6,7 @@
 - ``python-reference.txt``: prose of the Python language reference (``pydoc_data.topics``, in every CPython).
 - ``licenses.txt``: licence texts of the installed Python packages (legal English; varies with what is installed).
 
-The default probe (docstrings of the standard library, adapters/forgetting.py) is what runs after every training run;
+The default probe (stdlib docstrings, adapters/evaluation/forgetting.py) is what runs after every training run;
 these are for checking that a setting chosen by looking at the default probe did not just fit that one text. Passages
 are filtered as the default probe's are (prose only, at least 200 characters), deterministic for a given machine.
 """

@@ -224,7 +224,7 @@ def test_row8_packing_without_isolating_attention_is_disabled_with_warning(tmp_p
     assert "packing" not in r.sft_extra and said
     r = _recipe(tmp_path, DEMO / "train.jsonl", attn_implementation="sdpa", packing=True)
     assert packing_guard(r) is True and r.sft_extra["packing"] is True
-    # padding_free is the fast path's own key (adapters/fast.py): TRL's per-batch flattening, not packing
+    # padding_free is the fast path's own key (adapters/training/speed.py): TRL's per-batch flattening, not packing
     r = _recipe(tmp_path, DEMO / "train.jsonl", attn_implementation="sdpa", padding_free=True)
     assert packing_guard(r) is False and r.padding_free is True and "padding_free" not in r.sft_extra
     r = _recipe(tmp_path, DEMO / "train.jsonl", packing=True, packing_strategy="wrapped")

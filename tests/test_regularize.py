@@ -1,4 +1,4 @@
-"""Learning without Forgetting: KL to the base at unlabelled positions (adapters/regularize.py)."""
+"""Learning without Forgetting: KL to the base at unlabelled positions (adapters/training/forgetting_guard.py)."""
 
 from __future__ import annotations
 

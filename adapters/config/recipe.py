@@ -158,7 +158,7 @@ class Recipe:
     optim: str = "adamw_torch"
     neftune_noise_alpha: float | None = None
     base_kl_weight: float = 0.0
-    """Learning without Forgetting (adapters/regularize.py): add this times KL(base || tuned) at sampled positions
+    """Learning without Forgetting (adapters/training/forgetting_guard.py): add this x KL(base||tuned) at sampled tokens
     that carry no label (prompt, template) to the training loss; the answers may change, the rest stays the base's.
     0 turns it off. Costs one no-grad base forward per step."""
     base_kl_positions: int = 16
@@ -212,7 +212,7 @@ class Recipe:
     early_stopping_threshold: float = 0.0
     """Smallest change of the metric that counts as an improvement for early stopping."""
     sweep: dict[str, Any] = field(default_factory=dict)
-    """Search space of `adapters sweep`: key: [low, high] (a range) or [a, b, c] (choices); see adapters/sweep.py."""
+    """`adapters sweep` search space (adapters/training/sweep.py): key: [low, high] (a range) or [a, b, c] (choices)."""
 
     # ---------------------------------------------------------------- pass-through
     sft_extra: dict[str, Any] = field(default_factory=dict)

@@ -387,7 +387,7 @@ def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
 def resolve_adapter(
     id_or_path: str | Path, revision: str | None = None, endpoint: str | None = None, base: str | None = None
 ) -> Run:
-    """A run directory, an adapter folder or a hub id (``org/name``) -> a Run that ``runs.load_tuned`` accepts.
+    """A run directory, an adapter folder or a hub id (``org/name``) -> a Run that ``rundir.load_tuned`` accepts.
 
     A hub id is downloaded with ``snapshot_download`` (cached); ``load_tuned`` then refuses a base whose fingerprint
     differs from the one in training_manifest.json.

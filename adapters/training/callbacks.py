@@ -2,7 +2,7 @@
 
 ``build_trainer`` takes its extra SFTConfig fields from :func:`config_fields` and its extra callbacks from
 :func:`callbacks`. Early stopping uses transformers' own ``EarlyStoppingCallback`` with ``load_best_model_at_end``;
-the atomic checkpoints of adapters/checkpoints.py point ``state.best_model_checkpoint`` at the renamed folder, so
+the atomic checkpoints of adapters/training/checkpoints.py point ``state.best_model_checkpoint`` at the renamed dir, so
 the restore loads the best complete checkpoint.
 """
 

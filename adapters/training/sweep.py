@@ -14,7 +14,7 @@ The search space is the recipe's ``sweep:`` mapping on top of DEFAULT_SPACE. Per
 ``pruner_startup_trials`` (default 2) and ``pruner_warmup_steps`` (default 0) in the same mapping tune the pruner.
 
 Forgetting is a constraint, not an afterthought: each finished trial is scored on the forgetting probe
-(adapters/forgetting.py), and a rise above the recipe's ``forgetting_threshold`` makes the trial infeasible for
+(adapters/evaluation/forgetting.py); a rise above the recipe's ``forgetting_threshold`` makes the trial infeasible for
 Optuna's TPE sampler (``constraints_func``) and for the choice of the best trial. Low validation loss bought by
 forgetting general text is not "best". ``constrain_forgetting: false`` in the mapping turns this off.
 
