@@ -11,7 +11,7 @@ REPO    ?=
 # Where there is no NVIDIA GPU, install the CPU build of torch (a plain `torch` requirement pulls several GB of CUDA).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
 
-.PHONY: install train merge eval sweep generate push test test-all lint format bench data clean help
+.PHONY: install train merge eval export sweep generate push test test-all lint format bench data clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -51,6 +51,12 @@ eval:  ## score a run again: make eval RUN=outputs/<run>
 	$(BIN)/adapters eval $(RUN) $(ARGS)
 
 TRIALS  ?= 3
+export:  ## write a run's adapter, tokenizer and card to a folder: make export RUN=outputs/<run> ARGS="--to DIR"
+	$(BIN)/adapters export $(RUN) $(ARGS)
+
+generate:  ## answer prompts with a run's model: make generate RUN=outputs/<run> ARGS="--prompt '...'"
+	$(BIN)/adapters generate $(RUN) $(ARGS)
+
 sweep:  ## hyperparameter search: make sweep [RECIPE=…] [TRIALS=3] [ARGS="--max_steps 10"]
 	$(BIN)/adapters sweep $(RECIPE) --trials $(TRIALS) $(ARGS)
 
