@@ -29,12 +29,11 @@ ISOLATING_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "
 
 
 def packing_guard(recipe: Recipe, say=print) -> bool:
-    """Decide whether batches are packed. Refuses nothing silently: a non-isolating attention turns packing off
-    with a warning. ``padding_free`` alone is run as BFD packing (TRL refuses padding_free with a max_length, and
-    our rows already fit it). Returns True when the training set must be packed."""
-    extra = recipe.sft_extra
-    wants = bool(extra.get("packing") or extra.get("padding_free"))
-    if not wants:
+    """Decide whether batches are packed; the recipe is left as it is and the trainer builder gets the decision.
+    Refuses nothing silently: a non-isolating attention turns packing off with a warning. (``padding_free`` is the
+    fast path's own key, training/speed.py: TRL's per-batch flattening, not packing.) Returns True when the
+    training set must be packed (TRL's BFD packing; our rows already fit max_length)."""
+    if not recipe.packing:
         return False
     attn = recipe.attn_implementation
     if attn not in ISOLATING_ATTENTION:
@@ -44,15 +43,11 @@ def packing_guard(recipe: Recipe, say=print) -> bool:
         )
         warnings.warn(msg, stacklevel=2)
         say(f"[data] warning: {msg}")
-        extra.pop("packing", None)
-        extra.pop("padding_free", None)
         return False
-    if extra.get("packing_strategy", "bfd") == "wrapped":
+    if recipe.packing_strategy == "wrapped":
         raise DataError(
             "packing_strategy: 'wrapped' cuts samples in the middle, so answers lose their prompt; use 'bfd'"
         )
-    extra["packing"] = True
-    extra.pop("padding_free", None)
     return True
 
 
@@ -94,9 +89,10 @@ def validate_sources(
 
 
 def prepare_data(
-    recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True
+    recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True, packed: bool | None = None
 ) -> tuple[list[Encoded], list[Encoded] | None, list[Row], dict[str, Any]]:
-    """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json."""
+    """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json.
+    ``packed``: the packing_guard decision (None: decide here)."""
     from adapters.model.loading import stop_token_ids
 
     rng = random.Random(recipe.seed)
@@ -110,7 +106,7 @@ def prepare_data(
         "sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
     }
     report["packing"] = {
-        "enabled": bool(recipe.sft_extra.get("packing")),
+        "enabled": packing_guard(recipe, say) if packed is None else packed,
         "attn_implementation": recipe.attn_implementation,
     }
 
