@@ -183,12 +183,14 @@ def docstring_args(doc: str) -> dict[str, tuple[str, str]]:
 
 def plain(text: str) -> str:
     """Help text without reStructuredText/Markdown markup."""
-    text = re.sub(r"\[`?([^\]`]+)`?\]", r"\1", text)  # [`Trainer`] links
+    text = re.sub(r"\[`~?([^\]`]+)`\]", r"\1", text)  # [`Trainer`] links
+    text = re.sub(r"<a href=['\"]?([^'\" >]+)['\"]?>(.*?)</a>", r"\2 (\1)", text)
+    text = re.sub(r"</?(?:a|b|i|br|code|em|strong|p)\b[^>]*>", "", text)
     return text.replace("`", "").replace("*", "").strip()
 
 
 def one_line(text: str) -> str:
     """The first sentence of a help text, markup removed."""
     text = " ".join(plain(text).split())
-    m = re.search(r"(?<=[a-z0-9)\]])\.\s", text)
+    m = re.search(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)(?<=[a-z0-9)\]])\.\s", text)
     return text[: m.start() + 1] if m else text
