@@ -115,7 +115,7 @@ def test_recipe_switch_values_are_checked(tiny_models, tiny_data, tmp_path):
     recipe, _ = load_recipe(
         "gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, padding_free="false")
     )
-    assert recipe.padding_free is False and "padding_free" not in recipe.sft_extra
+    assert recipe.padding_free is False and "padding_free" not in recipe.training
 
 
 @pytest.mark.parametrize("setting,ragged,expect", [("auto", True, True), ("auto", False, False), (False, True, False)])

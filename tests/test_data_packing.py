@@ -63,8 +63,8 @@ def test_chat_run_trains_assistant_tokens_only_packed(tiny_models, tiny_data, tm
     seen = {}
     real = tr.build_trainer
 
-    def spy(model, tok, recipe, run, train_ds, eval_ds):
-        trainer, guard = real(model, tok, recipe, run, train_ds, eval_ds)
+    def spy(model, tok, recipe, run, train_ds, eval_ds, **kw):
+        trainer, guard = real(model, tok, recipe, run, train_ds, eval_ds, **kw)
         seen.update(tok=tok, ds=train_ds, trainer=trainer)
         return trainer, guard
 

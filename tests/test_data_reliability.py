@@ -221,12 +221,12 @@ def test_row8_packing_without_isolating_attention_is_disabled_with_warning(tmp_p
     said = []
     with pytest.warns(UserWarning, match="packing/padding_free disabled"):
         assert packing_guard(r, say=said.append) is False
-    assert "packing" not in r.sft_extra and said
+    assert said and r.packing is True  # the decision is returned; the recipe is left as it is
     r = _recipe(tmp_path, DEMO / "train.jsonl", attn_implementation="sdpa", packing=True)
-    assert packing_guard(r) is True and r.sft_extra["packing"] is True
+    assert packing_guard(r) is True and r.packing is True
     # padding_free is the fast path's own key (adapters/training/speed.py): TRL's per-batch flattening, not packing
     r = _recipe(tmp_path, DEMO / "train.jsonl", attn_implementation="sdpa", padding_free=True)
-    assert packing_guard(r) is False and r.padding_free is True and "padding_free" not in r.sft_extra
+    assert packing_guard(r) is False and r.padding_free is True and "padding_free" not in r.training
     r = _recipe(tmp_path, DEMO / "train.jsonl", packing=True, packing_strategy="wrapped")
     with pytest.raises(DataError, match="wrapped"):
         packing_guard(r)

@@ -177,7 +177,7 @@ def test_early_stopping_config_errors():
                 eval_strategy="steps",
                 eval_steps=3,
                 save_steps=6,
-                sft_extra={"load_best_model_at_end": False},
+                load_best_model_at_end=False,
             ),
             True,
         )

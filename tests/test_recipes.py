@@ -73,8 +73,12 @@ def test_missing_recipe_suggests_shipped():
 
 
 def test_sft_passthrough_and_reserved_keys():
+    from adapters.training.trainer import sft_config
+
     recipe, _ = load_recipe("gemma3-270m-demo", {"dataloader_num_workers": 0})
-    assert recipe.sft_extra == {"dataloader_num_workers": 0}
+    assert recipe.training["dataloader_num_workers"] == 0 and recipe.dataloader_num_workers == 0
+    assert "dataloader_num_workers" not in recipe.lora and "dataloader_num_workers" not in recipe.quantization
+    assert sft_config(recipe).dataloader_num_workers == 0  # reaches SFTConfig by name
     with pytest.raises(RecipeError, match="set by the pipeline"):
         load_recipe("gemma3-270m-demo", {"output_dir": "/tmp/x"})
 

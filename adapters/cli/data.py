@@ -60,13 +60,12 @@ def audit(args: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
     from adapters.config.recipe import load_recipe, parse_overrides
-    from adapters.data.pipeline import packing_guard, prepare_data
+    from adapters.data.pipeline import prepare_data
     from adapters.model.loading import load_tokenizer
     from adapters.model.sources import resolve_model
 
     recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
     tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
-    packing_guard(recipe)
-    prepare_data(recipe, tok, Path(args.out))
+    prepare_data(recipe, tok, Path(args.out))  # decides packing itself
     print(f"audit -> {Path(args.out) / 'data_audit.json'}")
     return 0

@@ -24,12 +24,11 @@ from adapters.utils.provenance import write_json
 
 
 def packing_guard(recipe: Recipe, say=print) -> bool:
-    """Decide whether batches are packed. Refuses nothing silently: a non-isolating attention turns packing off
-    with a warning. ``padding_free`` alone is run as BFD packing (TRL refuses padding_free with a max_length, and
-    our rows already fit it). Returns True when the training set must be packed."""
-    extra = recipe.sft_extra
-    wants = bool(extra.get("packing") or extra.get("padding_free"))
-    if not wants:
+    """Decide whether batches are packed; the recipe is left as it is and the trainer builder gets the decision.
+    Refuses nothing silently: a non-isolating attention turns packing off with a warning. (``padding_free`` is the
+    fast path's own key, training/speed.py: TRL's per-batch flattening, not packing.) Returns True when the
+    training set must be packed (TRL's BFD packing; our rows already fit max_length)."""
+    if not recipe.packing:
         return False
     attn = recipe.attn_implementation
     if not isolates_samples(attn):
@@ -40,15 +39,11 @@ def packing_guard(recipe: Recipe, say=print) -> bool:
         )
         warnings.warn(msg, stacklevel=2)
         say(f"[data] warning: {msg}")
-        extra.pop("packing", None)
-        extra.pop("padding_free", None)
         return False
-    if extra.get("packing_strategy", "bfd") == "wrapped":
+    if recipe.packing_strategy == "wrapped":
         raise DataError(
             "packing_strategy: 'wrapped' cuts samples in the middle, so answers lose their prompt; use 'bfd'"
         )
-    extra["packing"] = True
-    extra.pop("padding_free", None)
     return True
 
 
@@ -83,9 +78,10 @@ def validate_sources(
 
 
 def prepare_data(
-    recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True
+    recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True, packed: bool | None = None
 ) -> tuple[list[Encoded], list[Encoded] | None, list[Row], dict[str, Any]]:
-    """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json."""
+    """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json.
+    ``packed``: the packing_guard decision (None: decide here)."""
     rng = random.Random(recipe.seed)
     mix = dict(recipe.data_mix or {})
     mix.setdefault(recipe.train_file, 1.0)
@@ -97,7 +93,7 @@ def prepare_data(
         "sha256": chat_template_sha256(tok),
     }
     report["packing"] = {
-        "enabled": bool(recipe.sft_extra.get("packing")),
+        "enabled": packing_guard(recipe, say) if packed is None else packed,
         "attn_implementation": recipe.attn_implementation,
     }
     data = _Rows.read(recipe, mix)

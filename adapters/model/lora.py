@@ -8,21 +8,10 @@ from adapters.config.recipe import Recipe
 
 
 def lora_config(recipe: Recipe):
+    """The recipe's LoraConfig: our defaults, then the LoraConfig keys the recipe gives, by name."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=recipe.r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
-        target_modules=recipe.target_modules,
-        layers_to_transform=recipe.layers_to_transform,
-        modules_to_save=recipe.modules_to_save,
-        use_dora=recipe.use_dora,
-        use_rslora=recipe.use_rslora,
-        init_lora_weights=recipe.init_lora_weights,
-        bias=recipe.bias,
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(**recipe.library_kwargs("lora"), task_type="CAUSAL_LM")
 
 
 def attach_lora(model, recipe: Recipe):

@@ -14,22 +14,20 @@ from adapters.utils.dtypes import torch_dtype
 
 
 def quantization_config(recipe: Recipe):
-    """A ``BitsAndBytesConfig`` for the recipe, or None. Pure: builds a config, loads nothing."""
+    """A ``BitsAndBytesConfig`` for the recipe, or None. Pure: builds a config, loads nothing.
+
+    Every BitsAndBytesConfig key of the recipe reaches it by name; the 4-bit keys only when loading in 4 bit, and
+    the 4-bit compute dtype defaults to the recipe's dtype (bfloat16 for auto) instead of the library's float32.
+    """
     if not recipe.quantized:
         return None
     from transformers import BitsAndBytesConfig
 
-    if recipe.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = recipe.bnb_4bit_compute_dtype or (recipe.dtype if recipe.dtype != "auto" else "bfloat16")
-    kwargs = dict(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(compute),
-    )
-    if recipe.bnb_4bit_quant_storage:
-        kwargs["bnb_4bit_quant_storage"] = torch_dtype(recipe.bnb_4bit_quant_storage)
+    kwargs = recipe.library_kwargs("quantization")
+    if not recipe.load_in_4bit:
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("bnb_4bit_")}
+    elif kwargs.get("bnb_4bit_compute_dtype") is None:
+        kwargs["bnb_4bit_compute_dtype"] = torch_dtype(recipe.dtype if recipe.dtype != "auto" else "bfloat16")
     return BitsAndBytesConfig(**kwargs)
 
 

@@ -119,7 +119,6 @@ def _dtype_name(value: Any) -> str | None:
 def problems(recipe: Recipe, launch: Launch, model_config: Any = None) -> list[str]:
     """Every known-bad combination in (recipe, launch, model config), each message naming its fix."""
     out: list[str] = []
-    extra = recipe.sft_extra or {}
     compute = recipe.bnb_4bit_compute_dtype or (recipe.dtype if recipe.dtype != "auto" else "bfloat16")
 
     if launch.zero3 and recipe.load_in_4bit:
@@ -149,21 +148,21 @@ def problems(recipe: Recipe, launch: Launch, model_config: Any = None) -> list[s
             f"FSDP with fsdp_state_dict_type {launch.fsdp_state_dict_type}: checkpoints would hold per-rank "
             "shards, not a loadable adapter. Fix: fsdp_state_dict_type: FULL_STATE_DICT."
         )
-    device_map = recipe.device_map or (extra.get("model_init_kwargs") or {}).get("device_map")
+    device_map = recipe.device_map or (recipe.model_init_kwargs or {}).get("device_map")
     if launch.num_processes > 1 and device_map is not None:
         out.append(
             f"device_map={device_map!r} with {launch.num_processes} processes: every process would spread "
             "one model over all GPUs, and the processes fight over them. Fix: remove device_map (each "
             "process then loads one whole model on its own GPU), or run one process."
         )
-    if extra.get("packing") and extra.get("packing_strategy", "bfd") == "wrapped":
+    if recipe.packing and recipe.packing_strategy == "wrapped":
         out.append(
             "packing with packing_strategy 'wrapped' cuts samples mid-sequence and lets packed samples "
             "attend to each other. Fix: --packing_strategy bfd (per-sample position ids keep attention "
             "inside each sample), or --packing false."
         )
     if (
-        extra.get("packing")
+        recipe.packing
         and recipe.attn_implementation in ("flash_attention_2", "flash_attention_3")
         and not _has_flash_attn()
     ):

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adapters.config.recipe import library_changes
+
 # Recipe keys shown in the card's hyperparameter table, in this order (those absent from the recipe are skipped).
 HYPERPARAMETERS = (
     "r",
@@ -246,7 +248,7 @@ def build_card(
     )
     hp = [(k, cfg[k]) for k in HYPERPARAMETERS if k in cfg and cfg[k] is not None]
     hp.append(("effective batch size", manifest.get("effective_batch_size")))
-    hp += [(k, v) for k, v in sorted((cfg.get("sft_extra") or {}).items())]
+    hp += [(k, v) for k, v in sorted(library_changes(cfg).items()) if k not in HYPERPARAMETERS]
     what = "the merged model" if merged else "a LoRA adapter"
     body = "\n\n".join(
         [

@@ -362,7 +362,7 @@ def _base_source(canonical: str) -> str:
 def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     """A Run for a folder holding an adapter (a hub snapshot): the base comes from adapter_config.json (or
     ``base``), the identity checks from training_manifest.json."""
-    from adapters.config.recipe import Recipe, apply_values
+    from adapters.config.recipe import recipe_from_config
     from adapters.model.sources import resolve_model
 
     cfg_path = path / "adapter_config.json"
@@ -377,10 +377,7 @@ def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     manifest = json.loads(mf.read_text()) if mf.is_file() else {}
     source = base or _base_source(name)
     ref = resolve_model(source)
-    rc = dict(manifest.get("config") or {})
-    extra = rc.pop("sft_extra", {}) or {}
-    rc["model_name_or_path"] = source
-    recipe = Recipe(**apply_values({**rc, **extra}, str(mf)))
+    recipe = recipe_from_config(manifest.get("config") or {}, str(mf), model_name_or_path=source)
     return HubRun(path, manifest, recipe, ref)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe, apply_values
+from adapters.config.recipe import Recipe, recipe_from_config
 from adapters.model.loading import load_model
 from adapters.model.sources import ModelRef
 from adapters.utils.errors import AdaptersError
@@ -49,9 +49,7 @@ def open_run(run_dir: str | Path) -> Run:
         raise RunError(f"{mf}: status is {manifest.get('status')!r}, not 'complete'; the run did not finish")
     if not (path / "adapter" / "adapter_config.json").is_file():
         raise RunError(f"{path / 'adapter'}: no adapter_config.json")
-    cfg = dict(manifest["config"])
-    extra = cfg.pop("sft_extra", {}) or {}
-    recipe = Recipe(**apply_values({**cfg, **extra}, str(mf)))
+    recipe = recipe_from_config(manifest["config"], str(mf))
     ref = ModelRef(**manifest["base_model"])
     if not Path(ref.path).exists() and ref.kind in ("embedded", "gguf"):
         from adapters.model.sources import resolve_model

@@ -1,32 +1,19 @@
 """Training control: evaluation metrics during training, early stopping with best-checkpoint restore, extra hooks.
 
-``build_trainer`` takes its extra SFTConfig fields from :func:`config_fields` and its extra callbacks from
-:func:`callbacks`. Early stopping uses transformers' own ``EarlyStoppingCallback`` with ``load_best_model_at_end``;
-the atomic checkpoints of adapters/training/checkpoints.py point ``state.best_model_checkpoint`` at the renamed dir, so
-the restore loads the best complete checkpoint.
+``build_trainer`` takes the SFTConfig fields early stopping needs from :func:`config_fields` and installs the
+callbacks of :func:`callbacks` plus those its caller passes (the sweep's pruner, through ``train(callbacks=...)``).
+Early stopping uses transformers' own ``EarlyStoppingCallback`` with ``load_best_model_at_end``; the atomic
+checkpoints of adapters/training/checkpoints.py point ``state.best_model_checkpoint`` at the renamed folder, so the
+restore loads the best complete checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from adapters.config.recipe import Recipe, RecipeError
-
-# Callbacks added to every trainer built while a ``extra_callbacks(...)`` block is active (used by the sweep).
-_EXTRA: list[Any] = []
-
-
-@contextmanager
-def extra_callbacks(*cbs):
-    _EXTRA.extend(cbs)
-    try:
-        yield
-    finally:
-        for cb in cbs:
-            _EXTRA.remove(cb)
-
 
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -46,11 +33,9 @@ def check_report_to(report_to: Any) -> None:
 
 
 def config_fields(recipe: Recipe, has_eval: bool) -> dict[str, Any]:
-    """SFTConfig fields: the recipe's pass-through ones plus those early stopping needs."""
-    check_report_to(recipe.report_to)
-    extra = dict(recipe.sft_extra)
+    """SFTConfig fields early stopping needs (none without it); the recipe's own values for them are kept."""
     if recipe.early_stopping_patience is None:
-        return extra
+        return {}
     if recipe.early_stopping_patience < 1:
         raise RecipeError(f"early_stopping_patience: must be >= 1, got {recipe.early_stopping_patience}")
     if not has_eval:
@@ -62,11 +47,14 @@ def config_fields(recipe: Recipe, has_eval: bool) -> dict[str, Any]:
                 f"early_stopping_patience: save_steps ({recipe.save_steps}) must be a multiple of "
                 f"eval_steps ({every}) so that every evaluated step has a checkpoint to restore"
             )
-    extra.setdefault("load_best_model_at_end", True)
-    extra.setdefault("metric_for_best_model", "eval_loss")
-    if not extra["load_best_model_at_end"]:
+    given = recipe.training  # explicit values only: the library's default False must not count as a refusal
+    out = {
+        "load_best_model_at_end": given.get("load_best_model_at_end", True),
+        "metric_for_best_model": given.get("metric_for_best_model", "eval_loss"),
+    }
+    if not out["load_best_model_at_end"]:
         raise RecipeError("early_stopping_patience requires load_best_model_at_end: true (it restores the best)")
-    return extra
+    return out
 
 
 class EvalMetrics:
@@ -101,11 +89,11 @@ def callbacks(recipe: Recipe) -> list[Any]:
                 early_stopping_threshold=recipe.early_stopping_threshold,
             )
         )
-    return out + list(_EXTRA)
+    return out
 
 
-def install(trainer, recipe: Recipe) -> None:
-    """Put the perplexity callback first (so TensorBoard/wandb/mlflow log it) and add the others."""
+def install(trainer, recipe: Recipe, extra: Sequence[Any] = ()) -> None:
+    """Put the perplexity callback first (so TensorBoard/wandb/mlflow log it) and add the others, then ``extra``."""
     trainer.callback_handler.callbacks.insert(0, EvalMetrics.make())
-    for cb in callbacks(recipe):
+    for cb in [*callbacks(recipe), *extra]:
         trainer.add_callback(cb)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ def save_adapter(model, tok, out: Path, base_path: str, state_dict: dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
+def train(recipe: Recipe, recipe_path: Path, resume: bool = False, callbacks: Sequence[Any] = ()) -> Path:
+    """Train one run; ``callbacks`` are extra TrainerCallbacks for this run only (the sweep's pruner)."""
     from adapters.training.distributed import process_state
 
     state = process_state()  # gloo world on CPU, NCCL on GPUs; a bare PartialState() on CPU reports 1 process
@@ -105,7 +107,9 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
     from adapters.data.pipeline import packing_guard, prepare_data
 
     packed = packing_guard(recipe, say=log)  # packing only where the attention keeps samples apart
-    train_enc, eval_enc, test_rows, data_report = prepare_data(recipe, tok, run, say=log, write=state.is_main_process)
+    train_enc, eval_enc, test_rows, data_report = prepare_data(
+        recipe, tok, run, say=log, write=state.is_main_process, packed=packed
+    )
 
     manifest: dict[str, Any] = {
         "status": "running",
@@ -152,6 +156,8 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False) -> Path:
         run,
         to_dataset(train_enc, pack_length=recipe.max_length if packed else None),
         to_dataset(eval_enc) if eval_enc else None,
+        packed=packed,
+        callbacks=callbacks,
     )
     manifest["fast_path"] = trainer.fast_path
     t_train = time.time()

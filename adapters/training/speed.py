@@ -260,8 +260,9 @@ def memory_budget_gib(fraction: float = 0.85) -> float:
         return 4.0
 
 
-def for_recipe(recipe, train_ds=None) -> Plan:
-    """The plan for a training recipe (adapters.training.run.build_trainer); ``train_ds`` gives the length profile."""
+def for_recipe(recipe, train_ds=None, packing: bool | None = None) -> Plan:
+    """The plan for a training recipe (adapters.training.trainer.build_trainer); ``train_ds`` gives the length
+    profile, ``packing`` the packing decision (data.pipeline.packing_guard; None: the recipe's packing key)."""
     settings = {k: getattr(recipe, k, AUTO) for k in SWITCHES + EXTRA_SWITCHES}
     padding = None
     if train_ds is not None and "input_ids" in train_ds.column_names:
@@ -270,6 +271,6 @@ def for_recipe(recipe, train_ds=None) -> Plan:
         settings,
         attn_implementation=recipe.attn_implementation,
         per_device_batch=recipe.per_device_train_batch_size,
-        packing=bool(recipe.sft_extra.get("packing", False)),
+        packing=bool(recipe.packing if packing is None else packing),
         padding=padding,
     )

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from adapters.config.recipe import Recipe, RecipeError, load_yaml
+from adapters.config.recipe import Recipe, RecipeError, load_yaml, recipe_keys
 
 DEFAULT_SPACE: dict[str, Any] = {
     "learning_rate": [5.0e-5, 1.0e-3],  # log scale; LoRA tolerates ~10x a full fine-tune's rate
@@ -55,11 +55,11 @@ def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict
         if not isinstance(val, bool):
             raise RecipeError(f"{source}: sweep.{k}: expected true or false, got {val!r}")
         pruner[k] = val
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    keys = set(recipe_keys()) - {"sweep"}
     space: dict[str, dict[str, Any]] = {}
     for key, v in raw.items():
         where = f"{source}: sweep.{key}"
-        if key not in fields or key in ("sweep", "sft_extra"):
+        if key not in keys:
             raise RecipeError(f"{where}: not a recipe key that can be searched")
         if v is None:
             continue
@@ -220,7 +220,6 @@ def sweep(
 ) -> dict[str, Any]:
     import optuna
 
-    from adapters.training.callbacks import extra_callbacks
     from adapters.training.run import TrainingDiverged, train
     from adapters.utils.provenance import write_json
 
@@ -269,8 +268,7 @@ def sweep(
             f"[sweep] trial {trial.number}: "
             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         )
-        with extra_callbacks(pruning_callback(trial)):
-            run = train(t, recipe_path)
+        run = train(t, recipe_path, callbacks=[pruning_callback(trial)])
         import json
 
         history = json.loads((run / "manifest.json").read_text()).get("log_history") or []

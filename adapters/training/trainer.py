@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,58 +44,67 @@ def _ckpt_flag(config_cls) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
-    from trl import SFTConfig, SFTTrainer
+def sft_config(recipe: Recipe, **owned: Any):
+    """The recipe's SFTConfig: our defaults, then every SFTConfig key the recipe gives, by name; ``owned`` are the
+    values the pipeline decides (output_dir, the switches, ...) and win."""
+    from trl import SFTConfig
+
+    return SFTConfig(**{**recipe.library_kwargs("training"), **owned})
+
+
+def _log_tensorboard_to(trainer, log_dir: Path) -> None:
+    """Give the Trainer's TensorBoard logger a writer for this run's folder. Its only other way to learn a folder is
+    the process-wide TENSORBOARD_LOGGING_DIR, which a second run in the same process would inherit."""
+    from transformers.integrations import TensorBoardCallback
+
+    if trainer.pop_callback(TensorBoardCallback) is None:
+        return  # report_to names no tensorboard
+    writer = None
+    if trainer.is_world_process_zero():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+    trainer.add_callback(TensorBoardCallback(tb_writer=writer))
+
+
+def build_trainer(
+    model, tok, recipe: Recipe, run: Path, train_ds, eval_ds, *, packed: bool = False, callbacks: Sequence[Any] = ()
+):
+    """``packed``: the decision of data.pipeline.packing_guard; ``callbacks``: extra TrainerCallbacks (the sweep's
+    pruner). Returns (trainer, the non-finite-loss guard)."""
+    from trl import SFTTrainer
 
     from adapters.training.forgetting_guard import BaseKLMixin
+    from adapters.training.speed import for_recipe
 
     class Trainer(ckpt.AtomicCheckpointMixin, BaseKLMixin, SFTTrainer):
         base_kl_weight = recipe.base_kl_weight
         base_kl_positions = recipe.base_kl_positions
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, not per process
+    trainctl.check_report_to(recipe.report_to)
     use_cpu = not torch.cuda.is_available()
     has_eval = eval_ds is not None and recipe.eval_strategy != "no"
-    from adapters.training.speed import for_recipe
+    fast = for_recipe(recipe, train_ds, packing=packed)  # padding_free / liger / compile, auto or set by the recipe
+    from trl import SFTConfig
 
-    fast = for_recipe(recipe, train_ds)  # padding_free / liger / compile switches, each auto or set by the recipe
-    args = SFTConfig(
+    args = sft_config(
+        recipe,
         output_dir=str(run / "checkpoints"),
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler_type,
-        warmup_steps=recipe.warmup_steps,
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        per_device_eval_batch_size=recipe.per_device_eval_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm,
-        optim=recipe.optim,
-        neftune_noise_alpha=recipe.neftune_noise_alpha,
-        logging_steps=recipe.logging_steps,
         eval_strategy=recipe.eval_strategy if has_eval else "no",
-        eval_steps=recipe.eval_steps,
         save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        bf16=recipe.bf16,
-        fp16=recipe.fp16,
         seed=recipe.seed,
         data_seed=recipe.seed,
-        report_to=recipe.report_to,
         max_length=recipe.max_length if not fast.padding_free else None,
+        packing=packed,
         use_cpu=use_cpu,
         dataloader_pin_memory=not use_cpu,
         dataset_kwargs={"skip_prepare_dataset": True},  # we tokenized and masked by position ourselves
         # Checkpointing was already set up on the base by attach_lora (with the k-bit preparation); the Trainer
         # must not wrap it again. transformers 5.2x renamed the flag.
         **{_ckpt_flag(SFTConfig): False},
-        **trainctl.config_fields(recipe, has_eval),  # recipe pass-through + early stopping
+        **trainctl.config_fields(recipe, has_eval),  # early stopping
         **fast.sft_kwargs(),
     )
-    if "disable_tqdm" not in recipe.sft_extra:
-        args.disable_tqdm = False  # transformers hides the bar when its logger is quiet; we quiet it, we want the bar
     guard = make_callbacks()
     trainer = Trainer(
         model=model,
@@ -105,10 +114,11 @@ def build_trainer(model, tok, recipe: Recipe, run: Path, train_ds, eval_ds):
         processing_class=tok,
         callbacks=[guard],
     )
+    _log_tensorboard_to(trainer, run / "tensorboard")
     trainer.fast_path = fast.report()
     if fast.trained_positions_only:
         from adapters.training.speed import enable_trained_positions_only
 
         enable_trained_positions_only()
-    trainctl.install(trainer, recipe)  # eval perplexity, early stopping, sweep pruning
+    trainctl.install(trainer, recipe, callbacks)  # eval perplexity, early stopping, the caller's callbacks
     return trainer, guard

@@ -1,0 +1,196 @@
+"""The keys a recipe passes to the libraries' own config classes, read from those classes.
+
+A recipe key that is a field of ``trl.SFTConfig``, ``peft.LoraConfig`` or an argument of
+``transformers.BitsAndBytesConfig`` is not redeclared here: its type, default and help come from the library. What
+this module adds per library is the table of defaults we choose differently (each with its reason) and the keys the
+pipeline sets itself (refused in a recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+# Our defaults, where they differ from the library's; (value, why). Everything else is the library's own default.
+BNB_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "bnb_4bit_quant_type": ("nf4", "NF4 fits normally distributed weights better than fp4 (QLoRA)"),
+    "bnb_4bit_use_double_quant": (True, "quantizes the quantization constants too: ~0.4 bit/param less"),
+}
+LORA_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "r": (16, "enough capacity for a task adapter; 8 underfits the shipped recipes"),
+    "lora_alpha": (32, "alpha = 2r: an update scale of 2"),
+    "lora_dropout": (0.05, "light regularization: task sets are small"),
+    "target_modules": ("all-linear", "adapters on every linear layer train better than on q/v only (QLoRA)"),
+}
+SFT_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "learning_rate": (2e-4, "LoRA tolerates ~10x a full fine-tune's rate"),
+    "lr_scheduler_type": ("cosine", "decays smoothly to zero by the last step"),
+    "warmup_steps": (0.1, "a float below 1 is a share of the steps: warm up over the first 10%"),
+    "num_train_epochs": (1.0, "task sets are small and overfit after one pass; max_steps overrides it"),
+    "optim": ("adamw_torch", "the plain AdamW runs on every device (CPU, CUDA, MPS)"),
+    "logging_steps": (5, "short runs still log a loss curve"),
+    "save_steps": (50, "checkpoints often enough to resume a short run"),
+    "save_total_limit": (2, "the latest checkpoint and one before it: bounded disk"),
+    "bf16": (False, "TRL turns bf16 on by itself; the recipe's dtype decides precision here"),
+    "report_to": ("tensorboard", "a local loss curve in outputs/<run>/tensorboard, no account needed"),
+    "disable_tqdm": (False, "transformers hides the bar when its logger is quiet; we quiet it and want the bar"),
+}
+
+# Keys the pipeline sets (or that it cannot honour); a recipe may not give them. Names a library lacks are ignored.
+BNB_PIPELINE: frozenset[str] = frozenset()
+LORA_PIPELINE = frozenset(
+    {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "auto_mapping", "peft_version", "revision"}
+)
+SFT_PIPELINE = frozenset(
+    {
+        "output_dir",  # outputs/<run>/checkpoints
+        "logging_dir",
+        "dataset_kwargs",  # we tokenize and mask by position ourselves
+        "resume_from_checkpoint",  # adapters train --resume
+        "push_to_hub",  # adapters push
+        "hub_token",
+        "use_cpu",  # follows the device
+        "dataloader_pin_memory",  # follows the device
+        "save_strategy",  # "steps": resume and early stopping restore checkpoints
+        "data_seed",  # the recipe's seed
+        "activation_checkpointing",  # set up on the base by attach_lora (gradient_checkpointing)
+    }
+)
+
+
+@dataclass(frozen=True)
+class LibraryKey:
+    """One key of a library config class, as the library declares it."""
+
+    name: str
+    type: Any
+    default: Any
+    doc: str
+
+
+@dataclass(frozen=True)
+class Library:
+    """A library config class whose keys a recipe may set; ``section`` names the Recipe dict that holds them."""
+
+    section: str
+    path: str  # module:Class
+    ours: dict[str, tuple[Any, str]]
+    pipeline: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return self.path.replace(":", ".")
+
+    def cls(self) -> type:
+        module, _, cls = self.path.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def keys(self) -> dict[str, LibraryKey]:
+        """Every key the class accepts (pipeline keys included), with its type, library default and help."""
+        return _library_keys(self.path)
+
+    def default(self, name: str) -> Any:
+        """Our default where we chose one, else the library's."""
+        if name in self.ours:
+            return self.ours[name][0]
+        return self.keys()[name].default
+
+
+LIBRARIES: tuple[Library, ...] = (
+    Library("quantization", "transformers:BitsAndBytesConfig", BNB_DEFAULTS, BNB_PIPELINE),
+    Library("lora", "peft:LoraConfig", LORA_DEFAULTS, LORA_PIPELINE),
+    Library("training", "trl:SFTConfig", SFT_DEFAULTS, SFT_PIPELINE),
+)
+SECTIONS = tuple(lib.section for lib in LIBRARIES)
+BY_SECTION = {lib.section: lib for lib in LIBRARIES}
+
+
+def library_of(name: str, own: typing.Container[str] = ()) -> Library | None:
+    """The library whose config class owns ``name`` (our own keys win), or None. Checks our tables first, so the
+    common keys resolve without importing the libraries."""
+    if name in own or name.startswith("_"):
+        return None
+    for lib in LIBRARIES:
+        if name in lib.ours:
+            return lib
+    for lib in LIBRARIES:
+        if name in lib.keys():
+            return lib
+    return None
+
+
+def library_default(name: str) -> Any:
+    lib = library_of(name)
+    if lib is None:
+        raise KeyError(name)
+    return lib.default(name)
+
+
+# ---------------------------------------------------------------------------------------------------- introspection
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+@functools.cache
+def _library_keys(path: str) -> dict[str, LibraryKey]:
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
+    if fields and fields == {p.name for p in params[1:]}:  # SFTConfig, LoraConfig: typed fields, metadata["help"]
+        hints = typing.get_type_hints(cls)
+        return {
+            f.name: LibraryKey(f.name, hints.get(f.name, Any), _default(f), one_line(f.metadata.get("help", "")))
+            for f in dataclasses.fields(cls)
+            if f.init
+        }
+    # BitsAndBytesConfig: its own __init__ without annotations; the type follows the default, help the docstring
+    hints = typing.get_type_hints(cls.__init__)
+    docs = docstring_args(cls.__doc__ or "")
+    out = {}
+    for p in params[1:]:
+        tp = hints.get(p.name) or (type(p.default) if isinstance(p.default, (bool, int, float, str)) else Any)
+        out[p.name] = LibraryKey(p.name, tp, p.default, docs.get(p.name, ("", ""))[1])
+    return out
+
+
+def docstring_args(doc: str) -> dict[str, tuple[str, str]]:
+    """``name (`type`, *optional*, defaults to ...):`` entries of a Google-style ``Args:`` block -> (type, help)."""
+    out: dict[str, tuple[str, str]] = {}
+    body = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    entry = re.compile(r"^\s{4,8}(\w+) \((.*)\):\s*$")
+    name, kind, lines = None, "", []
+    for line in body.splitlines() + ["    end ():"]:
+        m = entry.match(line)
+        if m:
+            if name:
+                out[name] = (plain(kind.split(",")[0]), one_line(" ".join(lines)))
+            name, kind, lines = m.group(1), m.group(2), []
+        elif name:
+            lines.append(line.strip())
+    return out
+
+
+def plain(text: str) -> str:
+    """Help text without reStructuredText/Markdown markup."""
+    text = re.sub(r"\[`~?([^\]`]+)`\]", r"\1", text)  # [`Trainer`] links
+    text = re.sub(r"<a href=['\"]?([^'\" >]+)['\"]?>(.*?)</a>", r"\2 (\1)", text)
+    text = re.sub(r"</?(?:a|b|i|br|code|em|strong|p)\b[^>]*>", "", text)
+    return text.replace("`", "").replace("*", "").strip()
+
+
+def one_line(text: str) -> str:
+    """The first sentence of a help text, markup removed."""
+    text = " ".join(plain(text).split())
+    m = re.search(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)(?<=[a-z0-9)\]])\.\s", text)
+    return text[: m.start() + 1] if m else text
