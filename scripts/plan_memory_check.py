@@ -23,7 +23,7 @@ def one(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from adapters.config.recipe import load_recipe
+    from adapters.config import load_recipe
     from adapters.data.encode import encode_rows, to_dataset
     from adapters.data.validate import read_rows
     from adapters.model.lora import attach_lora

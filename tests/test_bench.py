@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapters.bench.throughput import BenchError, BenchOptions, bench, gate, make_lengths
-from adapters.config.recipe import RecipeError, load_recipe
+from adapters.config import RecipeError, load_recipe
 from adapters.training import speed as fast
 
 from .conftest import tiny_overrides

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import adapters.training.run as train_mod
 import adapters.training.trainer as trainer_mod
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.training.checkpoints import MARKER, CheckpointError, last_good_checkpoint, validate_adapter_dir
 
 from .conftest import tiny_overrides

@@ -38,7 +38,7 @@ def test_every_verb_has_help(argv, capsys):
 
 def test_every_user_error_class_is_an_adapters_error():
     from adapters.bench.throughput import BenchError
-    from adapters.config.recipe import RecipeError
+    from adapters.config import RecipeError
     from adapters.data.audit import AuditError
     from adapters.data.rows import DataError
     from adapters.evaluation.forgetting import ProbeError

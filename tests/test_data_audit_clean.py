@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.data.audit import audit, violations
 from adapters.data.clean import clean_rows, near_key, split_rows
 from adapters.data.encode import EncodeReport

@@ -58,7 +58,7 @@ def test_sample_loss_same_packed_and_alone(tiny_data, attn):
 
 def test_chat_run_trains_assistant_tokens_only_packed(tiny_models, tiny_data, tmp_path, monkeypatch):
     import adapters.training.run as tr
-    from adapters.config.recipe import load_recipe
+    from adapters.config import load_recipe
 
     seen = {}
     real = tr.build_trainer

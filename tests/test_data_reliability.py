@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from adapters.cli import main
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.data.audit import AuditError
 from adapters.data.encode import encode_messages, encode_rows
 from adapters.data.pipeline import packing_guard, prepare_data

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from tests.conftest import REPO, tiny_overrides
 
 CONFIGS = sorted((REPO / "adapters" / "accelerate_configs").glob("*.yaml"))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from adapters.config.recipe import Recipe, RecipeError, load_recipe
+from adapters.config import Recipe, RecipeError, load_recipe
 from adapters.evaluation import metrics as M
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adapters.cli import main
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.training.run import train
 
 from .conftest import tiny_overrides
@@ -297,7 +297,7 @@ def test_pruning_callback_raises_trial_pruned():
 
 
 def test_sweep_three_trials_writes_best_recipe(tiny_models, tiny_data, tmp_path):
-    from adapters.config.recipe import parse_overrides
+    from adapters.config import parse_overrides
 
     out = tmp_path / "sw"
     overrides = tiny_overrides(

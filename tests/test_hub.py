@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.publish.hub import HubError, push, resolve_adapter
 from adapters.publish.rundir import RunError, load_tuned, open_run
 from adapters.training.run import train

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adapters import cli
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.data.encode import encode_messages
 from adapters.data.validate import read_rows
 from adapters.publish.merge import MergeError, ensure_full_precision, merge_into, merge_run, save_merged

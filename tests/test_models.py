@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.model.loading import load_tokenizer
 from adapters.model.quantization import quantization_config
 from adapters.model.sources import ModelSourceError, resolve_model

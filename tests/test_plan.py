@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from tests.conftest import REPO, tiny_overrides
 
 RECIPES = sorted(p.stem for p in (REPO / "adapters" / "recipes").glob("*.yaml"))

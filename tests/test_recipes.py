@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.config.recipe import RECIPE_DIR, Recipe, RecipeError, load_recipe, parse_overrides
+from adapters.config import RECIPE_DIR, Recipe, RecipeError, load_recipe, parse_overrides
 from adapters.model.lora import lora_config
 from adapters.model.quantization import quantization_config
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adapters.config.recipe import RecipeError, load_recipe
+from adapters.config import RecipeError, load_recipe
 from adapters.training.forgetting_guard import kl_to_base, sample_positions, unlabelled_positions
 
 from .conftest import tiny_overrides

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.config.recipe import load_recipe
+from adapters.config import load_recipe
 from adapters.data.encode import encode_rows, to_dataset
 from adapters.data.validate import read_rows
 from adapters.model.loading import load_model, load_tokenizer

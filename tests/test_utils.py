@@ -151,7 +151,7 @@ def test_dtype_names():
 def test_one_isolating_attention_rule_for_packing_and_padding_free(tmp_path, monkeypatch):
     """flex_attention keeps samples apart only on CUDA (no backward on CPU): the data pipeline's packing guard and
     the fast path's padding_free decision both follow training.speed.isolates_samples."""
-    from adapters.config.recipe import load_recipe
+    from adapters.config import load_recipe
     from adapters.data.pipeline import packing_guard
     from adapters.training import speed
 

@@ -32,7 +32,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     """Exit 1 when a comparison's loss gate fails (its speed figures would compare different computations)."""
     from adapters.bench.throughput import BenchOptions, bench, passed
-    from adapters.config.recipe import parse_overrides
+    from adapters.config import parse_overrides
 
     options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
     return 0 if passed(bench(options, overrides=parse_overrides(rest))) else 1

@@ -59,7 +59,7 @@ def audit(args: argparse.Namespace, rest: list[str]) -> int:
     """The whole data stage with the recipe's tokenizer, no model."""
     from pathlib import Path
 
-    from adapters.config.recipe import load_recipe, parse_overrides
+    from adapters.config import load_recipe, parse_overrides
     from adapters.data.pipeline import prepare_data
     from adapters.model.loading import load_tokenizer
     from adapters.model.sources import resolve_model

@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
-    from adapters.config.recipe import load_recipe, parse_overrides
+    from adapters.config import load_recipe, parse_overrides
     from adapters.planning.memory import plan
 
     recipe, path = load_recipe(args.recipe, parse_overrides(rest))

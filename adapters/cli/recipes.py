@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
-    from adapters.config.recipe import RECIPE_DIR, load_recipe, resolve_recipe_path
+    from adapters.config import RECIPE_DIR, load_recipe, resolve_recipe_path
 
     if args.recipes_verb == "show":
         path = resolve_recipe_path(args.name)

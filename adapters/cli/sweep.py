@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
-    from adapters.config.recipe import load_recipe, parse_overrides
+    from adapters.config import load_recipe, parse_overrides
     from adapters.training.sweep import sweep
 
     overrides = parse_overrides(rest)

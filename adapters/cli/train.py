@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
-    from adapters.config.recipe import load_recipe, parse_overrides
+    from adapters.config import load_recipe, parse_overrides
 
     overrides = parse_overrides(rest)
     resume = bool(overrides.pop("resume", False) or args.resume)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.data.audit import AuditError, audit, format_audit, violations
 from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
 from adapters.data.encode import encode_rows

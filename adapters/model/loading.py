@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from adapters.compat.bitsandbytes import keep_cpu_layout_trainable
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.model.quantization import quantization_config
 from adapters.model.sources import ModelRef, ModelSourceError
 from adapters.utils.dtypes import torch_dtype

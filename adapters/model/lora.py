@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 
 
 def lora_config(recipe: Recipe):

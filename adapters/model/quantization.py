@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.model.sources import ModelRef
 from adapters.utils.dtypes import torch_dtype
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.model.shapes import known_config
 from adapters.planning.preflight import Launch, check, launch_from_config
 from adapters.utils.dtypes import dtype_bytes

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.utils.errors import AdaptersError, PathNotFoundError
 
 CONFIG_DIR = Path(__file__).parents[1] / "accelerate_configs"

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.planning.memory import model_config
 
 

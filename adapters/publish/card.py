@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import library_changes
+from adapters.config import library_changes
 
 # Recipe keys shown in the card's hyperparameter table, in this order (those absent from the recipe are skipped).
 HYPERPARAMETERS = (

@@ -362,7 +362,7 @@ def _base_source(canonical: str) -> str:
 def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     """A Run for a folder holding an adapter (a hub snapshot): the base comes from adapter_config.json (or
     ``base``), the identity checks from training_manifest.json."""
-    from adapters.config.recipe import recipe_from_config
+    from adapters.config import recipe_from_config
     from adapters.model.sources import resolve_model
 
     cfg_path = path / "adapter_config.json"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe, recipe_from_config
+from adapters.config import Recipe, recipe_from_config
 from adapters.model.loading import load_model
 from adapters.model.sources import ModelRef
 from adapters.utils.errors import AdaptersError

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from adapters.config.recipe import Recipe, RecipeError
+from adapters.config import Recipe, RecipeError
 
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.data.encode import to_dataset
 from adapters.model.loading import load_tokenizer
 from adapters.model.lora import attach_lora, parameter_counts

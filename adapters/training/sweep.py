@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from adapters.config.recipe import Recipe, RecipeError, load_yaml, recipe_keys
+from adapters.config import Recipe, RecipeError, load_yaml, recipe_keys
 
 DEFAULT_SPACE: dict[str, Any] = {
     "learning_rate": [5.0e-5, 1.0e-3],  # log scale; LoRA tolerates ~10x a full fine-tune's rate

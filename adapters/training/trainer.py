@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from adapters.config.recipe import Recipe
+from adapters.config import Recipe
 from adapters.training import callbacks as trainctl
 from adapters.training import checkpoints as ckpt
 
