@@ -242,3 +242,45 @@ def test_no_unittest_mock_in_the_package():
         if "unittest.mock" in p.read_text() or "from unittest import mock" in p.read_text()
     ]
     assert hits == []
+
+
+def test_trained_positions_only_is_scoped_to_the_training_call(tiny_models, tiny_data, tmp_path):
+    """The TRL switch is on while the trainer trains (the run's fast path says so) and TRL's own decision is back
+    afterwards: a run changes no module state of another library."""
+    from trl.trainer import utils as trl_utils
+
+    import adapters.training.run as train_mod
+    from adapters.compat.trl import trained_positions_only
+    from adapters.config import load_recipe
+
+    from .conftest import tiny_overrides
+
+    original = getattr(trl_utils._use_triton, "_adapters_orig", trl_utils._use_triton)
+    trl_utils._use_triton = original  # an earlier test may have left it widened
+    with trained_positions_only(True):
+        assert trl_utils._use_triton is not original and trl_utils._use_triton(torch.device("cpu")) is True
+    assert trl_utils._use_triton is original
+    seen = []
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"],
+            tiny_data,
+            tmp_path,
+            run_name="scoped",
+            eval_after_train=False,
+            eval_strategy="no",
+            report_to="none",
+            max_steps=1,
+            trained_positions_only=True,
+        ),
+    )
+    from transformers import TrainerCallback
+
+    class Spy(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append(trl_utils._use_triton(torch.device("cpu")))
+
+    train_mod.train(recipe, path, callbacks=[Spy()])
+    assert seen == [True]
+    assert trl_utils._use_triton is original

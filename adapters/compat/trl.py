@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 def compact_hook_available() -> bool:
     """Whether this TRL has the module-level ``_use_triton`` switch that ``enable_trained_positions_only`` widens."""
@@ -43,6 +45,23 @@ def enable_trained_positions_only(on: bool = True) -> None:
 
     use_compact._adapters_orig = orig  # type: ignore[attr-defined]
     trl_utils._use_triton = use_compact
+
+
+@contextmanager
+def trained_positions_only(on: bool):
+    """``enable_trained_positions_only`` for the duration of a block only; TRL's own decision is back afterwards, so
+    a run leaves no changed module state behind it."""
+    if not on:
+        yield
+        return
+    from trl.trainer import utils as trl_utils
+
+    before = trl_utils._use_triton
+    enable_trained_positions_only(True)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = before
 
 
 def log_metric(trainer, name: str, value: float, mode: str = "train") -> None:

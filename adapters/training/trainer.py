@@ -115,10 +115,6 @@ def build_trainer(
         callbacks=[guard],
     )
     _log_tensorboard_to(trainer, run / "tensorboard")
-    trainer.fast_path = fast.report()
-    if fast.trained_positions_only:
-        from adapters.training.speed import enable_trained_positions_only
-
-        enable_trained_positions_only()
+    trainer.fast_path = fast.report()  # trained_positions_only is switched on around trainer.train() (run.py)
     trainctl.install(trainer, recipe, callbacks)  # eval perplexity, early stopping, the caller's callbacks
     return trainer, guard
