@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -218,10 +219,11 @@ def sweep(
     out_dir: str | Path | None = None,
     log=print,
 ) -> dict[str, Any]:
+    """Optuna TPE over the recipe's search space, median pruning on validation loss, forgetting as a constraint;
+    writes trials.md/csv, search.png, sweep.json and the best recipe."""
     import optuna
 
-    from adapters.training.run import TrainingDiverged, train
-    from adapters.utils.provenance import write_json
+    from adapters.training.run import TrainingDiverged
 
     if trials < 1:
         raise RecipeError(f"--trials: must be >= 1, got {trials}")
@@ -252,43 +254,64 @@ def sweep(
             n_startup_trials=pruner_cfg["pruner_startup_trials"], n_warmup_steps=pruner_cfg["pruner_warmup_steps"]
         ),
     )
+    objective = _Objective(recipe, recipe_path, space, out, constrain, log)
+    study.optimize(objective, n_trials=trials, catch=(TrainingDiverged,))
+    return _summarise(study, recipe, recipe_path, overrides or {}, space, out, constrain, log)
 
-    def objective(trial) -> float:
-        params = suggest(trial, space)
+
+@dataclass
+class _Objective:
+    """One trial: train the recipe with the suggested values (its own run dir under the sweep), score it."""
+
+    recipe: Recipe
+    recipe_path: Path
+    space: dict[str, dict[str, Any]]
+    out: Path
+    constrain: bool
+    log: Any
+
+    def __call__(self, trial) -> float:
+        import json
+
+        from adapters.training.run import train
+
+        params = suggest(trial, self.space)
         t = dataclasses.replace(
-            recipe,
+            self.recipe,
             **params,
             run_name=f"trial-{trial.number:03d}",
-            output_root=str(out),
+            output_root=str(self.out),
             eval_after_train=False,
             eval_base=False,
             quant_probe=False,
         )
-        log(
+        self.log(
             f"[sweep] trial {trial.number}: "
             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         )
-        run = train(t, recipe_path, callbacks=[pruning_callback(trial)])
-        import json
-
+        run = train(t, self.recipe_path, callbacks=[pruning_callback(trial)])
         history = json.loads((run / "manifest.json").read_text()).get("log_history") or []
         value = best_eval_loss(history)
         trial.set_user_attr("steps", max((h.get("step", 0) for h in history), default=0))
         msg = f"[sweep] trial {trial.number}: best validation loss {value:.4f}"
-        if constrain:
-            from adapters.evaluation.evaluate import evaluate_run
-
-            # the trial's adapter vs the same model with it disabled, on the recipe's probe
-            rise = float(evaluate_run(run, probe_only=True, log=lambda *_: None)["forgetting"]["rise"])
-            trial.set_user_attr("forgetting_rise", rise)
-            trial.set_user_attr("constraint", (rise - recipe.forgetting_threshold,))
-            ok = rise <= recipe.forgetting_threshold
-            msg += f", forgetting {rise:+.1%} ({'feasible' if ok else 'infeasible'}: limit {recipe.forgetting_threshold:.0%})"
-        log(msg)
+        if self.constrain:
+            msg += self._forgetting(trial, run)
+        self.log(msg)
         return value
 
-    study.optimize(objective, n_trials=trials, catch=(TrainingDiverged,))
+    def _forgetting(self, trial, run: Path) -> str:
+        """The trial's adapter vs the same model with it disabled, on the recipe's probe: a constraint."""
+        from adapters.evaluation.evaluate import evaluate_run
 
+        limit = self.recipe.forgetting_threshold
+        rise = float(evaluate_run(run, probe_only=True, log=lambda *_: None)["forgetting"]["rise"])
+        trial.set_user_attr("forgetting_rise", rise)
+        trial.set_user_attr("constraint", (rise - limit,))
+        ok = rise <= limit
+        return f", forgetting {rise:+.1%} ({'feasible' if ok else 'infeasible'}: limit {limit:.0%})"
+
+
+def _trial_rows(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.trials:
         value = (
@@ -307,6 +330,14 @@ def sweep(
                 **t.params,
             }
         )
+    return rows
+
+
+def _summarise(study, recipe: Recipe, recipe_path: Path, overrides, space, out: Path, constrain: bool, log):
+    """Tables and plot of every trial; the best feasible trial (lowest validation loss) becomes the best recipe."""
+    from adapters.utils.provenance import write_json
+
+    rows = _trial_rows(study)
     write_tables(rows, list(space), out)
     plot_search(rows, out)
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
@@ -321,7 +352,7 @@ def sweep(
         )
     best_params = {**{k: s["value"] for k, s in space.items() if s["kind"] == "fixed"}, **best.params}
     best_path = write_best_recipe(
-        recipe_path, overrides or {}, best_params, best.value, out, best.user_attrs.get("forgetting_rise")
+        recipe_path, overrides, best_params, best.value, out, best.user_attrs.get("forgetting_rise")
     )
     summary = {
         "best_trial": best.number,
