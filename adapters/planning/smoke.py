@@ -116,10 +116,6 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
     The recipe's own keys stay (quantization, LoRA targets, template, data, optimizer …) except what a CPU run of a
     few seconds must change; every change is listed in the result under ``adjusted``.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from adapters.training.run import train
 
     t0 = time.time()
@@ -127,58 +123,17 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
     work.mkdir(parents=True, exist_ok=True)
     try:
         twin, note = build_twin(recipe, work / "twin")
-        adjusted = {
-            "model_name_or_path": str(twin),
-            "output_root": str(work / "outputs"),
-            "run_name": "smoke",
-            "max_steps": steps,
-            "per_device_train_batch_size": min(recipe.per_device_train_batch_size, 2),
-            "per_device_eval_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "save_steps": steps,
-            "eval_steps": steps,
-            "logging_steps": 1,
-            "report_to": "none",
-            "eval_base": False,
-            "eval_max_new_tokens": 4,
-            "quant_probe": False,
-            "device_map": None,
-        }
-        if not torch.cuda.is_available():
-            if recipe.bf16 or recipe.fp16:
-                adjusted.update(bf16=False, fp16=False)  # mixed precision needs a GPU here
-            if recipe.dtype in ("bfloat16", "float16"):
-                adjusted["dtype"] = "float32"
-            if recipe.bnb_4bit_compute_dtype in ("bfloat16", "float16"):
-                adjusted["bnb_4bit_compute_dtype"] = "float32"
-            if recipe.bnb_4bit_quant_storage:
-                adjusted["bnb_4bit_quant_storage"] = "float32"
-            if "paged" in recipe.optim or "8bit" in recipe.optim:
-                adjusted["optim"] = "adamw_torch"  # paged/8-bit optimizers are CUDA kernels
+        adjusted = _cpu_adjustments(recipe, twin, work, steps)
         run_recipe = replace(recipe, **adjusted)
-        run_recipe = replace(run_recipe, test_file=_head(recipe.test_file, work / "test.jsonl", 4))
-        run_recipe = replace(run_recipe, eval_file=_head(recipe.eval_file, work / "val.jsonl", 4))
         run_recipe = replace(
             run_recipe,
+            test_file=_head(recipe.test_file, work / "test.jsonl", 4),
+            eval_file=_head(recipe.eval_file, work / "val.jsonl", 4),
             train_file=_head(recipe.train_file, work / "train.jsonl", steps * run_recipe.per_device_train_batch_size),
         )
         run = train(run_recipe, recipe_path)  # load_model keeps bitsandbytes' CPU layout trainable
         manifest = json.loads((run / "manifest.json").read_text())
-        # merge on a full-precision reload (never into a quantized base), save, reload, compare logits
-        base = AutoModelForCausalLM.from_pretrained(str(twin), dtype=torch.float32)
-        tuned = PeftModel.from_pretrained(base, str(run / "adapter"))
-        tuned.eval()
-        ids = torch.arange(3, 3 + 12).remainder(base.config.vocab_size).unsqueeze(0)
-        with torch.no_grad():
-            want = tuned(input_ids=ids).logits
-        merged = tuned.merge_and_unload()
-        merged.save_pretrained(work / "merged")
-        reloaded = AutoModelForCausalLM.from_pretrained(str(work / "merged"), dtype=torch.float32)
-        with torch.no_grad():
-            got = reloaded(input_ids=ids).logits
-        diff = float((want - got).abs().max())
-        if not math.isfinite(diff) or diff > 1e-3:
-            raise RuntimeError(f"smoke: merged and reloaded logits differ from the adapter's by {diff:g}")
+        diff = _merge_reload_diff(twin, run, work)
         return {
             "ok": True,
             "seconds": round(time.time() - t0, 1),
@@ -194,6 +149,64 @@ def smoke(recipe: Recipe, recipe_path: Path, steps: int = 3, keep: Path | None =
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_adjustments(recipe: Recipe, twin: Path, work: Path, steps: int) -> dict[str, Any]:
+    """What a CPU run of a few seconds must change in the recipe; everything else stays as the recipe says."""
+    import torch
+
+    adjusted = {
+        "model_name_or_path": str(twin),
+        "output_root": str(work / "outputs"),
+        "run_name": "smoke",
+        "max_steps": steps,
+        "per_device_train_batch_size": min(recipe.per_device_train_batch_size, 2),
+        "per_device_eval_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "save_steps": steps,
+        "eval_steps": steps,
+        "logging_steps": 1,
+        "report_to": "none",
+        "eval_base": False,
+        "eval_max_new_tokens": 4,
+        "quant_probe": False,
+        "device_map": None,
+    }
+    if not torch.cuda.is_available():
+        if recipe.bf16 or recipe.fp16:
+            adjusted.update(bf16=False, fp16=False)  # mixed precision needs a GPU here
+        if recipe.dtype in ("bfloat16", "float16"):
+            adjusted["dtype"] = "float32"
+        if recipe.bnb_4bit_compute_dtype in ("bfloat16", "float16"):
+            adjusted["bnb_4bit_compute_dtype"] = "float32"
+        if recipe.bnb_4bit_quant_storage:
+            adjusted["bnb_4bit_quant_storage"] = "float32"
+        if "paged" in recipe.optim or "8bit" in recipe.optim:
+            adjusted["optim"] = "adamw_torch"  # paged/8-bit optimizers are CUDA kernels
+    return adjusted
+
+
+def _merge_reload_diff(twin: Path, run: Path, work: Path) -> float:
+    """Merge on a full-precision reload (never into a quantized base), save, reload: max |logit| difference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(twin), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(run / "adapter"))
+    tuned.eval()
+    ids = torch.arange(3, 3 + 12).remainder(base.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        want = tuned(input_ids=ids).logits
+    merged = tuned.merge_and_unload()
+    merged.save_pretrained(work / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(work / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    diff = float((want - got).abs().max())
+    if not math.isfinite(diff) or diff > 1e-3:
+        raise RuntimeError(f"smoke: merged and reloaded logits differ from the adapter's by {diff:g}")
+    return diff
 
 
 def _head(path: str | None, out: Path, n: int) -> str | None:
