@@ -67,6 +67,21 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
             hidden_act="silu",
         ),
     ),
+    "gemma-3-270m": (
+        "gemma3_text",
+        dict(
+            hidden_size=640,
+            intermediate_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            vocab_size=262144,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            sliding_window=512,
+        ),
+    ),
     # CPU shapes: Llama/Qwen2 blocks, small enough for a CI run of a few steps on two cores
     "tiny-llama": (
         "llama",

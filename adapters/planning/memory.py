@@ -23,20 +23,7 @@ GIB = 2**30
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": known_config("llama-3.2-1b", dtype="bfloat16", bos_token_id=128000, eos_token_id=128009),
     "qwen2.5-1.5b": known_config("qwen2.5-1.5b", dtype="bfloat16", bos_token_id=151643, eos_token_id=151645),
-    "gemma-3-270m": dict(
-        model_type="gemma3_text",
-        hidden_size=640,
-        intermediate_size=2048,
-        num_hidden_layers=18,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        vocab_size=262144,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-        sliding_window=512,
-    ),
+    "gemma-3-270m": known_config("gemma-3-270m", dtype="bfloat16"),
 }
 # Family defaults (by model type in the id) when the exact size is not in KNOWN_CONFIGS.
 FAMILY_OF = {"llama": "llama-3.2-1b", "qwen": "qwen2.5-1.5b", "gemma": "gemma-3-270m"}
