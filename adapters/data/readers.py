@@ -4,7 +4,11 @@ Sources: ``.jsonl``, ``.json`` (an array, or JSON Lines under a .json name), ``.
 them, or a folder written by ``datasets.Dataset.save_to_disk``. Text files are read as raw bytes first, so invalid
 UTF-8 and invalid JSON are reported with ``file:line[:col]`` (and the byte offset) before ``datasets`` sees them.
 CSV and Parquet rows are then loaded with ``datasets``; their location is ``file:N`` with N the 1-based line of the
-row in the CSV (header = line 1) or the 1-based row number in the Parquet/Arrow table.
+row in the CSV (header = line 1) or the 1-based row number in the Parquet/Arrow table. CSV cells are read as text,
+as written (``4``, ``NA`` and an empty cell stay ``"4"``, ``"NA"`` and ``""``): CSV has no types, so a number there is
+an answer, not a type error. A UTF-8 BOM at the start of a file (Windows editors write one) is skipped; byte offsets
+still count it. A key given twice in one JSON object, or a CSV column named twice, is a problem: json and pandas
+would silently keep one of the values.
 
 Formats (per row, or forced with the recipe key ``data_format``):
 - ``chat``: ``messages`` (or ``conversations``) = [{role, content}, ...]; the ShareGPT aliases ``from``/``value`` and
@@ -18,13 +22,92 @@ Formats (per row, or forced with the recipe key ``data_format``):
 
 from __future__ import annotations
 
+import codecs
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from adapters.data.rows import DataError, Problem, Record
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+# ---------------------------------------------------------------------------------------------------- JSON
+def json_type(v: Any) -> str:
+    """The JSON name of a value's type: messages speak the file's language, not Python's (null, not NoneType)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, (list, tuple)):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__  # Parquet/Arrow types JSON has no name for (dates, bytes)
+
+
+class _Twice(dict):
+    """A JSON object in which some key was given twice."""
+
+    twice: list[str]
+
+
+def duplicate_keys(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(path, key) of every key given twice in one object of a decoded value, e.g. ("messages[1]", "content")."""
+    out = [(path, k) for k in getattr(value, "twice", ())]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(v, (dict, list)):
+            out += duplicate_keys(v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else k)
+    return out
+
+
+class StrictJSON:
+    """json's decoder, plus every key given twice in one object: json itself keeps the last value without a word,
+    so a row with two "completion"s trains on whichever came last."""
+
+    def __init__(self) -> None:
+        self._twice = False
+        self._decoder = json.JSONDecoder(object_pairs_hook=self._object)
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        self._twice = True
+        seen: set[str] = set()
+        obj = _Twice(obj)
+        obj.twice = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+        return obj
+
+    def loads(self, text: str) -> tuple[Any, list[tuple[str, str]]]:
+        """(value, duplicate keys as (path, key)); raises json.JSONDecodeError like json.loads."""
+        self._twice = False
+        value = self._decoder.decode(text)
+        return value, duplicate_keys(value) if self._twice else []
+
+    def raw_decode(self, text: str, pos: int) -> tuple[Any, int, list[tuple[str, str]]]:
+        """(value, end, duplicate keys as (path, key)) of the value starting at ``pos``."""
+        self._twice = False
+        value, end = self._decoder.raw_decode(text, pos)
+        return value, end, duplicate_keys(value) if self._twice else []
+
+
+def _object_record(path: Path, line: int, value: Any, twice: list[tuple[str, str]], raw: str) -> Record:
+    """A decoded value as a row: an object without repeated keys, else the problems (one per repeated key)."""
+    if not isinstance(value, dict):
+        msg = f"expected a JSON object, got {json_type(value)}"
+        return Record(str(path), line, None, raw, [Problem(str(path), line, None, msg)])
+    if twice:
+        probs = [Problem(str(path), line, where or None, f'duplicate key "{k}"') for where, k in twice]
+        return Record(str(path), line, None, raw, probs)
+    return Record(str(path), line, value, raw)
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -64,49 +147,43 @@ def _decode(raw: bytes, file: str, lineno: int, offset: int) -> tuple[str | None
         )
 
 
-def _iter_jsonl(path: Path) -> Iterator[Record]:
+def _raw_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset in the file, bytes) of each line. A leading UTF-8 BOM is dropped from line 1, so
+    columns are the ones an editor shows, and still counted in the offsets."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            text, bad = _decode(raw, str(path), lineno, offset)
-            offset += len(raw)
-            if bad:
-                yield Record(str(path), lineno, None, raw.decode("utf-8", "backslashreplace").rstrip("\n"), [bad])
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                yield Record(
-                    str(path),
-                    lineno,
-                    None,
-                    text.rstrip("\n"),
-                    [Problem(str(path), lineno, None, f"invalid JSON: {e.msg}", e.colno)],
-                )
-                continue
-            if not isinstance(obj, dict):
-                yield Record(
-                    str(path),
-                    lineno,
-                    None,
-                    text.rstrip("\n"),
-                    [Problem(str(path), lineno, None, f"expected a JSON object, got {type(obj).__name__}")],
-                )
-                continue
-            yield Record(str(path), lineno, obj, text.rstrip("\n"))
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
+            yield lineno, start, raw
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record]:
+    strict = StrictJSON()
+    for lineno, offset, raw in _raw_lines(path):
+        text, bad = _decode(raw, str(path), lineno, offset)
+        if bad:
+            yield Record(str(path), lineno, None, raw.decode("utf-8", "backslashreplace").rstrip("\n"), [bad])
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj, twice = strict.loads(text.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            yield Record(
+                str(path),
+                lineno,
+                None,
+                text.rstrip("\n"),
+                [Problem(str(path), lineno, None, f"invalid JSON: {e.msg}", e.colno)],
+            )
+            continue
+        yield _object_record(path, lineno, obj, twice, text.rstrip("\n"))
 
 
 def _utf8_problems(path: Path) -> list[Problem]:
-    out, offset = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            bad = _decode(raw, str(path), lineno, offset)[1]
-            offset += len(raw)
-            if bad:
-                out.append(bad)
-    return out
+    return [bad for lineno, offset, raw in _raw_lines(path) if (bad := _decode(raw, str(path), lineno, offset)[1])]
 
 
 def _iter_json(path: Path) -> Iterator[Record]:
@@ -116,11 +193,11 @@ def _iter_json(path: Path) -> Iterator[Record]:
         for p in problems:
             yield Record(p.file, p.line, None, "", [p])
         return
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if not text.lstrip().startswith("["):
         yield from _iter_jsonl(path)
         return
-    dec = json.JSONDecoder()
+    strict = StrictJSON()
     i = text.index("[") + 1
 
     def skip(i: int) -> int:
@@ -139,21 +216,11 @@ def _iter_json(path: Path) -> Iterator[Record]:
     while i < len(text):
         line = text.count("\n", 0, i) + 1
         try:
-            obj, end = dec.raw_decode(text, i)
+            obj, end, twice = strict.raw_decode(text, i)
         except json.JSONDecodeError as e:
             yield problem(e.pos, e.msg)
             return
-        raw = text[i:end]
-        if isinstance(obj, dict):
-            yield Record(str(path), line, obj, raw)
-        else:
-            yield Record(
-                str(path),
-                line,
-                None,
-                raw,
-                [Problem(str(path), line, None, f"expected a JSON object, got {type(obj).__name__}")],
-            )
+        yield _object_record(path, line, obj, twice, text[i:end])
         i = skip(end)
         if i < len(text) and text[i] == ",":
             i = skip(i + 1)
@@ -165,34 +232,74 @@ def _iter_json(path: Path) -> Iterator[Record]:
     yield problem(len(text), "unterminated array")
 
 
+def _csv_header(path: Path) -> tuple[list[str] | None, bool]:
+    """(header, whether a data row follows). datasets refuses a header-only CSV with an unrelated message."""
+    header = None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = (r for r in csv.reader(f) if r)
+        try:
+            header = next(rows, None)
+            return header, header is not None and next(rows, None) is not None
+        except csv.Error:  # e.g. a cell over csv's field size limit: datasets (pandas) reads it
+            return header, True
+
+
+def _load_csv(path: Path) -> Iterator[Record]:
+    """A CSV file's rows, every cell as the text it is (CSV has no types: "4" is an answer, "NA" too)."""
+    import datasets
+
+    problems = _utf8_problems(path)
+    if problems:
+        for p in problems:
+            yield Record(p.file, p.line, None, "", [p])
+        return
+    header, has_rows = _csv_header(path)
+    twice = [k for k in dict.fromkeys(header or ()) if header.count(k) > 1]
+    if twice:  # pandas would rename the second one "name.1" and train on the first
+        probs = [Problem(str(path), 1, None, f'duplicate column "{k}"') for k in twice]
+        yield Record(str(path), 1, None, ",".join(header), probs)
+        return
+    if not has_rows:
+        return
+    text = {i: str for i in range(len(header))}
+    ds = datasets.load_dataset(
+        "csv", data_files=str(path), split="train", encoding="utf-8-sig", converters=text, na_filter=False
+    )
+    for i, obj in enumerate(ds):  # line 1 is the header
+        yield Record(str(path), i + 2, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
+
+
 def _iter_datasets(path: Path) -> Iterator[Record]:
     """CSV, Parquet and save_to_disk folders, loaded with the datasets library."""
     import datasets
 
-    if path.suffix == ".csv":
-        problems = _utf8_problems(path)
-        if problems:
-            for p in problems:
-                yield Record(p.file, p.line, None, "", [p])
-            return
     try:
+        if path.suffix == ".csv":
+            yield from _load_csv(path)
+            return
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         else:
-            kind = "csv" if path.suffix == ".csv" else "parquet"
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            import pyarrow.parquet as pq
+
+            if pq.ParquetFile(path).metadata.num_rows == 0:  # datasets refuses it with an unrelated message
+                return
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - any reader failure becomes a located data error
         yield Record(str(path), 0, None, "", [Problem(str(path), 0, None, f"cannot read: {e}")])
         return
-    first = 2 if path.suffix == ".csv" else 1  # CSV: line 1 is the header
     for i, obj in enumerate(ds):
-        yield Record(str(path), i + first, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
+        yield Record(str(path), i + 1, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
+    """Every row of a source. A file with no rows yields nothing (a 0-byte one is not even parsed): the caller says
+    ``FILE: no rows``."""
     for f in source_files(path):
+        if f.is_file() and f.stat().st_size == 0:
+            continue
         if f.is_dir() or f.suffix in (".csv", ".parquet"):
             yield from _iter_datasets(f)
         elif f.suffix == ".json":
