@@ -70,12 +70,81 @@ EMPTY = {
 WRONG = [(4, "number"), (3.5, "number"), (True, "boolean"), (False, "boolean"), (None, "null"), ({}, "object")]
 
 
+@pytest.mark.parametrize(("value", "name"), WRONG)
+def test_wrong_type_is_named_with_json_type_names(tmp_path, value, name):
+    rows = [
+        {"prompt": "p", "completion": value},
+        {"prompt": value, "completion": "c"},
+        {"instruction": value, "output": "o"},
+        {"instruction": "i", "input": value, "output": "o"},
+        {"instruction": "i", "output": value},
+        {"messages": [{"role": "user", "content": value}, CHAT[1]]},
+        {"messages": [CHAT[0], {"role": value, "content": "a"}]},
+        {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "a"}]},
+        {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": value}]},
+    ]
+    f = _lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    want = [
+        f"{f}:1: completion: expected a string, got {name}",
+        f"{f}:2: prompt: expected a string, got {name}",
+        f"{f}:3: instruction: expected a string, got {name}",
+        f"{f}:4: input: expected a string, got {name}",
+        f"{f}:5: output: expected a string, got {name}",
+        f"{f}:6: messages[0].content: expected a string, got {name}",
+        f"{f}:7: messages[1].role: expected a string, got {name}",
+        f"{f}:8: conversations[0].content: expected a string, got {name}",
+        f"{f}:9: completion[0].content: expected a string, got {name}",
+    ]
+    if value is None:  # alpaca's input is optional: null means no input
+        want.remove(f"{f}:4: input: expected a string, got null")
+    assert _problems(f) == want
+    t = _lines(tmp_path / "t.jsonl", [json.dumps({"text": value})])
+    assert _problems(t, data_format="text") == [f"{t}:1: text: expected a string, got {name}"]
 
 
+def test_array_value_and_non_object_rows_use_json_type_names(tmp_path):
+    f = _lines(tmp_path / "d.jsonl", [json.dumps({"instruction": "i", "output": ["o"]}), "[1, 2]", '"row"', "7"])
+    assert _problems(f) == [
+        f"{f}:1: output: expected a string, got array",
+        f"{f}:2: expected a JSON object, got array",
+        f"{f}:3: expected a JSON object, got string",
+        f"{f}:4: expected a JSON object, got number",
+    ]
 
 
+def test_absent_and_empty_keep_their_wording(tmp_path):
+    f = _lines(
+        tmp_path / "d.jsonl",
+        [
+            '{"prompt": "p"}',
+            '{"prompt": "p", "completion": ""}',
+            '{"messages": [{"content": "q"}, {"role": "assistant"}]}',
+            '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}',
+        ],
+    )
+    assert _problems(f) == [
+        f"{f}:1: completion: missing or empty",
+        f"{f}:2: completion: missing or empty",
+        f"{f}:3: messages[0].role: missing",
+        f"{f}:3: messages[1].content: missing or empty",
+        f"{f}:4: messages[0].content: missing or empty",
+    ]
 
 
+def test_csv_cells_are_text_and_parquet_types_are_named(tmp_path):
+    import datasets
+
+    c = tmp_path / "d.csv"
+    c.write_text('prompt,completion\n2+2,4\nhalf of 7,3.5\nis it,true\nanswer?,None\nq,NA\nq,""\n', encoding="utf-8")
+    assert _problems(c) == [f"{c}:7: completion: missing or empty"]
+    c.write_text("prompt,completion\n2+2,4\n", encoding="utf-8")
+    assert [r.messages[1]["content"] for r in read_rows(c)] == ["4"]
+    p = tmp_path / "d.parquet"
+    datasets.Dataset.from_dict({"prompt": ["a", "b"], "completion": [4, None]}).to_parquet(str(p))
+    assert _problems(p) == [
+        f"{p}:1: completion: expected a string, got number",
+        f"{p}:2: completion: expected a string, got null",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ duplicate keys
@@ -114,6 +183,15 @@ def test_duplicate_keys_json_array_top_level_and_nested(tmp_path):
     assert _problems(f) == [f'{f}:3: duplicate key "completion"', f'{f}:5: messages[0]: duplicate key "role"']
 
 
+def test_duplicate_keys_in_csv_turns_and_columns(tmp_path):
+    c = tmp_path / "d.csv"
+    turns = (
+        '[{""role"": ""user"", ""content"": ""q"", ""content"": ""r""}, {""role"": ""assistant"", ""content"": ""a""}]'
+    )
+    c.write_text(f'messages\n"{turns}"\n', encoding="utf-8")
+    assert _problems(c) == [f'{c}:2: messages[0]: duplicate key "content"']
+    c.write_text("prompt,completion,completion\np,a,b\n", encoding="utf-8")
+    assert _problems(c) == [f'{c}:1: duplicate column "completion"']
 
 
 # ------------------------------------------------------------------------------------------------ UTF-8 BOM
@@ -155,5 +233,30 @@ def test_bom_keeps_later_lines_columns_and_byte_offsets(tmp_path):
 INVISIBLE = ["\u200b", "\u200b \ufeff", "\u00a0", "\u2060\u200d", "\u3164"]
 
 
+@pytest.mark.parametrize("blank", INVISIBLE)
+def test_invisible_answers_and_prompts_are_empty(tmp_path, blank):
+    rows = [
+        {"prompt": "p", "completion": blank},
+        {"prompt": blank, "completion": "c"},
+        {"instruction": "i", "output": blank},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": blank}]},
+        {"messages": [{"role": "system", "content": blank}, *CHAT]},
+    ]
+    f = _lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    got = _problems(f)
+    fields = ["completion", "prompt", "output", "messages[1].content", "messages[0].content"]
+    assert [g.split(": ")[0:2] for g in got] == [[f"{f}:{i + 1}", k] for i, k in enumerate(fields)]
+    plain = not blank.strip()  # Python already strips it: the existing wording
+    for g in got:
+        msg = g.split(": ", 2)[2]
+        assert msg == "missing or empty" if plain else msg.startswith("empty: only invisible characters (U+")
+    t = _lines(tmp_path / "t.jsonl", [json.dumps({"text": blank})])
+    assert len(_problems(t, data_format="text")) == 1
+    # an input made only of invisible characters is no input
+    a = _lines(tmp_path / "a.jsonl", [json.dumps({"instruction": "i", "input": blank, "output": "o"})])
+    assert read_rows(a)[0].messages[0]["content"] == "i"
 
 
+def test_invisible_message_names_the_characters(tmp_path):
+    f = _lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "p", "completion": "\u200b \ufeff"})])
+    assert _problems(f) == [f"{f}:1: completion: empty: only invisible characters (U+200B, U+FEFF)"]

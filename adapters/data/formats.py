@@ -4,8 +4,11 @@ Every problem of a row is listed as (field, message); the reader adds the file a
 
 from __future__ import annotations
 
-import json
+import math
+import unicodedata
 from typing import Any
+
+from adapters.data.readers import StrictJSON, json_type
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 
@@ -26,17 +29,59 @@ def detect_format(obj: dict[str, Any]) -> str | None:
     return None
 
 
+# Characters that render as nothing: Unicode's default-ignorable code points that Python does not count as
+# whitespace (zero-width spaces and joiners, BOM, Hangul fillers, the combining grapheme joiner, variation selectors)
+# and the braille blank. An answer made of them trains the model to answer with nothing.
+_INVISIBLE = {"\u034f", "\u115f", "\u1160", "\u2800", "\u3164", "\uffa0", *map(chr, range(0xFE00, 0xFE10))}
+
+
+def _invisible(ch: str) -> bool:
+    return ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp")
+
+
+def blank(s: str) -> str | None:
+    """Why a string has nothing to show ("missing or empty", or which invisible characters it holds), else None."""
+    if not s.strip():
+        return "missing or empty"
+    if all(map(_invisible, s)):
+        codes = dict.fromkeys(f"U+{ord(c):04X}" for c in s if not c.isspace() or not c.isascii())
+        return f"empty: only invisible characters ({', '.join(codes)})"
+    return None
+
+
 def _empty(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
+    """An optional value that counts as absent: null, NaN (pandas' missing cell) or a blank string."""
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and blank(v) is not None)
+
+
+def _string(
+    obj: dict[str, Any], key: str, shown: str, problems: list[tuple[str, str]], check_blank: bool = True
+) -> str | None:
+    """The string at ``key``; an absent key, a non-string (named with its JSON type) or a blank string is listed."""
+    if key not in obj:
+        problems.append((shown, "missing or empty"))
+        return None
+    v = obj[key]
+    if not isinstance(v, str):
+        problems.append((shown, f"expected a string, got {json_type(v)}"))
+        return None
+    why = blank(v) if check_blank else None
+    if why:
+        problems.append((shown, why))
+        return None
+    return v
 
 
 def _turns(value: Any, key: str, shown: str, problems: list[tuple[str, str]]) -> tuple[list[dict[str, str]], bool]:
     """Validate a list of turns; return the normalised turns and whether aliases were used."""
     if isinstance(value, str):  # CSV / Parquet store nested lists as JSON text
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            problems.append((shown, f"not a JSON list of turns: {e.msg}"))
+            value, twice = StrictJSON().loads(value)
+        except ValueError as e:
+            problems.append((shown, f"not a JSON list of turns: {getattr(e, 'msg', e)}"))
+            return [], False
+        if twice:
+            problems += [(f"{shown}{path}", f'duplicate key "{k}"') for path, k in twice]
             return [], False
     if not isinstance(value, list) or not value:
         problems.append((shown, "expected a non-empty list of turns"))
@@ -48,19 +93,21 @@ def _turns(value: Any, key: str, shown: str, problems: list[tuple[str, str]]) ->
             continue
         if "role" not in t and "from" in t or "content" not in t and "value" in t:
             aliased = True
-        role = t.get("role", t.get("from"))
-        content = t.get("content", t.get("value"))
-        if role is None:
+        t = {"role": t["from"], **t} if "role" not in t and "from" in t else t
+        t = {"content": t["value"], **t} if "content" not in t and "value" in t else t
+        if "role" not in t:
             problems.append((f"{shown}[{i}].role", "missing"))
             continue
-        role = str(role)
+        role = _string(t, "role", f"{shown}[{i}].role", problems, check_blank=False)  # "" is an unknown role
+        if role is None:
+            continue
         if role in ROLE_ALIASES:
             role, aliased = ROLE_ALIASES[role], True
         if role not in ROLES:
             problems.append((f"{shown}[{i}].role", f"unknown role {role!r} (expected one of {sorted(ROLES)})"))
             continue
-        if not isinstance(content, str) or not content.strip():
-            problems.append((f"{shown}[{i}].content", "missing or empty"))
+        content = _string(t, "content", f"{shown}[{i}].content", problems)
+        if content is None:
             continue
         out.append({"role": role, "content": content})
     return out, aliased
@@ -100,10 +147,8 @@ def normalise(
         )
         return None, None, problems, False
     if fmt == "text":
-        if not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            problems.append((name("text"), "missing or empty"))
-            return None, None, problems, False
-        return None, obj["text"], problems, False
+        text = _string(obj, "text", name("text"), problems)
+        return None, text, problems, False
     if fmt == "chat":
         key = "messages" if "messages" in obj or "conversations" not in obj else "conversations"
         if key not in obj:
@@ -121,19 +166,15 @@ def normalise(
             if not problems:
                 _check_order(pt + ct, name("completion"), problems)
             return (None if problems else pt + ct), None, problems, a1 or a2
-        for k, v in (("prompt", p), ("completion", c)):
-            if not isinstance(v, str) or _empty(v):
-                problems.append((name(k), "missing or empty"))
+        p, c = (_string(obj, k, name(k), problems) for k in ("prompt", "completion"))
         if problems:
             return None, None, problems, False
         return [{"role": "user", "content": p}, {"role": "assistant", "content": c}], None, problems, False
     if fmt == "alpaca":
-        ins, inp, out = obj.get("instruction"), obj.get("input"), obj.get("output")
-        for k, v in (("instruction", ins), ("output", out)):
-            if not isinstance(v, str) or _empty(v):
-                problems.append((name(k), "missing or empty"))
-        if inp is not None and not _empty(inp) and not isinstance(inp, str):
-            problems.append((name("input"), f"expected a string, got {type(inp).__name__}"))
+        ins, out = (_string(obj, k, name(k), problems) for k in ("instruction", "output"))
+        inp = obj.get("input")  # optional: absent, null or blank means no input
+        if not _empty(inp) and not isinstance(inp, str):
+            problems.append((name("input"), f"expected a string, got {json_type(inp)}"))
         if problems:
             return None, None, problems, False
         prompt = ins if _empty(inp) else f"{ins}\n\n{inp}"
