@@ -56,14 +56,61 @@ EMPTY = {
 }
 
 
+@pytest.mark.parametrize("name", sorted(EMPTY) + ["rows.parquet"])
+def test_empty_source_is_a_problem(tmp_path, name, capsys):
+    f = tmp_path / name
+    if name.endswith(".parquet"):
+        _empty_parquet(f)
+    else:
+        f.write_bytes(EMPTY[name])
+    assert _problems(f) == [f"{f}: no rows"]
+    assert main(["data", "check", str(f)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{f}: no rows"]
+    # a source with no rows is not a row to set aside: --skip-invalid still fails
+    assert main(["data", "check", str(f), "--skip-invalid", "--quarantine", str(tmp_path / "q.jsonl")]) == 1
+    with pytest.raises(DataError, match=f"^{f}: no rows$"):
+        read_rows(f)
 
 
+def test_empty_file_in_a_directory_is_named(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    _lines(d / "a.jsonl", [PC])
+    (d / "b.jsonl").write_bytes(b"")
+    assert _problems(d) == [f"{d / 'b.jsonl'}: no rows"]
+    _lines(d / "c.jsonl", ["{oops"])
+    assert main(["data", "check", str(d), "--skip-invalid", "--quarantine", str(tmp_path / "q.jsonl")]) == 1
 
 
+def test_empty_train_file_stops_the_run_before_the_audit(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(b"")
+    tok = build_tokenizer()
+    for skip in (False, True):
+        with pytest.raises(DataError, match=f"^{f}: no rows$"):
+            prepare_data(_recipe(tmp_path, f, skip_invalid=skip), tok, tmp_path / "run", say=lambda s: None)
 
 
+def test_every_row_invalid_with_skip_invalid_names_the_file(tmp_path):
+    f = _lines(tmp_path / "d.jsonl", ["{oops", '{"prompt": "p"}'])
+    with pytest.raises(DataError, match=f"^{f}: no valid rows \\(2 invalid row\\(s\\) quarantined to .*q.jsonl\\)$"):
+        prepare_data(
+            _recipe(tmp_path, f, skip_invalid=True, quarantine_file=str(tmp_path / "q.jsonl")),
+            build_tokenizer(),
+            tmp_path / "run",
+            say=lambda s: None,
+        )
 
 
+def test_empty_train_file_cli_train_and_audit(tmp_path, tiny_models, tiny_data, capsys):
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(b"\n")
+    common = ["--model_name_or_path", str(tiny_models["gemma3"]), "--train_file", str(f)]
+    common += ["--eval_file", str(tiny_data["val"]), "--output_root", str(tmp_path / "out")]
+    assert main(["data", "audit", "gemma3-270m-demo", "--out", str(tmp_path / "audit"), *common]) == 2
+    assert capsys.readouterr().err.strip() == f"adapters data: error: {f}: no rows"
+    assert main(["train", "gemma3-270m-demo", "--max_steps", "2", "--dtype", "float32", *common]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"adapters train: error: {f}: no rows")
 
 
 # ------------------------------------------------------------------------------------------------ JSON types

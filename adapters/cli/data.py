@@ -51,7 +51,8 @@ def check(args: argparse.Namespace, rest: list[str]) -> int:
     )
     if res.bad_rows and args.skip_invalid:
         print(f"{res.bad_rows} invalid row(s) written to {res.quarantine}", file=sys.stderr)
-        return 0
+        if all(p.line is not None for p in res.problems):  # a source with no rows cannot be set aside
+            return 0
     return 1 if res.problems else 0
 
 

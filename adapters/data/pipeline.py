@@ -17,7 +17,7 @@ from adapters.data.audit import AuditError, audit, format_audit, violations
 from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
 from adapters.data.encode import encode_rows
 from adapters.data.rows import DataError, Encoded, Row
-from adapters.data.validate import check, scan
+from adapters.data.validate import CheckResult, check, scan
 from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
 from adapters.utils.hashing import chat_template_sha256, fingerprint
 from adapters.utils.provenance import write_json
@@ -60,6 +60,7 @@ def validate_sources(
     res = check(
         paths, recipe.data_format, recipe.data_columns, quarantine=qpath if recipe.skip_invalid and write else None
     )
+    _no_rows(res)
     if res.problems and not recipe.skip_invalid:
         shown = "\n  ".join(str(p) for p in res.problems[:20])
         more = f"\n  … and {len(res.problems) - 20} more" if len(res.problems) > 20 else ""
@@ -67,6 +68,7 @@ def validate_sources(
             f"{len(res.problems)} problem(s) in {res.bad_rows} row(s) of the data:\n  {shown}{more}\n"
             "fix them, or set skip_invalid: true to quarantine these rows"
         )
+    _no_valid_rows(res)
     if res.bad_rows:
         say(f"[data] {res.bad_rows} invalid row(s) skipped -> {res.quarantine} (first: {res.problems[0]})")
     return {
@@ -75,6 +77,23 @@ def validate_sources(
         "invalid": res.bad_rows,
         "quarantine": str(res.quarantine) if res.quarantine else None,
     }
+
+
+def _no_rows(res: CheckResult) -> None:
+    """A source with no rows stops the run with its name (``FILE: no rows``), skip_invalid or not: the audit would
+    only say that no row has a trained token."""
+    empty = [p for p in res.problems if p.line is None]
+    if empty:
+        more = f" (and {len(empty) - 1} more source(s) with no rows)" if len(empty) > 1 else ""
+        raise DataError(f"{empty[0]}{more}")
+
+
+def _no_valid_rows(res: CheckResult) -> None:
+    """The same for a source whose every row was set aside by skip_invalid."""
+    for src, n in res.invalid_by_source.items():
+        if n and not res.valid_by_source.get(src):
+            where = f"quarantined to {res.quarantine}" if res.quarantine else "skipped"
+            raise DataError(f"{src}: no valid rows ({n} invalid row(s) {where})")
 
 
 def prepare_data(

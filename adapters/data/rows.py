@@ -36,13 +36,18 @@ class Encoded:
 
 @dataclass
 class Problem:
+    """A problem of a row (``file:line[:col]: field: message``) or, with ``line`` None, of a whole source
+    (``FILE: no rows``), which --skip-invalid cannot set aside."""
+
     file: str
-    line: int
+    line: int | None
     field: str | None
     message: str
     col: int | None = None
 
     def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.message}"
         where = f"{self.file}:{self.line}" + (f":{self.col}" if self.col else "")
         return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.data.formats import FORMATS, normalise
-from adapters.data.readers import iter_records
+from adapters.data.readers import iter_records, source_files
 from adapters.data.rows import DataError, Problem, Record, Row, Scan
 
 log = logging.getLogger("adapters.data")
@@ -22,8 +22,10 @@ def scan(path: str | Path, data_format: str | None = None, columns: dict[str, st
         raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
     out = Scan()
     first_alias: dict[str, int] = {}
+    seen: set[str] = set()
     for rec in iter_records(path):
         out.records += 1
+        seen.add(rec.file)
         if rec.obj is not None:
             messages, text, probs, aliased = normalise(rec.obj, data_format, columns)
             rec.problems += [Problem(rec.file, rec.line, f, m) for f, m in probs]
@@ -35,6 +37,8 @@ def scan(path: str | Path, data_format: str | None = None, columns: dict[str, st
             out.bad.append(rec)
             continue
         out.rows.append(Row(rec.file, rec.line, messages or [], text))
+    # an empty file is a mistake (a failed export, the wrong path), not a valid source of nothing
+    out.problems += [Problem(str(f), None, None, "no rows") for f in source_files(path) if str(f) not in seen]
     for f, line in first_alias.items():
         log.warning(
             "%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
@@ -71,6 +75,8 @@ class CheckResult:
     problems: list[Problem]
     bad_rows: int
     quarantine: Path | None = None
+    valid_by_source: dict[str, int] = field(default_factory=dict)
+    invalid_by_source: dict[str, int] = field(default_factory=dict)
 
 
 def check(
@@ -83,14 +89,16 @@ def check(
     problems: list[Problem] = []
     bad: list[Record] = []
     rows = valid = 0
+    valid_by, invalid_by = {}, {}
     for p in paths:
         s = scan(p, data_format, columns)
         problems += s.problems
         bad += s.bad
         rows += s.records
         valid += len(s.rows)
+        valid_by[str(p)], invalid_by[str(p)] = len(s.rows), len(s.bad)
     q = write_quarantine(bad, quarantine) if quarantine and bad else None
-    return CheckResult(len(paths), rows, valid, problems, len(bad), q)
+    return CheckResult(len(paths), rows, valid, problems, len(bad), q, valid_by, invalid_by)
 
 
 def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:
