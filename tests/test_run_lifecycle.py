@@ -241,7 +241,7 @@ def test_disk_full_during_a_checkpoint(tiny_models, tiny_data, tmp_path, monkeyp
     m = _manifest(run)
     assert m["status"] == "failed" and m["failed"]["reason"] == expected and m["failed"]["step"] == 6
     assert not (run / "checkpoints" / ".staging").exists()  # the partial save is gone
-    assert not (run / lifecycle.LOCK).exists()
+    assert not (run / lifecycle.LOCK).exists() and not (run / lifecycle.RESERVE).exists()
 
 
 def test_disk_full_while_saving_the_adapter_is_one_cli_line(tiny_models, tiny_data, tmp_path, monkeypatch, capsys):

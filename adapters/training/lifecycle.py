@@ -30,6 +30,8 @@ from adapters.utils.atomic import clear
 from adapters.utils.errors import AdaptersError
 
 LOCK = ".lock"
+RESERVE = ".reserve"  # space held back for the failure record when the disk fills up
+RESERVE_BYTES = 1 << 20  # a manifest before training ends is ~10 KB; a full one with its log history ~150 KB
 STALE_UNREADABLE_S = 30  # a lock still empty after this long was left by a process killed while creating it
 
 
@@ -179,7 +181,7 @@ class RunLock:
 
 def claim(run: Path, resume: bool, log) -> RunLock:
     """Claim ``run`` before any slow work: refuse a finished run (unless resuming) and a run in use."""
-    if not resume and run.is_dir() and any(p.name != LOCK for p in run.iterdir()):
+    if not resume and run.is_dir() and any(p.name not in (LOCK, RESERVE) for p in run.iterdir()):
         rec = RunLock.holder(run)
         if rec is not None and not RunLock.is_stale(run, rec):
             raise RunLock.in_use(run, rec)
@@ -188,7 +190,7 @@ def claim(run: Path, resume: bool, log) -> RunLock:
         raise PathExistsError(f"{run} already exists; pass --resume to continue it or choose another --run_name")
     run.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(run, log)
-    if not resume and any(p.name != LOCK for p in run.iterdir()):  # another run finished in between
+    if not resume and any(p.name not in (LOCK, RESERVE) for p in run.iterdir()):  # another run finished meanwhile
         lock.release()
         from adapters.utils.errors import PathExistsError
 
@@ -209,7 +211,7 @@ def clear_staging(run: Path, log) -> list[Path]:
 
 def _is_leftover(p: Path) -> bool:
     n = p.name
-    return n == ".staging" or (n.startswith(".") and (n.endswith(".staging") or n.endswith(".old")))
+    return n in (".staging", RESERVE) or (n.startswith(".") and (n.endswith(".staging") or n.endswith(".old")))
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -394,7 +396,26 @@ class Lifecycle:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._on_signal)
+        if self.lock is not None:
+            self._reserve(True)
         return self
+
+    def _reserve(self, hold: bool) -> None:
+        """Hold (or give back) RESERVE_BYTES in the run directory: on a full disk, giving them back is what lets the
+        manifest record the failure."""
+        path = self.run / RESERVE
+        if not hold:
+            path.unlink(missing_ok=True)
+            return
+        try:
+            with open(path, "wb") as fh:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fh.fileno(), 0, RESERVE_BYTES)
+                else:
+                    fh.write(b"\0" * RESERVE_BYTES)
+        except OSError as e:  # already full: the failure will be reported when a real write fails
+            path.unlink(missing_ok=True)
+            self.log(f"[run] warning: could not reserve {RESERVE_BYTES >> 10} KB in {self.run}: {e}")
 
     def _on_signal(self, signum, frame) -> None:
         if self.training and self.signum is None:
@@ -453,6 +474,7 @@ class Lifecycle:
             for s, h in self._previous.items():
                 signal.signal(s, h)
             if self.lock is not None:
+                self._reserve(False)
                 self.lock.release()
         return False
 
@@ -476,7 +498,9 @@ class Lifecycle:
         if isinstance(exc, Exception) and is_disk_full(exc):
             target = self.writing() if self.writing else getattr(exc, "filename", None) or self.run
             msg = disk_full_message(Path(target), self.run)
-            clear_staging(self.run, None)  # free what the failed write took, so the record below fits
+            clear_staging(self.run, None)  # free what the failed write took, and the reserve, so the record fits
+            if self.lock is not None:
+                self._reserve(False)
             self._record("failed", step=self._step(), reason=msg)
             raise DiskFullError(msg) from exc
         if isinstance(exc, Exception):
