@@ -350,3 +350,10 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tiny_models, tiny_data,
     m = _manifest(run)
     assert m["status"] == "complete" and m["train"]["global_step"] == 150 and "interrupted" not in m
     assert m["resumes"][0]["step"] == step and m["resumes"][0]["previous_status"] == "interrupted"
+
+
+def test_r_is_the_lora_rank_not_an_abbreviation_of_resume():
+    from adapters.cli import build_parser
+
+    args, rest = build_parser().parse_known_args(["train", "gemma3-270m-demo", "--r", "8"])
+    assert not args.resume and rest == ["--r", "8"]

@@ -31,6 +31,7 @@ def register(sub) -> None:
         help="fine-tune with a recipe; any recipe key can be overridden with --key value",
         epilog="example: adapters train gemma3-270m-demo --max_steps 10 --run_name quick",
         add_help=False,
+        allow_abbrev=False,  # --r is the LoRA rank, not an abbreviation of --resume
     )
     p.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help message and exit")
     p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe (see 'adapters recipes')")
