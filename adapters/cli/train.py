@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 
 class _HelpWithKeys(argparse.Action):
@@ -29,6 +31,7 @@ def register(sub) -> None:
         help="fine-tune with a recipe; any recipe key can be overridden with --key value",
         epilog="example: adapters train gemma3-270m-demo --max_steps 10 --run_name quick",
         add_help=False,
+        allow_abbrev=False,  # --r is the LoRA rank, not an abbreviation of --resume
     )
     p.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help message and exit")
     p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe (see 'adapters recipes')")
@@ -49,8 +52,28 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         if keys:
             print(f"\n{keys}")
         return 0
+    from adapters.training.lifecycle import RunInterrupted
     from adapters.training.run import train
 
     recipe, path = load_recipe(args.recipe, overrides)
-    train(recipe, path, resume=resume)
+    try:
+        train(recipe, path, resume=resume)
+    except RunInterrupted as e:  # Ctrl-C or SIGTERM: one line, the command that continues, no traceback
+        print(e.line(_as_typed(args.recipe, rest)), file=sys.stderr)
+        return e.exit_code
     return 0
+
+
+def _as_typed(recipe: str, rest: list[str]) -> str:
+    """The recipe and the overrides as the user typed them, without --run_name and --resume (the resume line adds
+    them): the resumed recipe must resolve to the run's."""
+    kept, i = [], 0
+    while i < len(rest):
+        key = rest[i].partition("=")[0].replace("-", "_")
+        has_value = "=" not in rest[i] and i + 1 < len(rest) and not rest[i + 1].startswith("--")
+        if key in ("__run_name", "__resume"):
+            i += 2 if has_value else 1
+            continue
+        kept.append(rest[i])
+        i += 1
+    return shlex.join([recipe, *kept])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,10 @@ class RecipeError(AdaptersError, ValueError):
 @dataclass
 class RunKeys:
     run_name: str | None = None
-    """Name of outputs/<run_name>/. Default: <recipe>-<YYYYmmdd-HHMMSS>."""
+    """Name of outputs/<run_name>/: one folder name of letters, digits, '.', '_' and '-'.
+    Default: <recipe>-<YYYYmmdd-HHMMSS>."""
     output_root: str = "outputs"
-    """Directory that holds the run directories."""
+    """Directory that holds the run directories (the one key that chooses where a run is written)."""
     seed: int = 42
     """Seed for Python, NumPy, torch and the data order."""
 
@@ -114,6 +116,9 @@ class TrainingKeys:
     stays the base's. 0 turns it off. Costs one no-grad base forward per step."""
     base_kl_positions: int = 16
     """Unlabelled positions sampled per sequence for base_kl_weight (0 = all of them)."""
+    save_on_interrupt: bool = True
+    """On Ctrl-C or SIGTERM, finish the current step and save a checkpoint before stopping, so --resume continues
+    from there."""
     sweep: dict[str, Any] = field(default_factory=dict)
     """Search space of adapters sweep: key: [low, high] (a range) or [a, b, c] (choices); see training/sweep.py."""
 
@@ -210,6 +215,7 @@ class Recipe(_RecipeFields):
         self.__post_init__()  # the generated __init__ of _RecipeFields does not know this subclass's hook
 
     def __post_init__(self) -> None:
+        check_run_name(self.run_name)
         if self.load_in_4bit and self.load_in_8bit:
             raise RecipeError("load_in_4bit and load_in_8bit are exclusive: choose one")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
@@ -269,6 +275,20 @@ class Recipe(_RecipeFields):
         for section in libraries.SECTIONS:
             out.update(self.library_kwargs(section))
         return out
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder under output_root: never a path, so a run cannot be written anywhere else."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise RecipeError(
+            f"run_name: {name!r} is not a folder name: use letters, digits, '.', '_' and '-' "
+            "(no '/', not '.' or '..'); choose the location with output_root"
+        )
 
 
 def _library_section(key: str, own: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ processes), and only the main process writes the run directory.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -20,9 +22,10 @@ from adapters.model.lora import attach_lora, parameter_counts
 from adapters.model.quantization import _general_batch, _probe_batch, print_quant_report, quantization_report
 from adapters.model.sources import resolve_model
 from adapters.training import checkpoints as ckpt
+from adapters.training import lifecycle
 from adapters.training.trainer import build_trainer
 from adapters.utils.atomic import staged_dir
-from adapters.utils.errors import AdaptersError, PathExistsError, PathNotFoundError
+from adapters.utils.errors import AdaptersError, PathNotFoundError
 from adapters.utils.hashing import chat_template_sha256
 from adapters.utils.provenance import git_state, hardware, versions, write_json
 
@@ -40,17 +43,25 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- run dir
 def new_run_name(recipe_path: Path) -> str:
-    return f"{recipe_path.stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """<recipe>-<YYYYmmdd-HHMMSS>, with anything but letters, digits, '.', '_' and '-' in the recipe's name made '-'
+    (a run name is one folder name)."""
+    return f"{_safe_stem(recipe_path)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _safe_stem(recipe_path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", recipe_path.stem).strip(".") or "run"
 
 
 def run_dir_for(recipe: Recipe, recipe_path: Path, resume: bool) -> Path:
+    """The run's folder: always one name (checked by the recipe, or generated) under output_root."""
     root = Path(recipe.output_root)
     if recipe.run_name:
         return root / recipe.run_name
     if resume:  # the newest run of this recipe
-        runs = sorted((p for p in root.glob(f"{recipe_path.stem}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        stem = _safe_stem(recipe_path)
+        runs = sorted((p for p in root.glob(f"{stem}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
         if not runs:
-            raise PathNotFoundError(f"--resume: no earlier run of {recipe_path.stem} under {root}/; pass --run_name")
+            raise PathNotFoundError(f"--resume: no earlier run of {stem} under {root}/; pass --run_name")
         return runs[-1]
     return root / new_run_name(recipe_path)
 
@@ -81,16 +92,28 @@ def save_adapter(model, tok, out: Path, base_path: str, state_dict: dict[str, An
 def train(recipe: Recipe, recipe_path: Path, resume: bool = False, callbacks: Sequence[Any] = ()) -> Path:
     """Train one run; ``callbacks`` are extra TrainerCallbacks for this run only (the sweep's pruner).
 
-    setup (run dir, data, base) -> fit (LoRA, trainer, train) -> finish (adapter, manifest, evaluation).
+    claim (lock, resume check, leftovers) -> setup (data, base) -> fit (LoRA, trainer, train) -> finish (adapter,
+    manifest, evaluation). Every ending is recorded in the manifest (see adapters/training/lifecycle.py).
     """
-    from adapters.data.pipeline import packing_guard, prepare_data
-    from adapters.planning.preflight import before_train
     from adapters.training.distributed import process_state
 
     state = process_state()  # gloo world on CPU, NCCL on GPUs; a bare PartialState() on CPU reports 1 process
     t0 = time.time()
     set_seed(recipe.seed)
-    run, resume_from = _claim_run_dir(recipe, recipe_path, resume, state)
+    claim = _claim_run_dir(recipe, recipe_path, resume, state)
+    run = claim["run"]
+    with lifecycle.Lifecycle(run, str(recipe_path), claim["lock"], recipe.save_on_interrupt, log) as life:
+        _run(recipe, recipe_path, claim, callbacks, state, life, t0)
+    state.wait_for_everyone()
+    sys.stdout.flush()
+    return run
+
+
+def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life, t0: float) -> None:
+    from adapters.data.pipeline import packing_guard, prepare_data
+    from adapters.planning.preflight import before_train
+
+    run, resume_from = claim["run"], claim["resume_from"]
     ref = resolve_model(recipe.model_name_or_path)
     before_train(recipe, ref.path)  # known-bad recipe / launcher / model combinations fail here, naming the fix
     tok = load_tokenizer(ref, recipe)
@@ -98,33 +121,75 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False, callbacks: Se
     train_enc, eval_enc, _, data_report = prepare_data(
         recipe, tok, run, say=log, write=state.is_main_process, packed=packed
     )
+    previous = claim["previous"]
+    if previous:
+        lifecycle.data_changes(previous.get("data"), data_report)  # same files, but not the same contents?
     manifest = _new_manifest(recipe, recipe_path, run, ref, tok, data_report, state.num_processes)
+    if previous:
+        _as_resumed(manifest, previous, claim["changes"], resume_from)
     if state.is_main_process:
         write_json(run / "manifest.json", manifest)
+    life.manifest = manifest
     model = _load_base(ref, recipe, tok, train_enc, manifest)
     trainer, result, seconds = _fit(
-        model, tok, recipe, run, train_enc, eval_enc, packed, callbacks, resume_from, manifest
+        model, tok, recipe, run, train_enc, eval_enc, packed, callbacks, resume_from, manifest, life
     )
-    _finish(trainer, tok, recipe, run, ref, train_enc, result, seconds, resume_from, manifest, t0, state)
-    state.wait_for_everyone()
-    sys.stdout.flush()
-    return run
+    _finish(trainer, tok, recipe, run, ref, train_enc, result, seconds, resume_from, manifest, t0, state, life)
 
 
-def _claim_run_dir(recipe: Recipe, recipe_path: Path, resume: bool, state) -> tuple[Path, Path | None]:
-    """The run directory (new, or the one to resume) and the checkpoint to resume from."""
-    run = run_dir_for(recipe, recipe_path, resume)
-    if run.exists() and not resume and any(run.iterdir()):
-        raise PathExistsError(f"{run} already exists; pass --resume to continue it or choose another --run_name")
-    state.wait_for_everyone()  # every rank has checked before the main process creates the folder
+def _claim_run_dir(recipe: Recipe, recipe_path: Path, resume: bool, state) -> dict[str, Any]:
+    """Claim the run directory before any slow work: only the main process locks it, checks a resume against the
+    run's manifest and removes leftover staging folders; the others wait and learn the outcome from it."""
+    from accelerate.utils import broadcast_object_list
+
+    claim: dict[str, Any] = {"run": None, "lock": None, "previous": None, "changes": {}, "error": None}
+    if state.is_main_process:
+        try:
+            claim.update(_claim_main(recipe, recipe_path, resume))
+        except Exception as e:  # every process must learn of it, or the others wait forever below
+            if state.num_processes == 1:
+                raise
+            claim["error"] = e
+    if state.num_processes > 1:
+        shared = broadcast_object_list([{k: v for k, v in claim.items() if k != "lock"}])
+        if not state.is_main_process:
+            claim = {**shared[0], "lock": None}
+        if claim["error"] is not None:
+            raise claim["error"]
+    run = claim["run"]
     resume_from = None
     if resume:
         resume_from = ckpt.last_good_checkpoint(run / "checkpoints", log=log)
         log(f"[resume] {'from ' + str(resume_from) if resume_from else 'no complete checkpoint; starting fresh'}")
-    if state.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
     log(f"[run] {run}")
-    return run, resume_from
+    return {**claim, "resume_from": resume_from}
+
+
+def _claim_main(recipe: Recipe, recipe_path: Path, resume: bool) -> dict[str, Any]:
+    run = run_dir_for(recipe, recipe_path, resume)
+    lock = lifecycle.claim(run, resume, log)
+    try:
+        previous, changes = None, {}
+        mf = run / "manifest.json"
+        if resume and mf.is_file():
+            previous = json.loads(mf.read_text())
+            changes = lifecycle.resume_changes(previous.get("config") or {}, recipe)
+        lifecycle.clear_staging(run, log)
+    except BaseException:
+        lock.release()
+        raise
+    return {"run": run, "lock": lock, "previous": previous, "changes": changes}
+
+
+def _as_resumed(manifest: dict, previous: dict, changes: dict, resume_from: Path | None) -> None:
+    """A resumed run's record: the run's config plus the changes the resume was allowed (nothing it did not use),
+    its first start, and one event per resume."""
+    manifest["config"] = {**(previous.get("config") or {}), **{k: new for k, (_old, new) in changes.items()}}
+    manifest["started"] = previous.get("started", manifest["started"])
+    step = int(resume_from.name.rpartition("-")[2]) if resume_from else 0
+    manifest["resumes"] = [*previous.get("resumes", []), lifecycle.resume_event(step, changes, previous)]
+    if changes:
+        log("[resume] changed: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
 
 
 def _new_manifest(recipe: Recipe, recipe_path: Path, run: Path, ref, tok, data_report, world_size: int) -> dict:
@@ -161,8 +226,9 @@ def _load_base(ref, recipe: Recipe, tok, train_enc, manifest: dict[str, Any]):
     return model
 
 
-def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, callbacks, resume_from, manifest):
-    """LoRA on the base, the trainer, and the training loop; stops with TrainingDiverged at a non-finite value."""
+def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, callbacks, resume_from, manifest, life):
+    """LoRA on the base, the trainer, and the training loop; stops with TrainingDiverged at a non-finite value, and
+    at a step boundary on SIGINT/SIGTERM (``life``: checkpoint first when save_on_interrupt)."""
     from adapters.compat.trl import trained_positions_only
 
     model = attach_lora(model, recipe)
@@ -179,10 +245,18 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
         callbacks=callbacks,
     )
     manifest["fast_path"] = trainer.fast_path
+    trainer.add_callback(life.callback(guard))
+    life.trainer = trainer
+    life.writing = lambda: run / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
     t_train = time.time()
-    with trained_positions_only(bool(trainer.fast_path.get("trained_positions_only", {}).get("value"))):
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    life.training = True
+    try:
+        with trained_positions_only(bool(trainer.fast_path.get("trained_positions_only", {}).get("value"))):
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        life.training = False
     seconds = time.time() - t_train
+    life.check_interrupted()  # stopped by a signal: the checkpoint is saved, the run ends as interrupted
     if guard.bad:
         manifest["status"] = "diverged"
         manifest["diverged"] = guard.bad
@@ -195,15 +269,19 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
     return trainer, result, seconds
 
 
-def _finish(trainer, tok, recipe: Recipe, run: Path, ref, train_enc, result, seconds, resume_from, manifest, t0, state):
+def _finish(
+    trainer, tok, recipe: Recipe, run: Path, ref, train_enc, result, seconds, resume_from, manifest, t0, state, life
+):
     """Save the adapter (gathered under FSDP / ZeRO-3), complete the manifest, evaluate; only rank 0 writes."""
     from adapters.training.distributed import gathered_adapter_state
 
     full_state = gathered_adapter_state(trainer)  # collective under FSDP / ZeRO-3 (every rank), else None
     if not state.is_main_process:
         return
+    life.writing = lambda: run / "adapter"
     manifest["adapter"] = save_adapter(trainer.model, tok, run / "adapter", ref.path, state_dict=full_state)
     log(f"[save] adapter -> {run / 'adapter'}")
+    life.writing = lambda: run
     from adapters.evaluation.plots import plot_curves
 
     plot_curves(trainer.state.log_history, run / "loss_curve.png", title=run.name)
