@@ -60,10 +60,27 @@ def _assert_same_adapter(a_dir, b_dir):
     return a
 
 
-@pytest.mark.parametrize("quant", [{}, {"load_in_4bit": True}], ids=["full", "4bit"])
-def test_resume_after_kill_matches_unbroken_run(quant, tiny_models, tiny_data, tmp_path, monkeypatch):
+RESUME_CASES = {
+    "full": ({}, torch.float32),
+    "4bit": ({"load_in_4bit": True}, torch.float32),
+    # an explicit 16-bit adapter, and two micro-batches per step (the forgetting guard draws per micro-batch)
+    "4bit-bf16-accum": (
+        {
+            "load_in_4bit": True,
+            "adapter_dtype": "bfloat16",
+            "gradient_accumulation_steps": 2,
+            "per_device_train_batch_size": 2,
+        },
+        torch.bfloat16,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_after_kill_matches_unbroken_run(case, tiny_models, tiny_data, tmp_path, monkeypatch):
     """RELIABILITY 17/26: kill after checkpoint 3, resume: the same adapter, in the dtype it trains in (float32 here;
     TRL casts LoRA on a quantized base to bfloat16 and PEFT's resume load casts it back), and num_tokens goes on."""
+    quant, dtype = RESUME_CASES[case]
     recipe, path = _recipe(tiny_models, tiny_data, tmp_path, "unbroken", **quant)
     unbroken = train_mod.train(recipe, path)
 
@@ -83,9 +100,9 @@ def test_resume_after_kill_matches_unbroken_run(quant, tiny_models, tiny_data, t
     train_mod.train(recipe, path, resume=True)
     m = json.loads((run / "manifest.json").read_text())
     assert m["train"]["resumed_from"].endswith("checkpoint-3")
-    assert m["adapter"]["dtype"] == "float32"
+    assert m["adapter"]["dtype"] == str(dtype).removeprefix("torch.")
     a = _assert_same_adapter(unbroken / "adapter", run / "adapter")
-    assert {t.dtype for t in a.values()} == {torch.float32}
+    assert {t.dtype for t in a.values()} == {dtype}
     for step in (3, 6):
         _assert_same_adapter(
             unbroken / "checkpoints" / f"checkpoint-{step}", run / "checkpoints" / f"checkpoint-{step}"
