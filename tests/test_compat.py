@@ -123,6 +123,44 @@ def test_log_metric_reaches_sft_trainer_log_lines(tiny_models, tmp_path):
     assert "base_kl" not in logged[-1], "SFTTrainer.log no longer clears the metrics it logged"
 
 
+def test_train_tokens_is_the_count_sft_trainer_logs(tiny_models, tmp_path):
+    """SFTTrainer keeps its logged num_tokens in _total_train_tokens (0 in __init__, saved in no checkpoint file):
+    train_tokens reads it for the checkpoint marker, restore_train_tokens continues it on resume."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from adapters.compat.trl import restore_train_tokens, train_tokens
+
+    logged = []
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs:
+                logged.append(logs["num_tokens"])
+
+    ids = [[3, 4, 5, 6, 7, 8]] * 2
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            report_to="none",
+            use_cpu=True,
+            max_steps=2,
+            logging_steps=1,
+            per_device_train_batch_size=2,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        ),
+        train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        processing_class=AutoTokenizer.from_pretrained(tiny_models["llama"]),
+        callbacks=[Capture()],
+    )
+    assert train_tokens(trainer) == 0
+    restore_train_tokens(trainer, 100)
+    trainer.train()
+    assert logged == [112, 124] and train_tokens(trainer) == 124
+
+
 # ---------------------------------------------------------------------------------------------------- transformers
 def test_transformers_checkpoint_hooks_keep_their_signatures():
     from transformers import Trainer
@@ -130,6 +168,7 @@ def test_transformers_checkpoint_hooks_keep_their_signatures():
 
     assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
     assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._save).parameters) == ["self", "output_dir", "state_dict"]
     assert {"output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"} <= set(
         inspect.signature(rotate_checkpoints).parameters
     )
@@ -148,6 +187,9 @@ def test_transformers_trainer_writes_checkpoints_through_the_staging_hooks(tiny_
     commits = []
 
     class Staged(StagedCheckpoints, Trainer):
+        def _gather_for_commit(self):
+            commits.append("gathered")
+
         def _commit_checkpoint(self, staged, final):
             commits.append((staged, sorted(p.name for p in staged.iterdir()), final.exists()))
             super()._commit_checkpoint(staged, final)
@@ -164,6 +206,8 @@ def test_transformers_trainer_writes_checkpoints_through_the_staging_hooks(tiny_
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     Staged(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})).train()
+    assert commits[0::2] == ["gathered", "gathered"]  # on every process, before each commit
+    commits = commits[1::2]
     assert [c[0] for c in commits] == [root / STAGING / "checkpoint-1", root / STAGING / "checkpoint-2"]
     for _, names, final_existed in commits:
         assert {"model.safetensors", "trainer_state.json", "optimizer.pt", "rng_state.pth"} <= set(names)
@@ -171,6 +215,35 @@ def test_transformers_trainer_writes_checkpoints_through_the_staging_hooks(tiny_
     # promoted, and rotated in the real folder (save_total_limit=1)
     assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not list((root / STAGING).glob("checkpoint-*"))
+
+
+def test_transformers_trainer_save_writes_the_processing_class(tiny_models, tmp_path):
+    """Trainer._save writes processing_class next to the model; StagedCheckpoints with checkpoint_tokenizer = False
+    keeps it out of checkpoints only (and puts the attribute back)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from adapters.compat.transformers import StagedCheckpoints
+
+    class NoTok(StagedCheckpoints, Trainer):
+        checkpoint_tokenizer = False
+
+    ids = [[3, 4, 5, 6, 7, 8]] * 2
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    for cls, root in ((Trainer, tmp_path / "plain"), (NoTok, tmp_path / "staged")):
+        args = TrainingArguments(output_dir=str(root), max_steps=1, save_steps=1, report_to="none", use_cpu=True)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+        trainer = cls(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+            processing_class=tok,
+        )
+        trainer.train()
+        assert ((root / "checkpoint-1" / "tokenizer.json").is_file()) == (cls is Trainer)
+        assert trainer.processing_class is tok and trainer.data_collator is not None
+        trainer.save_model(str(root / "final"))  # outside a checkpoint the tokenizer is still written
+        assert (root / "final" / "tokenizer.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------- huggingface_hub

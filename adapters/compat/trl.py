@@ -4,6 +4,9 @@
   eager CPU/MPS by ``enable_trained_positions_only``.
 - ``SFTTrainer._metrics``: the per-mode lists ``SFTTrainer.log`` averages into each log line; ``log_metric``
   appends to it.
+- ``SFTTrainer._total_train_tokens``: the running count logged as ``num_tokens``, set to 0 in ``__init__`` and kept
+  in no checkpoint file; ``train_tokens`` / ``restore_train_tokens`` read it for the checkpoint marker and put it
+  back on resume.
 """
 
 from __future__ import annotations
@@ -68,3 +71,14 @@ def log_metric(trainer, name: str, value: float, mode: str = "train") -> None:
     """Add one value to the metric ``name`` that SFTTrainer averages into its next log line (as it does for
     ``entropy`` and ``mean_token_accuracy``)."""
     trainer._metrics[mode][name].append(value)
+
+
+def train_tokens(trainer) -> int | None:
+    """TRL's running ``num_tokens`` (None for a trainer that keeps none)."""
+    n = getattr(trainer, "_total_train_tokens", None)
+    return None if n is None else int(n)
+
+
+def restore_train_tokens(trainer, n: int) -> None:
+    """Continue ``num_tokens`` from a checkpoint's count instead of 0."""
+    trainer._total_train_tokens = int(n)

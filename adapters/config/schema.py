@@ -43,6 +43,9 @@ class ModelKeys:
     """Run Python code shipped with the model repository (transformers' trust_remote_code)."""
     dtype: str = "float32"
     """Dtype of the weights that stay unquantized, and of LoRA compute: float32, bfloat16, float16 or auto."""
+    adapter_dtype: str = "auto"
+    """Dtype the LoRA weights train in and are stored in (checkpoints and adapter, resumed or not): float32,
+    bfloat16, float16, or auto (the recipe's dtype; float32 when that is auto)."""
     attn_implementation: str | None = "sdpa"
     """Attention kernel: sdpa, eager, flex_attention, … (None lets transformers choose)."""
     chat_template: str | None = None
@@ -234,6 +237,8 @@ class Recipe(_RecipeFields):
             raise RecipeError("bf16 and fp16 are exclusive")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise RecipeError(f"dtype: expected float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.adapter_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise RecipeError(f"adapter_dtype: expected float32, bfloat16, float16 or auto, got {self.adapter_dtype!r}")
         if self.max_length <= 0:
             raise RecipeError(f"max_length: must be > 0, got {self.max_length}")
         from adapters.training.speed import EXTRA_SWITCHES, SWITCHES, FastPathError, check_switch

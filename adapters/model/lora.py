@@ -1,10 +1,13 @@
-"""LoRA through PEFT: a LoraConfig from the recipe, k-bit preparation, parameter counts."""
+"""LoRA through PEFT: a LoraConfig from the recipe, k-bit preparation, the adapter's dtype, parameter counts."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.config import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 
 def lora_config(recipe: Recipe):
@@ -28,6 +31,35 @@ def attach_lora(model, recipe: Recipe):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(recipe))
+
+
+def adapter_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the trainable LoRA tensors train and are saved in: ``adapter_dtype``, else the recipe's ``dtype``
+    (float32 where that is auto)."""
+    import torch
+
+    from adapters.utils.dtypes import torch_dtype
+
+    name = recipe.adapter_dtype if recipe.adapter_dtype != "auto" else recipe.dtype
+    return torch_dtype(name) if name != "auto" else torch.float32
+
+
+def cast_trainable(model, dtype: torch.dtype) -> None:
+    """Put every trainable floating-point tensor in ``dtype``, in place.
+
+    The libraries disagree on it: TRL casts LoRA to bfloat16 on a quantized base, PEFT's ``load_adapter`` (the
+    Trainer's resume, and its best-checkpoint restore) casts it back to float32. Without one rule a resumed run
+    trains and saves in another dtype than an unbroken one. DoRA's magnitude vector stays float32 under a 16-bit
+    dtype, as TRL keeps it: its updates are below bfloat16's resolution.
+    """
+    import torch
+
+    for name, p in model.named_parameters():
+        if not (p.requires_grad and p.is_floating_point()):
+            continue
+        want = torch.float32 if "lora_magnitude_vector" in name and dtype.itemsize < 4 else dtype
+        if p.dtype != want:
+            p.data = p.data.to(want)
 
 
 def parameter_counts(model) -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""Checkpoints that are never taken for complete unless they are.
+"""Checkpoints that are never taken for complete unless they are, and hold exactly what the model trains.
 
-Each checkpoint is written into ``checkpoints/.staging/checkpoint-N``, validated (the adapter loads, every tensor
-is finite, lora_B is not all zero), fsynced, marked with ``COMPLETE.json`` and only then renamed into
-``checkpoints/checkpoint-N``. A process killed mid-save leaves only the staging folder, which resume ignores.
+Each checkpoint is written into ``checkpoints/.staging/checkpoint-N``, checked against the trainable tensors in
+memory (same names, shapes, dtype and values: a save that gathered nothing, one shard, or a corrupted file is
+refused, while a lora_B that is legitimately still zero, as at the first warmup step, is kept), fsynced, marked
+with ``COMPLETE.json`` and only then renamed into ``checkpoints/checkpoint-N``. A process killed mid-save leaves
+only the staging folder, which resume ignores.
+
+Checkpoints carry no tokenizer (Gemma's is 33 MB): the run writes it once into ``<run>/tokenizer/``. The Trainer
+resumes without it and ``PeftModel.from_pretrained(base, checkpoint)`` loads without it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from typing import Any
 import torch
 
 from adapters.compat.transformers import StagedCheckpoints
-from adapters.utils.atomic import promote
+from adapters.utils.atomic import promote, staged_dir
 from adapters.utils.errors import AdaptersError
 
 MARKER = "COMPLETE.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+TOKENIZER_DIR = "tokenizer"
 
 
 class CheckpointError(AdaptersError, RuntimeError):
@@ -27,12 +33,15 @@ class CheckpointError(AdaptersError, RuntimeError):
 
 
 def validate_adapter_dir(
-    path: str | Path, require_nonzero_b: bool = True, expected_modules: int | None = None
+    path: str | Path, expected_modules: int | None = None, reference: dict[str, torch.Tensor] | None = None
 ) -> dict[str, Any]:
     """Load the adapter's safetensors and check it; raise CheckpointError naming the path and the fault.
 
-    ``expected_modules``: the number of LoRA-wrapped modules of the live model; the file must hold a lora_A and a
-    lora_B for each (a distributed save that gathered nothing, or only one shard, fails here).
+    Without a live model (resume, merge, push) the checks are structural: it loads, every tensor is non-empty and
+    finite, each module has one lora_A and one lora_B, of the modules adapter_config.json targets.
+    ``expected_modules``: the number of LoRA-wrapped modules of the live model; the file must hold a pair for each.
+    ``reference``: the live trainable tensors under their saved names (``distributed.adapter_tensors``); the file
+    must hold exactly these. An all-zero lora_B is only wrong where the model in memory says so.
     """
     from safetensors.torch import load_file
 
@@ -51,17 +60,77 @@ def validate_adapter_dir(
             raise CheckpointError(f"{f}: tensor {name} is empty")
         if not torch.isfinite(t.float()).all():
             raise CheckpointError(f"{f}: tensor {name} has NaN or inf values")
-    b = [t for n, t in tensors.items() if "lora_B" in n]
-    if expected_modules is not None:
-        a_count = sum(1 for n in tensors if "lora_A" in n)
-        if a_count != expected_modules or len(b) != expected_modules:
-            raise CheckpointError(
-                f"{f}: holds {a_count} lora_A and {len(b)} lora_B tensors, expected "
-                f"{expected_modules} of each (one per targeted module)"
-            )
-    if require_nonzero_b and b and all(float(t.abs().max()) == 0.0 for t in b):
-        raise CheckpointError(f"{f}: every lora_B is zero, so the adapter is the identity (a broken save?)")
-    return {"tensors": len(tensors), "lora_B": len(b)}
+    a_mods, b_mods = _lora_modules(tensors, "lora_A"), _lora_modules(tensors, "lora_B")
+    if expected_modules is not None and (len(a_mods) != expected_modules or len(b_mods) != expected_modules):
+        raise CheckpointError(
+            f"{f}: holds {len(a_mods)} lora_A and {len(b_mods)} lora_B tensors, expected "
+            f"{expected_modules} of each (one per targeted module)"
+        )
+    _check_pairs(f, a_mods, b_mods, _target_modules(path))
+    if reference is not None:
+        _check_against(f, tensors, reference)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    return {"tensors": len(tensors), "lora_B": len(b_mods), "dtype": "+".join(dtypes)}
+
+
+def _lora_modules(tensors: dict[str, torch.Tensor], kind: str) -> list[str]:
+    """The module name of every ``kind`` (lora_A / lora_B) tensor, once per tensor."""
+    return [n.split(f".{kind}")[0] for n in tensors if f".{kind}." in n or n.endswith(f".{kind}")]
+
+
+def _target_modules(path: Path) -> list[str] | None:
+    """adapter_config.json's target_modules when it lists names (not a regex or 'all-linear'), else None."""
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        targets = json.loads(cfg.read_text()).get("target_modules")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: unreadable ({e})") from None
+    return list(targets) if isinstance(targets, (list, tuple)) else None
+
+
+def _check_pairs(f: Path, a_mods: list[str], b_mods: list[str], targets: list[str] | None) -> None:
+    """Each adapted module holds one lora_A and one lora_B, and is one the adapter's config targets."""
+    for kind, mods, other in (("lora_A", a_mods, b_mods), ("lora_B", b_mods, a_mods)):
+        if len(set(mods)) != len(mods):
+            raise CheckpointError(f"{f}: a module holds more than one {kind}")
+        lone = sorted(set(mods) - set(other))
+        if lone:
+            raise CheckpointError(f"{f}: {lone[0]} has a {kind} but no {'lora_B' if kind == 'lora_A' else 'lora_A'}")
+    if targets:
+        stray = sorted(m for m in a_mods if not any(m == t or m.endswith(f".{t}") for t in targets))  # as PEFT matches
+        if stray:
+            raise CheckpointError(f"{f}: {stray[0]} is not among the target_modules of adapter_config.json")
+
+
+def _check_against(f: Path, saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+    """The file holds the trainable tensors of the model in memory: same names, shapes, dtypes, values."""
+    missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing:
+        raise CheckpointError(
+            f"{f}: lacks {len(missing)} of the model's {len(live)} adapter tensors, e.g. {missing[0]}"
+        )
+    if extra:
+        raise CheckpointError(f"{f}: holds {len(extra)} tensors the model does not train, e.g. {extra[0]}")
+    for name, want in live.items():
+        got = saved[name]
+        if got.shape != want.shape:
+            raise CheckpointError(f"{f}: tensor {name} has shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            raise CheckpointError(f"{f}: tensor {name} is stored as {got.dtype}, the model trains it in {want.dtype}")
+        if not torch.equal(got, want.to(got.device)):
+            diff = float((got.float() - want.float().to(got.device)).abs().max())
+            raise CheckpointError(f"{f}: tensor {name} differs from the model in memory (max abs diff {diff:.3g})")
+
+
+def save_run_tokenizer(tok, run: str | Path) -> Path:
+    """The run's one copy of the tokenizer (checkpoints carry none), written atomically unless already there."""
+    out = Path(run) / TOKENIZER_DIR
+    if not out.is_dir():
+        with staged_dir(out) as staging:
+            tok.save_pretrained(str(staging))
+    return out
 
 
 def _step(p: Path) -> int:
@@ -89,11 +158,39 @@ def last_good_checkpoint(ckpt_root: str | Path, log=print) -> Path | None:
 
 
 class AtomicCheckpointMixin(StagedCheckpoints):
-    """Mixed into a transformers Trainer: checkpoints are staged, validated, marked, then renamed."""
+    """Mixed into a transformers Trainer: checkpoints are staged, checked against the model, marked, then renamed.
+
+    The marker also records what the Trainer's own files do not: the dtype the adapter trains in and TRL's running
+    ``num_tokens`` (restored on resume by ``resume_extras``).
+    """
+
+    checkpoint_tokenizer = False  # the run's one copy is <run>/tokenizer/ (save_run_tokenizer)
+    _live_adapter: dict[str, torch.Tensor] | None = None
+
+    def _gather_for_commit(self) -> None:
+        from adapters.training.distributed import live_adapter_tensors
+
+        self._live_adapter = live_adapter_tensors(self)  # a collective under FSDP / ZeRO-3: every rank is here
 
     def _commit_checkpoint(self, staged: Path, final: Path) -> None:
-        from adapters.training.distributed import lora_module_count
+        from adapters.compat.trl import train_tokens
 
-        info = validate_adapter_dir(staged, expected_modules=lora_module_count(self.model) or None)
-        (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, **info}) + "\n")
+        live, self._live_adapter = self._live_adapter, None
+        info = validate_adapter_dir(staged, reference=live)
+        marker = {"step": self.state.global_step, **info, "num_tokens": train_tokens(self)}
+        (staged / MARKER).write_text(json.dumps(marker) + "\n")
         promote(staged, final)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            self.resume_extras(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def resume_extras(self, checkpoint: str | Path) -> None:
+        """What the Trainer does not restore from a checkpoint: TRL's running token count (the marker's)."""
+        from adapters.compat.trl import restore_train_tokens
+
+        f = Path(checkpoint) / MARKER
+        marker = json.loads(f.read_text()) if f.is_file() else {}
+        if marker.get("num_tokens") is not None:
+            restore_train_tokens(self, marker["num_tokens"])

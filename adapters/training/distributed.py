@@ -5,6 +5,8 @@
   ``PartialState()`` there silently reports one process, and every rank would write the run directory).
 - ``gathered_adapter_state(trainer)`` returns the full model state dict where parameters are sharded (FSDP, DeepSpeed
   ZeRO-3). It is a collective: every rank must call it; only the main process then writes.
+- ``live_adapter_tensors(trainer)`` is what a complete adapter file holds: the trainable tensors of the model in
+  memory (gathered full tensors under FSDP / ZeRO-3) under the names PEFT saves them with. Also a collective.
 - ``lora_module_count(model)`` is the number of modules that carry a LoRA adapter, which the saved file must match.
 """
 
@@ -43,6 +45,28 @@ def gathered_adapter_state(trainer) -> dict[str, Any] | None:
         return None
     model = trainer.model_wrapped if kind == "zero3" else trainer.model
     return trainer.accelerator.get_state_dict(model)
+
+
+def adapter_tensors(model, state_dict: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``model.save_pretrained`` writes (PEFT's own selection and names), copied to the CPU.
+
+    ``state_dict``: the gathered full state under FSDP / ZeRO-3, else the model's own tensors are used.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    selected = get_peft_model_state_dict(model, state_dict=state_dict)
+    return {k: v.detach().to("cpu", copy=True) for k, v in selected.items()}
+
+
+def live_adapter_tensors(trainer) -> dict[str, torch.Tensor] | None:
+    """What the checkpoint being written must hold, on the process that writes it (None elsewhere).
+
+    Call on EVERY process: under FSDP / ZeRO-3 the full tensors are gathered, a collective.
+    """
+    full = gathered_adapter_state(trainer)
+    if not trainer.args.should_save:
+        return None
+    return adapter_tensors(trainer.accelerator.unwrap_model(trainer.model), full)
 
 
 def lora_module_count(model, adapter_name: str = "default") -> int:

@@ -74,17 +74,18 @@ def set_seed(seed: int) -> None:
 
 
 def save_adapter(model, tok, out: Path, base_path: str, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the final adapter atomically: staging folder, validate, rename.
+    """Write the final adapter atomically: staging folder, check it holds exactly the model's adapter, rename.
 
     ``state_dict``: the gathered full tensors under FSDP / ZeRO-3 (see ``distributed.gathered_adapter_state``).
+    Returns the check's summary (tensor count, dtype), which the manifest records.
     """
-    from adapters.training.distributed import lora_module_count
+    from adapters.training.distributed import adapter_tensors
 
     model.peft_config["default"].base_model_name_or_path = base_path
     with staged_dir(out) as staging:
         model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(str(staging))
-        info = ckpt.validate_adapter_dir(staging, expected_modules=lora_module_count(model) or None)
+        info = ckpt.validate_adapter_dir(staging, reference=adapter_tensors(model, state_dict))
     return info
 
 

@@ -37,6 +37,33 @@ def make_callbacks():
     return FiniteGuard()
 
 
+class AdapterDtypeMixin:
+    """Trainer mixin: the trainable tensors stay in ``adapter_dtype`` (model/lora.py ``cast_trainable``).
+
+    Cast before the optimizer is built (after the Trainer's resume load, which PEFT upcasts to float32, and before
+    the optimizer's saved state is cast to the parameters' dtype) and again after training (the best-checkpoint
+    restore loads through PEFT too), so checkpoints, the adapter and a resumed run agree.
+    """
+
+    adapter_dtype: torch.dtype | None = None
+
+    def keep_adapter_dtype(self) -> None:
+        from adapters.model.lora import cast_trainable
+
+        if self.adapter_dtype is not None:
+            cast_trainable(self.accelerator.unwrap_model(self.model), self.adapter_dtype)
+
+    def create_optimizer(self, *args, **kwargs):
+        self.keep_adapter_dtype()
+        return super().create_optimizer(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.keep_adapter_dtype()
+
+
 def _ckpt_flag(config_cls) -> str:
     import dataclasses
 
@@ -74,12 +101,14 @@ def build_trainer(
     pruner). Returns (trainer, the non-finite-loss guard)."""
     from trl import SFTTrainer
 
+    from adapters.model.lora import adapter_dtype as dtype_of
     from adapters.training.forgetting_guard import BaseKLMixin
     from adapters.training.speed import for_recipe
 
-    class Trainer(ckpt.AtomicCheckpointMixin, BaseKLMixin, SFTTrainer):
+    class Trainer(ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, BaseKLMixin, SFTTrainer):
         base_kl_weight = recipe.base_kl_weight
         base_kl_positions = recipe.base_kl_positions
+        adapter_dtype = dtype_of(recipe)
 
     trainctl.check_report_to(recipe.report_to)
     use_cpu = not torch.cuda.is_available()
@@ -94,6 +123,8 @@ def build_trainer(
         save_strategy="steps",
         seed=recipe.seed,
         data_seed=recipe.seed,
+        # early stopping's patience count lives in its callback: without this a resumed run starts it at 0
+        restore_callback_states_from_checkpoint=True,
         max_length=recipe.max_length if not fast.padding_free else None,
         packing=packed,
         use_cpu=use_cpu,
@@ -114,6 +145,9 @@ def build_trainer(
         processing_class=tok,
         callbacks=[guard],
     )
+    trainer.keep_adapter_dtype()  # TRL has just cast LoRA to bfloat16 on a quantized base
+    if trainer.is_world_process_zero():
+        ckpt.save_run_tokenizer(tok, run)  # once per run: checkpoints carry none
     _log_tensorboard_to(trainer, run / "tensorboard")
     trainer.fast_path = fast.report()  # trained_positions_only is switched on around trainer.train() (run.py)
     trainctl.install(trainer, recipe, callbacks)  # eval perplexity, early stopping, the caller's callbacks
