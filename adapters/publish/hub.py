@@ -163,7 +163,7 @@ def stage(
     if merged and not (src / "config.json").is_file():
         raise HubError(f"{src}: no merged model (config.json missing); run `adapters merge {run.path}` first")
     if not merged:
-        validate_adapter_dir(src)  # nothing empty, NaN or all-zero is ever pushed
+        validate_adapter_dir(src)  # nothing empty, NaN, partial or unreadable is ever pushed
     out = run.path / STAGE
     out.mkdir(exist_ok=True)
     canonical = run.manifest["base_model"]["canonical_name"]
