@@ -95,6 +95,18 @@ def test_eval_verb_rescoring_and_errors(finished_run, tmp_path, capsys):
     assert (run / "eval.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("verb", [["eval"], ["merge"], ["generate", "--prompt", "x"]])
+def test_changed_chat_template_is_refused_at_load(finished_run, tmp_path, capsys, verb):
+    """RELIABILITY 18: a tokenizer or chat template changed after training is a hash mismatch, not a silent load."""
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    tpl = run / "adapter" / "chat_template.jinja"
+    tpl.write_text(tpl.read_text() + "{# edited #}")
+    assert main([verb[0], str(run), *verb[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chat template hash" in err[0] and "changed after training" in err[0], err
+
+
 def test_eval_probe_only_uses_another_text_and_writes_nothing(finished_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
