@@ -205,7 +205,7 @@ def test_run_name_must_be_one_folder_name(name, tiny_models, tiny_data, tmp_path
     ov["run_name"] = name
     assert main(["train", "gemma3-270m-demo", *_args(ov)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "run_name: " in err[0] and "choose the location with output_root" in err[0]
+    assert len(err) == 1 and "command line: run_name: " in err[0] and "choose the location with output_root" in err[0]
     assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()
 
 

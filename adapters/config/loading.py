@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from adapters.config import libraries
-from adapters.config.schema import Recipe, RecipeError, own_keys
+from adapters.config.schema import Recipe, RecipeError, check_run_name, own_keys
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -159,6 +159,11 @@ def apply_values(values: dict[str, Any], source: str, base: dict[str, Any] | Non
         if lib is not None and key in lib.pipeline:
             raise RecipeError(f"{source}: {key!r} is set by the pipeline and cannot be given in a recipe")
         merged[key] = coerce(key, value, key_type(key), source)
+        if key == "run_name":  # named where it was given (Recipe checks it again for code that builds one)
+            try:
+                check_run_name(merged[key])
+            except RecipeError as e:
+                raise RecipeError(f"{source}: {e}") from None
     return merged
 
 
