@@ -183,3 +183,18 @@ def test_bench_options_resolve_device_defaults():
     assert {k: getattr(cpu, k) for k in defaults(False)} == defaults(False)
     kept = BenchOptions(model="tiny-qwen2", warmup=0, steps=7).resolved(cuda=True)
     assert (kept.model, kept.warmup, kept.steps, kept.max_len) == ("tiny-qwen2", 0, 7, 2048)
+
+
+def test_sweep_interrupted_is_one_line(monkeypatch, capsys, tmp_path):
+    """Ctrl-C during a sweep (Optuna re-raises it) ends with one line and 130, not a traceback."""
+    import adapters.training.sweep as sweep_mod
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "sweep", interrupted)
+    assert main(["sweep", "gemma3-270m-demo", "--trials", "1", "--out", str(tmp_path / "s")]) == 130
+    out = capsys.readouterr()
+    assert out.err.strip().splitlines() == [
+        "adapters sweep: interrupted; finished trials keep their run directories (see the [sweep] lines)"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub) -> None:
@@ -23,5 +24,12 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
     overrides = parse_overrides(rest)
     recipe, path = load_recipe(args.recipe, overrides)
-    sweep(recipe, path, args.trials, overrides, args.out)
+    try:
+        sweep(recipe, path, args.trials, overrides, args.out)
+    except KeyboardInterrupt:  # Ctrl-C between trials, or a trial's run interrupted (its manifest says so)
+        print(
+            "adapters sweep: interrupted; finished trials keep their run directories (see the [sweep] lines)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
