@@ -523,7 +523,8 @@ def bench(options: BenchOptions | None = None, overrides: dict[str, Any] | None 
     out.mkdir(parents=True, exist_ok=True)
     # one thread on CPU: on a shared CPU, more threads than free cores make every timing noise
     with _torch_threads(None if cuda else opts.threads):
-        from adapters.utils.provenance import hardware, versions, write_json
+        from adapters.utils.atomic import write_json
+        from adapters.utils.provenance import hardware, versions
 
         peak = matmul_peak_tflops(cuda)
         log(

@@ -19,8 +19,8 @@ from adapters.data.encode import encode_rows
 from adapters.data.rows import DataError, Encoded, Row
 from adapters.data.validate import CheckResult, check, scan
 from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
+from adapters.utils.atomic import write_json
 from adapters.utils.hashing import chat_template_sha256, fingerprint
-from adapters.utils.provenance import write_json
 
 
 def packing_guard(recipe: Recipe, say=print) -> bool:

@@ -13,7 +13,7 @@ from adapters.evaluation.forgetting import probe
 from adapters.evaluation.generation import answer_budget, generate_answers
 from adapters.evaluation.plots import plot_confusion, plot_curves, plot_task_metrics
 from adapters.evaluation.report import write_report
-from adapters.utils.provenance import write_json
+from adapters.utils.atomic import write_json
 
 
 def evaluate_model(

@@ -16,6 +16,16 @@ _LLAMA3_ROPE = {
     "original_max_position_embeddings": 8192,
     "rope_theta": 500000.0,
 }
+_TINY = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+)
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-3.2-1b": (
         "llama",
@@ -83,32 +93,8 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     # CPU shapes: Llama/Qwen2 blocks, small enough for a CI run of a few steps on two cores
-    "tiny-llama": (
-        "llama",
-        dict(
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=2048,
-            tie_word_embeddings=True,
-            max_position_embeddings=4096,
-        ),
-    ),
-    "tiny-qwen2": (
-        "qwen2",
-        dict(
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=2048,
-            tie_word_embeddings=True,
-            max_position_embeddings=4096,
-        ),
-    ),
+    "tiny-llama": ("llama", _TINY),
+    "tiny-qwen2": ("qwen2", _TINY),
 }
 
 

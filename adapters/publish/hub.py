@@ -25,9 +25,8 @@ from typing import Any
 
 from adapters.compat.huggingface_hub import client_timeout
 from adapters.publish.rundir import Run, RunError, open_run
-from adapters.utils.atomic import write_text
+from adapters.utils.atomic import write_json, write_text
 from adapters.utils.errors import AdaptersError
-from adapters.utils.provenance import write_json
 
 PUBLISHED = "published.json"
 STAGE = "hub"  # RUN_DIR/hub/: the generated files that are uploaded (card, adapter_config, manifest summary)

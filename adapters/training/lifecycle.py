@@ -509,7 +509,7 @@ class Lifecycle:
     def _record(self, status: str, **details: Any) -> None:
         if self.manifest is None or self.lock is None:  # nothing recorded yet, or not the writing process
             return
-        from adapters.utils.provenance import write_json
+        from adapters.utils.atomic import write_json
 
         self.manifest["status"] = status
         self.manifest[status] = {**details, "time": _now()}

@@ -24,10 +24,10 @@ from adapters.model.sources import resolve_model
 from adapters.training import checkpoints as ckpt
 from adapters.training import lifecycle
 from adapters.training.trainer import build_trainer
-from adapters.utils.atomic import staged_dir
+from adapters.utils.atomic import staged_dir, write_json
 from adapters.utils.errors import AdaptersError, PathNotFoundError
 from adapters.utils.hashing import chat_template_sha256
-from adapters.utils.provenance import git_state, hardware, versions, write_json
+from adapters.utils.provenance import git_state, hardware, versions
 
 
 class TrainingDiverged(AdaptersError, RuntimeError):

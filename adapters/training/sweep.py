@@ -335,7 +335,7 @@ def _trial_rows(study) -> list[dict[str, Any]]:
 
 def _summarise(study, recipe: Recipe, recipe_path: Path, overrides, space, out: Path, constrain: bool, log):
     """Tables and plot of every trial; the best feasible trial (lowest validation loss) becomes the best recipe."""
-    from adapters.utils.provenance import write_json
+    from adapters.utils.atomic import write_json
 
     rows = _trial_rows(study)
     write_tables(rows, list(space), out)

@@ -1,4 +1,4 @@
-"""The run record: versions, git commit, hardware. ``write_json`` lives in ``adapters.utils.atomic``."""
+"""The run record: versions, git commit, hardware. ``write_json`` lives in ``adapters.utils.atomic`` (re-exported)."""
 
 from __future__ import annotations
 
