@@ -394,3 +394,45 @@ def test_multi_node_only_global_rank0_writes(multi_node_run):
     assert multi_node_run["traces"][0]["writes"]
     for ckpt in sorted((multi_node_run["run"] / "checkpoints").glob("checkpoint-*")):
         assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE.json"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_slurm_launch_line_two_nodes(ddp_run, tmp_path):
+    """scripts/slurm/launch.sh (what train.sbatch runs on each node through srun), with SLURM's variables set by
+    hand: 2 "nodes" x 1 process on localhost form one world and train the DDP run's adapter."""
+    ov = dict(ddp_run["overrides"], output_root=str(tmp_path / "out"), run_name="slurm")
+    common = dict(
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="localhost,otherhost",  # node 0 is the first host
+        GPUS_PER_NODE="1",
+        MAIN_PORT=str(free_port()),
+        ACCELERATE=str(ACCELERATE),
+        ENTRY=str(REPO / "tests" / "_dist_entry.py"),
+    )
+    cmd = ["bash", str(REPO / "scripts" / "slurm" / "launch.sh"), "gemma3-270m-demo", *_cli_args(ov)]
+    envs = [trace_env(tmp_path, SLURM_NODEID=str(r), **common) for r in (0, 1)]
+    done = run_nodes([cmd, cmd], envs)
+    for r, p in enumerate(done):
+        assert p.returncode == 0, f"node {r}: " + p.stdout[-3000:] + p.stderr[-3000:]
+        assert f"[slurm] node {r}/2" in p.stderr and "main localhost:" in p.stderr
+    manifest = json.loads((tmp_path / "out" / "slurm" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["num_machines"] == 2
+    assert adapter_max_diff(tmp_path / "out" / "slurm" / "adapter", ddp_run["run"] / "adapter") <= 1e-6
+    sbatch = (REPO / "scripts" / "slurm" / "train.sbatch").read_text()
+    assert "srun" in sbatch and "scripts/slurm/launch.sh" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
+
+
+def test_refused_run_under_launcher_prints_once(ddp_run, tmp_path):
+    """A user's mistake under `accelerate launch` (here: the run exists, no --resume): our line once, from rank 0,
+    no traceback from our processes, the launcher fails (exit 1), and its failure summary quotes our line."""
+    root = ddp_run["root"]
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    cmd += ["-m", "adapters", "train", "gemma3-270m-demo", *_cli_args(ddp_run["overrides"])]
+    proc = subprocess.run(cmd, env=trace_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=REPO)
+    line = f"adapters train: error: {root / 'out' / 'ddp'} already exists; pass --resume"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count(line) == 1 + 2, proc.stderr  # printed once; twice in the launcher's summary
+    assert proc.stderr.count("traceback : adapters train: error:") == 2  # rank 0 and rank 1 wrote the error file
+    assert "exitcode  : 2" in proc.stderr
+    ours = proc.stderr.split("Traceback (most recent call last)")[0]  # what precedes the launcher's own traceback
+    assert "adapters/" not in ours.replace(str(root), "")  # no frame of ours

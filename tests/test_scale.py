@@ -1,0 +1,123 @@
+"""Scale-out failures: a rank killed mid-run (multi-node on localhost), resume with the same and another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from adapters.config import load_recipe
+from tests.conftest import REPO, tiny_overrides
+from tests.test_dist import ACCELERATE, _cli_args, free_port, make_train_line, trace_env
+
+
+def _wait_for(path, timeout: float) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert time.time() < end, f"{path} did not appear within {timeout}s"
+        time.sleep(0.2)
+
+
+def _two_nodes(ov: dict, tmp_path) -> list[subprocess.Popen]:
+    """2 "nodes" x 1 process on localhost (the make train line), each step slowed to ~0.5 s: time to act mid-run."""
+    port = free_port()
+    env = trace_env(tmp_path, ADAPTERS_TRACE_STEP_SLEEP="0.5")
+    return [
+        subprocess.Popen(make_train_line(r, port, ov), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_rank_killed_survivor_exits_checkpoint_intact_resume(tiny_models, tiny_data, tmp_path):
+    import psutil
+
+    from adapters.training.checkpoints import validate_adapter_dir
+    from adapters.training.lifecycle import ResumeError
+    from adapters.training.run import train
+
+    ov = tiny_overrides(
+        tiny_models["llama"], tiny_data, tmp_path / "out", max_steps=12, save_steps=3, eval_strategy="no",
+        eval_after_train=False, quant_probe=False, run_name="kill", ddp_timeout=20,
+    )  # fmt: skip
+    run = tmp_path / "out" / "kill"
+    nodes = _two_nodes(ov, tmp_path)
+    try:
+        _wait_for(run / "checkpoints" / "checkpoint-3" / "COMPLETE.json", 180)
+        worker = psutil.Process(nodes[1].pid).children()[0]  # node 1's launcher -> its one training process
+        os.kill(worker.pid, signal.SIGKILL)
+        killed = time.time()
+        _, err0 = nodes[0].communicate(timeout=120)
+        survivor_s = time.time() - killed
+        nodes[1].communicate(timeout=60)
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert survivor_s < 20 + 30, survivor_s  # bounded by ddp_timeout (gloo sees the closed socket at once)
+    said = "adapters train: error: another process of the run stopped"
+    # once from the survivor (after its progress bar, on the same line), once in the launcher's failure summary
+    assert err0.count(said) == 2 and err0.count(f"traceback : {said}") == 1, err0[-3000:]
+    line = err0[err0.index(said) :].splitlines()[0]
+    assert "the last complete checkpoint is" in line and "--run_name kill --resume and 2 processes" in line
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "another process of the run stopped" in manifest["failed"]["reason"]
+    done = sorted(run.glob("checkpoints/checkpoint-*/COMPLETE.json"))
+    assert done, "no complete checkpoint before the kill"
+    for marker in done:
+        validate_adapter_dir(marker.parent)  # intact: loads, complete pairs, finite
+
+    # another world size: refused, naming the number of processes to use
+    recipe, path = load_recipe("gemma3-270m-demo", ov)
+    with pytest.raises(ResumeError, match=r"trained with 2 process\(es\).*this launch has 1"):
+        train(recipe, path, resume=True)
+
+    # the same world size (2 processes on one node now): finishes
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    cmd += ["-m", "adapters", "train", "gemma3-270m-demo", *_cli_args(ov), "--resume"]
+    proc = subprocess.run(cmd, env=trace_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["train"]["global_step"] == 12
+    assert manifest["resumes"][-1]["previous_status"] == "failed" and manifest["world_size"] == 2
+    assert manifest["train"]["resumed_from"].endswith(done[-1].parent.name)
+
+
+@pytest.mark.slow
+def test_rank_hung_survivor_exits_after_ddp_timeout(tiny_models, tiny_data, tmp_path):
+    """A rank that stops answering without closing its sockets (SIGSTOP: a hung node) is only noticed through the
+    collective timeout: the survivor gives up after ddp_timeout, not torch's 30 minutes."""
+    import psutil
+
+    ov = tiny_overrides(
+        tiny_models["llama"], tiny_data, tmp_path / "out", max_steps=12, save_steps=3, eval_strategy="no",
+        eval_after_train=False, quant_probe=False, run_name="hung", ddp_timeout=15,
+    )  # fmt: skip
+    nodes = _two_nodes(ov, tmp_path)
+    worker = None
+    try:
+        _wait_for(tmp_path / "out" / "hung" / "checkpoints" / "checkpoint-3" / "COMPLETE.json", 180)
+        worker = psutil.Process(nodes[1].pid).children()[0]
+        worker.suspend()
+        stopped = time.time()
+        _, err0 = nodes[0].communicate(timeout=15 + 60)
+        survivor_s = time.time() - stopped
+    finally:
+        if worker is not None:
+            worker.kill()
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=60)
+    assert nodes[0].returncode != 0
+    assert 15 <= survivor_s < 15 + 45, survivor_s
+    assert "adapters train: error: another process of the run stopped" in err0, err0[-3000:]
+    manifest = json.loads((tmp_path / "out" / "hung" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
