@@ -396,6 +396,7 @@ def test_multi_node_only_global_rank0_writes(multi_node_run):
         assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE.json"} <= {p.name for p in ckpt.iterdir()}
 
 
+@pytest.mark.slow  # ~20 s; the fast suite forms the same 2 x 1 world through the make train line above
 def test_slurm_launch_line_two_nodes(ddp_run, tmp_path):
     """scripts/slurm/launch.sh (what train.sbatch runs on each node through srun), with SLURM's variables set by
     hand: 2 "nodes" x 1 process on localhost form one world and train the DDP run's adapter."""

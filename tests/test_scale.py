@@ -121,3 +121,39 @@ def test_rank_hung_survivor_exits_after_ddp_timeout(tiny_models, tiny_data, tmp_
     assert "adapters train: error: another process of the run stopped" in err0, err0[-3000:]
     manifest = json.loads((tmp_path / "out" / "hung" / "manifest.json").read_text())
     assert manifest["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_models, tmp_path_factory):
+    """One 2-process launch: LoRA on the tiny Llama, full precision and 4-bit, each under FSDP2 and under DDP."""
+    root = tmp_path_factory.mktemp("fsdp")
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    cmd += [str(REPO / "tests" / "_fsdp_entry.py"), "fsdp,ddp", "full,4bit", str(tiny_models["llama"]), str(root)]
+    proc = subprocess.run(cmd, env=trace_env(root), capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root
+
+
+@pytest.mark.parametrize("quant", ["full", "4bit"])
+def test_fsdp2_shards_saves_a_complete_adapter_equal_to_ddp(fsdp_runs, quant):
+    fsdp = json.loads((fsdp_runs / quant / "fsdp" / "result.json").read_text())
+    ddp = json.loads((fsdp_runs / quant / "ddp" / "result.json").read_text())
+    assert fsdp["param_types"] == ["DTensor"]  # every parameter sharded, the 4-bit base's float32 storage too
+    assert fsdp["trainable_local_numel"] * 2 == fsdp["trainable_full_numel"]  # rank 0 holds half of each LoRA matrix
+    if quant == "4bit":
+        assert "Params4bit" in ddp["param_types"]  # the same recipe really loads a 4-bit base
+    assert fsdp["saved"] == ddp["saved"] == {"tensors": 28, "lora_B": 14, "dtype": "float32"}  # gathered: complete
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+    from tests.test_dist import adapter_max_diff
+
+    assert adapter_max_diff(fsdp_runs / quant / "fsdp" / "adapter", fsdp_runs / quant / "ddp" / "adapter") <= 1e-5
+    assert fsdp["resume_roundtrip_max_diff"] == 0.0  # reloaded into a fresh sharded model: gathered back unchanged
+
+
+def test_fsdp2_save_of_one_rank_shard_is_refused(fsdp_runs):
+    """The same check that guards every checkpoint refuses a save that did not gather (rank 0's shards only)."""
+    for quant in ("full", "4bit"):
+        msg = json.loads((fsdp_runs / quant / "fsdp" / "result.json").read_text())["broken_refused"]
+        assert msg and "has shape (2, 32), the model (4, 32)" in msg, msg
