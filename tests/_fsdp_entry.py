@@ -1,7 +1,7 @@
 """2 CPU processes (gloo) training a LoRA under FSDP2 or DDP with the pieces our training uses, then saving it.
 
 `accelerate launch --multi_gpu --num_processes 2 tests/_fsdp_entry.py MODES QUANTS MODEL_DIR ROOT`
-MODES: fsdp,ddp; QUANTS: full,4bit (bnb NF4 with bnb_4bit_quant_storage = compute dtype = float32); each pair
+MODES: fsdp,ddp,zero2,zero3 (DeepSpeed with DS_ACCELERATOR=cpu); QUANTS: full,4bit (bnb NF4 with bnb_4bit_quant_storage = compute dtype = float32); each pair
 writes ROOT/QUANT/MODE/{adapter,broken,result.json}.
 
 accelerate turns FSDP off on CPU (``Accelerator(cpu=True)`` makes the state MULTI_CPU, and the Trainer passes
@@ -52,6 +52,8 @@ def build(mode: str, quant: str, model_dir: str, adapter: Path | None = None):
 
         set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
     acc = FSDP2OnCPU(cpu=True)
+    if mode.startswith("zero"):
+        return recipe, load_tokenizer(ref, recipe), deepspeed_engine(mode, recipe, model, acc), acc, ref
     if mode == "fsdp":
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
@@ -63,6 +65,27 @@ def build(mode: str, quant: str, model_dir: str, adapter: Path | None = None):
     return recipe, load_tokenizer(ref, recipe), model, acc, ref
 
 
+def deepspeed_engine(mode: str, recipe, model, acc):
+    """DeepSpeed's engine (DS_ACCELERATOR=cpu, gloo) with the ZeRO stage of our shipped zero2 / zero3 config;
+    ``acc`` is given accelerate's DeepSpeed branch of get_state_dict (the Trainer's path under DeepSpeed)."""
+    import deepspeed
+
+    from adapters.planning.preflight import check, launch_from_config
+
+    launch = launch_from_config(mode, num_processes=2)
+    check(recipe, launch)
+    zero = {"stage": launch.zero_stage}
+    if launch.zero3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = bool(launch.zero3_save_16bit)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    acc.ds_stage, acc.deepspeed_config = launch.zero_stage, config
+    acc.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=launch.zero_stage))
+    return engine
+
+
 def _accelerator_class():
     from accelerate import Accelerator
 
@@ -70,10 +93,17 @@ def _accelerator_class():
         """accelerate's Accelerator, with its FSDP2 branches on for a model we sharded ourselves."""
 
         sharded = False
+        ds_stage = None
 
         @property
         def is_fsdp2(self):
             return self.sharded
+
+        @property
+        def distributed_type(self):
+            from accelerate.utils import DistributedType
+
+            return DistributedType.DEEPSPEED if self.ds_stage else super().distributed_type
 
     return FSDP2OnCPU
 
@@ -83,16 +113,21 @@ def train_steps(model, vocab: int, rank: int, steps: int = STEPS) -> list[float]
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine = model if type(model).__name__ == "DeepSpeedEngine" else None  # it owns its optimizer and backward
+    opt = None if engine else torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
         ids = torch.randint(3, vocab, (GLOBAL_BATCH, SEQ), generator=gen)
         mine = ids[rank * 4 : rank * 4 + 4]
         loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
+        if engine:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -127,10 +162,22 @@ def one(mode: str, quant: str, model_dir: str, out: Path, state) -> None:
 
 def _trainer(mode, model, acc, state):
     """What our save path reads from a Trainer."""
+    module = model.module if mode.startswith("zero") else model  # the Trainer keeps the engine as model_wrapped
     return SimpleNamespace(
-        is_fsdp_enabled=mode == "fsdp", is_deepspeed_enabled=False, model=model, accelerator=acc,
-        args=SimpleNamespace(should_save=state.is_main_process),
+        is_fsdp_enabled=mode == "fsdp", is_deepspeed_enabled=mode.startswith("zero"), model=module,
+        model_wrapped=model, accelerator=acc, args=SimpleNamespace(should_save=state.is_main_process),
     )  # fmt: skip
+
+
+def _own_part(p):
+    """What this rank holds of a tensor: a DTensor's shard (FSDP2), ZeRO-3's flat partition, else the tensor."""
+    if hasattr(p, "to_local"):
+        return p.to_local()
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
+def _local_numel(p) -> int:
+    return _own_part(p).numel()
 
 
 def _live(mode, model, acc, state):
@@ -161,17 +208,18 @@ def save_and_check(mode, model, acc, tok, ref, out: Path, state) -> dict:
     live = _live(mode, model, acc, state)  # collective
     if not state.is_main_process:
         return {}
-    inner = acc.unwrap_model(model)
+    inner = acc.unwrap_model(trainer.model)
     params = [p for p in inner.parameters() if p.requires_grad]
     result = {
         "param_types": sorted({type(p).__name__ for p in inner.parameters()}),
-        "trainable_local_numel": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params),
+        "trainable_local_numel": sum(_local_numel(p) for p in params),
         "trainable_full_numel": sum(p.numel() for p in params),
     }
     save_adapter(inner, tok, out, ref.path, state_dict=full)
     info = validate_adapter_dir(out, expected_modules=lora_module_count(inner), reference=live)
     result["saved"] = info
-    own = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone() for k, v in inner.state_dict().items()}
+    named = dict(inner.named_parameters())
+    own = {k: _own_part(named.get(k, v)).detach().clone() for k, v in inner.state_dict().items()}
     bad = out.parent / "broken"
     inner.save_pretrained(str(bad), state_dict={k: v.to(torch.float32) for k, v in own.items()})
     try:
