@@ -179,6 +179,8 @@ def test_make_train_nproc_uses_accelerate_launch():
     assert "--config_file adapters/accelerate_configs/fsdp2-qlora.yaml" in out
     out = dry("NPROC=16", "ACCELERATE_CONFIG=multi-node", "NODE_RANK=1", "MAIN_ADDR=10.0.0.1", "MAIN_PORT=29501")
     assert "--machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29501" in out
+    out = dry("NPROC=32", "ACCELERATE_CONFIG=fsdp2-qlora", "NODES=4", "NODE_RANK=3", "MAIN_ADDR=n0", "MAIN_PORT=1")
+    assert "--num_processes 32 --config_file adapters/accelerate_configs/fsdp2-qlora.yaml --num_machines 4" in out
     assert "accelerate" not in dry()
 
 
