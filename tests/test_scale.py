@@ -60,6 +60,7 @@ def test_rank_killed_survivor_exits_checkpoint_intact_resume(tiny_models, tiny_d
             if p.poll() is None:
                 p.kill()
     assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    print(f"survivor exited {survivor_s:.1f} s after the kill")  # shown with -s; the report quotes it
     assert survivor_s < 20 + 30, survivor_s  # bounded by ddp_timeout (gloo sees the closed socket at once)
     said = "adapters train: error: another process of the run stopped"
     # once from the survivor (after its progress bar, on the same line), once in the launcher's failure summary
@@ -117,6 +118,7 @@ def test_rank_hung_survivor_exits_after_ddp_timeout(tiny_models, tiny_data, tmp_
                 p.kill()
             p.communicate(timeout=60)
     assert nodes[0].returncode != 0
+    print(f"survivor exited {survivor_s:.1f} s after the stop")
     assert 15 <= survivor_s < 15 + 45, survivor_s
     assert "adapters train: error: another process of the run stopped" in err0, err0[-3000:]
     manifest = json.loads((tmp_path / "out" / "hung" / "manifest.json").read_text())
