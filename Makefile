@@ -27,14 +27,17 @@ install: $(BIN)/python  ## create .venv and install the project with its extras 
 # Several processes (NPROC>1) go through `accelerate launch`; ACCELERATE_CONFIG is a file or the name of a shipped
 # config in adapters/accelerate_configs/ (ddp, fsdp2-qlora, zero2, zero3, multi-node). Without a config on a machine
 # with no GPU, --multi_gpu still starts NPROC CPU processes that form a gloo world (used by the tests).
+# Several machines: run on each NPROC=<total> NODES=<machines> NODE_RANK=<0..> MAIN_ADDR=<machine 0> MAIN_PORT=<port>
+# (docs/scale-out.md; scripts/slurm/train.sbatch does it under SLURM).
 NPROC   ?= 1
 ACCELERATE_CONFIG ?=
+NODES   ?=
 NODE_RANK ?=
 MAIN_ADDR ?=
 MAIN_PORT ?=
 ACC_CFG_FILE = $(if $(ACCELERATE_CONFIG),$(if $(wildcard $(ACCELERATE_CONFIG)),$(ACCELERATE_CONFIG),adapters/accelerate_configs/$(ACCELERATE_CONFIG:.yaml=).yaml))
 LAUNCH_ARGS = --num_processes $(NPROC) $(if $(ACC_CFG_FILE),--config_file $(ACC_CFG_FILE),--multi_gpu) \
-	$(if $(NODE_RANK),--machine_rank $(NODE_RANK)) $(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) \
+	$(if $(NODES),--num_machines $(NODES)) $(if $(NODE_RANK),--machine_rank $(NODE_RANK)) $(if $(MAIN_ADDR),--main_process_ip $(MAIN_ADDR)) \
 	$(if $(MAIN_PORT),--main_process_port $(MAIN_PORT))
 
 train:  ## fine-tune: make train [RECIPE=gemma3-270m-demo] [ARGS="--max_steps 10"] [NPROC=2 [ACCELERATE_CONFIG=ddp]]

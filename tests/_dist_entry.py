@@ -75,6 +75,21 @@ def _trace_collator(trainer) -> None:
     trainer.get_train_dataloader = traced_train_dataloader
 
 
+def _sleep_callback(seconds: float):
+    """Sleeps after each step (so a test can kill a rank mid-run) and writes the step this rank finished."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class SleepAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            TRACE.mkdir(parents=True, exist_ok=True)
+            (TRACE / f"rank{RANK}.step").write_text(str(state.global_step))
+            time.sleep(seconds)
+
+    return SleepAfterStep()
+
+
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import adapters.training.run as train_mod
@@ -85,6 +100,8 @@ def main() -> int:
     def build_traced(*a, **kw):
         trainer, guard = build(*a, **kw)
         _trace_collator(trainer)
+        if os.environ.get("ADAPTERS_TRACE_STEP_SLEEP"):  # slows steps so a test can kill a rank mid-run
+            trainer.add_callback(_sleep_callback(float(os.environ["ADAPTERS_TRACE_STEP_SLEEP"])))
         TRAINERS.append(trainer)
         return trainer, guard
 

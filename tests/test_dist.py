@@ -179,6 +179,8 @@ def test_make_train_nproc_uses_accelerate_launch():
     assert "--config_file adapters/accelerate_configs/fsdp2-qlora.yaml" in out
     out = dry("NPROC=16", "ACCELERATE_CONFIG=multi-node", "NODE_RANK=1", "MAIN_ADDR=10.0.0.1", "MAIN_PORT=29501")
     assert "--machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29501" in out
+    out = dry("NPROC=32", "ACCELERATE_CONFIG=fsdp2-qlora", "NODES=4", "NODE_RANK=3", "MAIN_ADDR=n0", "MAIN_PORT=1")
+    assert "--num_processes 32 --config_file adapters/accelerate_configs/fsdp2-qlora.yaml --num_machines 4" in out
     assert "accelerate" not in dry()
 
 
@@ -294,3 +296,146 @@ def test_gathered_state_is_none_without_sharding():
     trainer = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
     assert sharding(trainer) is None and gathered_adapter_state(trainer) is None
     assert sharding(SimpleNamespace(is_fsdp_enabled=True)) == "fsdp"
+
+
+# ---------------------------------------------------------------------------------------------------- multi-node
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trace_env(root: Path, **extra) -> dict:
+    return dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        ADAPTERS_TRACE_DIR=str(root / "trace"),
+        ADAPTERS_TRACE_WATCH=str(root / "out"),
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
+
+
+def run_nodes(cmds: list[list[str]], envs: list[dict], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start one launcher per "node" at once (they rendezvous with each other) and wait for all, bounded."""
+    procs = [
+        subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c, e in zip(cmds, envs)
+    ]
+    out = []
+    try:
+        for c, p in zip(cmds, procs):
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def make_train_line(node_rank: int, port: int, overrides: dict) -> list[str]:
+    """The command `make train NPROC=2 ACCELERATE_CONFIG=multi-node NODE_RANK=.. MAIN_ADDR=127.0.0.1 MAIN_PORT=..`
+    runs, with the traced entry point in place of `-m adapters` (and the venv's accelerate)."""
+    import shlex
+
+    dry = subprocess.run(
+        ["make", "-n", "train", "NPROC=2", "ACCELERATE_CONFIG=multi-node", f"NODE_RANK={node_rank}"]
+        + ["MAIN_ADDR=127.0.0.1", f"MAIN_PORT={port}", "ARGS=" + shlex.join(_cli_args(overrides))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    words = shlex.split(dry.splitlines()[-1])
+    assert words[0].endswith("accelerate") and words[words.index("-m") + 1] == "adapters"
+    i = words.index("-m")
+    return [str(ACCELERATE), *words[1:i], str(REPO / "tests" / "_dist_entry.py"), *words[i + 2 :]]
+
+
+@pytest.fixture(scope="module")
+def multi_node_run(ddp_run, tmp_path_factory):
+    """The DDP run's recipe as 2 "nodes" x 1 process on localhost: two launches of the make train line."""
+    root = tmp_path_factory.mktemp("multinode")
+    ov = dict(ddp_run["overrides"], output_root=str(root / "out"), run_name="mn")
+    port = free_port()
+    done = run_nodes([make_train_line(r, port, ov) for r in (0, 1)], [trace_env(root)] * 2)
+    for r, p in enumerate(done):
+        assert p.returncode == 0, f"node {r}: " + p.stdout[-3000:] + p.stderr[-3000:]
+    traces = {r: json.loads((root / "trace" / f"rank{r}.json").read_text()) for r in (0, 1)}
+    return {"run": root / "out" / "mn", "traces": traces, "stdout": done[0].stdout + done[1].stdout}
+
+
+def adapter_max_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys()
+    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+
+
+def test_multi_node_world_manifest_and_adapter(multi_node_run, ddp_run):
+    manifest = json.loads((multi_node_run["run"] / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["world_size"] == 2
+    assert manifest["num_machines"] == 2  # two launches on one host: counted by node rank, not host name
+    assert [(r["rank"], r["node_rank"], r["local_rank"]) for r in manifest["ranks"]] == [(0, 0, 0), (1, 1, 0)]
+    assert all(r["host"] for r in manifest["ranks"])
+    single = json.loads((ddp_run["run"] / "manifest.json").read_text())
+    assert single["num_machines"] == 1 and [r["node_rank"] for r in single["ranks"]] == [0, 0]
+    # same seed, same effective batch (2 x 4) as the single-node 2-process run: the same adapter
+    assert manifest["effective_batch_size"] == single["effective_batch_size"] == 8
+    assert adapter_max_diff(multi_node_run["run"] / "adapter", ddp_run["run"] / "adapter") <= 1e-6
+    assert multi_node_run["stdout"].count("[run] ") == 1  # logging on global rank 0 only
+
+
+def test_multi_node_only_global_rank0_writes(multi_node_run):
+    rank1 = multi_node_run["traces"][1]["writes"]
+    assert [w for w in rank1 if "/checkpoints/.staging" not in w[1]] == []  # its RNG state only, as under DDP
+    assert multi_node_run["traces"][0]["writes"]
+    for ckpt in sorted((multi_node_run["run"] / "checkpoints").glob("checkpoint-*")):
+        assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE.json"} <= {p.name for p in ckpt.iterdir()}
+
+
+@pytest.mark.slow  # ~20 s; the fast suite forms the same 2 x 1 world through the make train line above
+def test_slurm_launch_line_two_nodes(ddp_run, tmp_path):
+    """scripts/slurm/launch.sh (what train.sbatch runs on each node through srun), with SLURM's variables set by
+    hand: 2 "nodes" x 1 process on localhost form one world and train the DDP run's adapter."""
+    ov = dict(ddp_run["overrides"], output_root=str(tmp_path / "out"), run_name="slurm")
+    common = dict(
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="localhost,otherhost",  # node 0 is the first host
+        GPUS_PER_NODE="1",
+        MAIN_PORT=str(free_port()),
+        ACCELERATE=str(ACCELERATE),
+        ENTRY=str(REPO / "tests" / "_dist_entry.py"),
+    )
+    cmd = ["bash", str(REPO / "scripts" / "slurm" / "launch.sh"), "gemma3-270m-demo", *_cli_args(ov)]
+    envs = [trace_env(tmp_path, SLURM_NODEID=str(r), **common) for r in (0, 1)]
+    done = run_nodes([cmd, cmd], envs)
+    for r, p in enumerate(done):
+        assert p.returncode == 0, f"node {r}: " + p.stdout[-3000:] + p.stderr[-3000:]
+        assert f"[slurm] node {r}/2" in p.stderr and "main localhost:" in p.stderr
+    manifest = json.loads((tmp_path / "out" / "slurm" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["num_machines"] == 2
+    assert adapter_max_diff(tmp_path / "out" / "slurm" / "adapter", ddp_run["run"] / "adapter") <= 1e-6
+    sbatch = (REPO / "scripts" / "slurm" / "train.sbatch").read_text()
+    assert "srun" in sbatch and "scripts/slurm/launch.sh" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
+
+
+def test_refused_run_under_launcher_prints_once(ddp_run, tmp_path):
+    """A user's mistake under `accelerate launch` (here: the run exists, no --resume): our line once, from rank 0,
+    no traceback from our processes, the launcher fails (exit 1), and its failure summary quotes our line."""
+    root = ddp_run["root"]
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    cmd += ["-m", "adapters", "train", "gemma3-270m-demo", *_cli_args(ddp_run["overrides"])]
+    proc = subprocess.run(cmd, env=trace_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=REPO)
+    line = f"adapters train: error: {root / 'out' / 'ddp'} already exists; pass --resume"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count(line) == 1 + 2, proc.stderr  # printed once; twice in the launcher's summary
+    assert proc.stderr.count("traceback : adapters train: error:") == 2  # rank 0 and rank 1 wrote the error file
+    assert "exitcode  : 2" in proc.stderr
+    ours = proc.stderr.split("Traceback (most recent call last)")[0]  # what precedes the launcher's own traceback
+    assert "adapters/" not in ours.replace(str(root), "")  # no frame of ours

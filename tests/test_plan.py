@@ -72,6 +72,37 @@ def test_plan_report_and_hub_fallback():
         assert part in text
 
 
+def test_plan_two_nodes_70b_qlora_fsdp2_offline(capsys):
+    """The worked example of docs/scale-out.md: 2 machines x 8 GPUs, 70B QLoRA under FSDP2, with the hub out of
+    reach: the real 70B shape (not the family's 1B default), sharded over all 16 processes, and the launch lines."""
+    from adapters.cli import main
+
+    argv = ["plan", "llama-3.2-1b-qlora", "--model_name_or_path", "meta-llama/Llama-3.1-70B", "--nodes", "2"]
+    argv += ["--gpus", "8", "--gpu-mem", "80", "--accelerate-config", "fsdp2-qlora"]
+    assert main([*argv, "--bnb_4bit_quant_storage", "bfloat16"]) == 0
+    text = capsys.readouterr().out
+    assert "built-in llama-3.1-70b config (hub not reachable" in text
+    assert "parameters: 70,553,706,496" in text  # meta-llama/Llama-3.1-70B: 70.6B
+    assert "16 process(es) on 2 machine(s), FSDP" in text and "(sharded over 16)" in text
+    assert "--num_machines 2 --num_processes 16 --machine_rank r" in text
+    assert "ACCELERATE_CONFIG=fsdp2-qlora GPUS_PER_NODE=8 sbatch --nodes 2" in text
+    assert main(argv) == 2  # the same without quant storage = compute dtype: preflight names the fix
+    assert "--bnb_4bit_quant_storage bfloat16" in capsys.readouterr().err
+
+
+def test_offline_config_never_plans_a_named_size_with_another():
+    from adapters.planning.memory import builtin_config_for
+    from adapters.utils.errors import PathNotFoundError
+
+    key, note = builtin_config_for("meta-llama/Llama-3.3-70B-Instruct", "OSError")
+    assert key == "llama-3.1-70b" and note.startswith("ASSUMED") and "size 70B" in note
+    key, note = builtin_config_for("someorg/llama-custom", "OSError")
+    assert key == "llama-3.2-1b" and "names no size" in note
+    assert builtin_config_for("meta-llama/Meta-Llama-3-8B", "OSError")[0] == "llama-3.1-8b"
+    with pytest.raises(PathNotFoundError, match="no built-in llama config of size 405B"):
+        builtin_config_for("meta-llama/Llama-3.1-405B", "OSError")
+
+
 def test_plan_unknown_model_and_fp16_gemma(tiny_models, capsys):
     from adapters.cli import main
 

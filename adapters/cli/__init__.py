@@ -52,5 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except AdaptersError as e:
-        print(f"adapters {args.verb}: error: {e}", file=sys.stderr)
+        _report(f"adapters {args.verb}: error: {e}", e)
         return 2
+
+
+def _report(line: str, e: AdaptersError) -> None:
+    """Print a user's mistake once. Under a launcher every process raises the same error: rank 0 prints it (or a
+    survivor that lost its peers, which may be any rank), and each writes it to torch elastic's error file, so the
+    launcher's failure summary names it instead of pointing at a traceback no one recorded."""
+    from adapters.training.distributed import PeerLostError
+
+    if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLostError):
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        try:
+            with open(error_file, "w") as fh:  # the format torch.distributed.elastic reads back
+                json.dump({"message": line, "timestamp": int(time.time())}, fh)
+        except OSError:
+            pass

@@ -16,7 +16,8 @@ def register(sub) -> None:
         "llama-3.2-1b-qlora --gpus 8 --gpu-mem 24 --accelerate-config fsdp2-qlora --smoke",
     )
     p.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per run (processes, unless --nproc)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per machine (processes, unless --nproc)")
+    p.add_argument("--nodes", type=int, default=1, help="machines; processes = nodes x gpus (default 1)")
     p.add_argument("--gpu-mem", type=float, default=24.0, help="memory of one GPU in GiB (default 24)")
     p.add_argument("--nproc", type=int, default=None, help="processes (overrides the accelerate config's)")
     p.add_argument(
@@ -37,7 +38,13 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     recipe, path = load_recipe(args.recipe, parse_overrides(rest))
     print(
         plan(
-            recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, nproc=args.nproc, accelerate_config=args.accelerate_config
+            recipe,
+            gpus=args.gpus,
+            gpu_mem_gib=args.gpu_mem,
+            nproc=args.nproc,
+            accelerate_config=args.accelerate_config,
+            nodes=args.nodes,
+            recipe_name=args.recipe,
         )
     )
     if args.smoke:

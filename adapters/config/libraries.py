@@ -40,6 +40,7 @@ SFT_DEFAULTS: dict[str, tuple[Any, str]] = {
     "bf16": (False, "TRL turns bf16 on by itself; the recipe's dtype decides precision here"),
     "report_to": ("tensorboard", "a local loss curve in outputs/<run>/tensorboard, no account needed"),
     "disable_tqdm": (False, "transformers hides the bar when its logger is quiet; we quiet it and want the bar"),
+    "ddp_timeout": (600, "a collective waits this long (s) for a lost process: 10 min, not torch's 30, ends a run"),
 }
 
 # Keys the pipeline sets (or that it cannot honour); a recipe may not give them. Names a library lacks are ignored.

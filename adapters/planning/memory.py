@@ -8,6 +8,7 @@ is downloaded or allocated.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,22 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": known_config("llama-3.2-1b", dtype="bfloat16", bos_token_id=128000, eos_token_id=128009),
     "qwen2.5-1.5b": known_config("qwen2.5-1.5b", dtype="bfloat16", bos_token_id=151643, eos_token_id=151645),
     "gemma-3-270m": known_config("gemma-3-270m", dtype="bfloat16"),
+    "llama-3.1-8b": known_config("llama-3.1-8b", dtype="bfloat16", bos_token_id=128000, eos_token_id=128001),
+    # meta-llama/Llama-3.1-70B config.json: the 8B block, wider and deeper (Llama 3.3 70B has the same shape)
+    "llama-3.1-70b": known_config(
+        "llama-3.1-8b",
+        dtype="bfloat16",
+        bos_token_id=128000,
+        eos_token_id=128001,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+    ),  # fmt: skip
 }
-# Family defaults (by model type in the id) when the exact size is not in KNOWN_CONFIGS.
+# Family defaults (by model type in the id) when the id names no size, or one of these sizes.
 FAMILY_OF = {"llama": "llama-3.2-1b", "qwen": "qwen2.5-1.5b", "gemma": "gemma-3-270m"}
+_SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?[bm])(?![a-z0-9])")  # "70b" in "llama-3.1-70b-instruct"
 
 
 # ---------------------------------------------------------------------------------------------------- model config
@@ -44,16 +58,39 @@ def model_config(recipe: Recipe) -> tuple[Any, str]:
         cfg = AutoConfig.from_pretrained(source, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
         return cfg, f"{source} (hub or local hub cache)"
     except Exception as e:  # offline, gated, or unknown id
-        key = next((k for k in KNOWN_CONFIGS if k in source.lower()), None)
-        key = key or next((v for f, v in FAMILY_OF.items() if f in source.lower()), None)
-        if key is None:
-            raise PathNotFoundError(
-                f"model {source!r}: config not reachable ({type(e).__name__}) and no built-in "
-                f"config for this family ({', '.join(KNOWN_CONFIGS)})"
-            ) from None
+        key, note = builtin_config_for(source, type(e).__name__)
         values = dict(KNOWN_CONFIGS[key])
         cfg = AutoConfig.for_model(values.pop("model_type"), **values)
-        return cfg, f"built-in {key} config (hub not reachable for {source!r})"
+        return cfg, f"built-in {key} config ({note})"
+
+
+def builtin_config_for(source: str, why: str) -> tuple[str, str]:
+    """The KNOWN_CONFIGS key to plan ``source`` with when its config cannot be read, and a note saying so.
+
+    An exact name wins; else the family's entry of the size the id names (Llama-3.3-70B: llama-3.1-70b's shape,
+    "assumed"); else, for an id naming no size, the family default ("assumed"). An id naming a size the table lacks
+    is refused: planning a 70B model with a 1B shape would print a plan off by 70x.
+    """
+    name = source.lower()
+    exact = next((k for k in KNOWN_CONFIGS if k in name), None)
+    if exact:
+        return exact, f"hub not reachable for {source!r}"
+    family = next((f for f in FAMILY_OF if f in name), None)
+    size = _SIZE.search(name.rsplit("/", 1)[-1])
+    known = ", ".join(KNOWN_CONFIGS)
+    if family is None:
+        raise PathNotFoundError(
+            f"model {source!r}: config not reachable ({why}) and no built-in config for this family ({known})"
+        )
+    same = [k for k in KNOWN_CONFIGS if family in k and size and _SIZE.search(k).group(1) == size.group(1)]
+    if size and not same:
+        raise PathNotFoundError(
+            f"model {source!r}: config not reachable ({why}) and no built-in {family} config of size "
+            f"{size.group(1).upper()} ({known}); give a local folder with its config.json as --model_name_or_path"
+        )
+    key = same[0] if same else FAMILY_OF[family]
+    what = f"same family and size {size.group(1).upper()}" if size else "the id names no size: family default"
+    return key, f"ASSUMED for {source!r}: {what}; hub not reachable"
 
 
 # ---------------------------------------------------------------------------------------------------- counting
@@ -225,7 +262,8 @@ def format_plan(recipe: Recipe, counts: Counts, est: Estimate, gpu_gib: float, s
     b = recipe.per_device_train_batch_size
     lines = [
         f"model config: {source}",
-        f"launch: {launch.source}, {launch.num_processes} process(es), {launch.distributed_type}",
+        f"launch: {launch.source}, {launch.num_processes} process(es) on {launch.num_machines} machine(s), "
+        f"{launch.distributed_type}",
         f"parameters: {counts.quantizable + counts.other:,} ({counts.quantizable:,} in quantizable linear layers); "
         f"LoRA {counts.lora:,} on {counts.lora_modules} modules",
         f"per-GPU memory estimate (sequence {est.tokens} tokens, micro-batch {b}):",
@@ -258,18 +296,40 @@ def plan(
     gpu_mem_gib: float = 24.0,
     nproc: int | None = None,
     accelerate_config: str | None = None,
+    nodes: int = 1,
+    recipe_name: str = "RECIPE",
 ) -> str:
-    """Preflight + estimate; returns the report text, raises PreflightError on a bad combination."""
+    """Preflight + estimate; returns the report text, raises PreflightError on a bad combination.
+
+    ``nodes`` machines of ``gpus`` GPUs each: nodes x gpus processes (``nproc`` overrides), and the launch lines.
+    """
     if accelerate_config:
-        launch = launch_from_config(accelerate_config, num_processes=nproc)
+        launch = launch_from_config(accelerate_config, num_processes=nproc or (nodes * gpus if nodes > 1 else None))
     else:
-        n = nproc or gpus
+        n = nproc or nodes * gpus
         launch = Launch(n, "MULTI_GPU" if n > 1 else "NO", source="plain DDP" if n > 1 else "single process")
+    if nodes > 1:
+        launch.num_machines = nodes
     config, source = model_config(recipe)
     check(recipe, launch, config)
     counts = count_parameters(config, recipe)
     est = estimate(recipe, counts, launch)
-    return "preflight: ok\n" + format_plan(recipe, counts, est, gpu_mem_gib, source, launch)
+    text = "preflight: ok\n" + format_plan(recipe, counts, est, gpu_mem_gib, source, launch)
+    return text + (launch_lines(launch, accelerate_config, recipe_name) if launch.num_machines > 1 else "")
+
+
+def launch_lines(launch: Launch, accelerate_config: str | None, recipe_name: str) -> str:
+    """How to start this plan on several machines: one launcher per machine (docs/scale-out.md)."""
+    config = Path(launch.source).stem if accelerate_config else "multi-node"
+    per = launch.num_processes // launch.num_machines
+    return (
+        f"\nlaunch: one launcher per machine, {per} process(es) each; on machine r = 0..{launch.num_machines - 1}:\n"
+        f"  accelerate launch --config_file adapters/accelerate_configs/{config}.yaml --num_machines "
+        f"{launch.num_machines} --num_processes {launch.num_processes} --machine_rank r --main_process_ip "
+        f"<machine 0> --main_process_port 29500 -m adapters train {recipe_name} ...\n"
+        f"  or on SLURM: ACCELERATE_CONFIG={config} GPUS_PER_NODE={per} sbatch --nodes {launch.num_machines} "
+        f"--gpus-per-node {per} scripts/slurm/train.sbatch {recipe_name} ..."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- smoke run

@@ -34,6 +34,7 @@ class Launch:
     zero3_save_16bit: bool | None = None
     fsdp_state_dict_type: str | None = None
     source: str = "single process"
+    num_machines: int = 1  # num_processes is the total over all machines, as in accelerate's configs
 
     @property
     def fsdp(self) -> bool:
@@ -76,6 +77,7 @@ def launch_from_config(path: str | Path, num_processes: int | None = None) -> La
         zero3_save_16bit=bool(ds.get("zero3_save_16bit_model", False)) if dist == "DEEPSPEED" else None,
         fsdp_state_dict_type=fsdp.get("fsdp_state_dict_type") if dist == "FSDP" else None,
         source=str(path),
+        num_machines=int(cfg.num_machines or 1),
     )
 
 

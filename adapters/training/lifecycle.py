@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapters.training.distributed import PeerLostError, is_peer_lost
 from adapters.utils.atomic import clear
 from adapters.utils.errors import AdaptersError
 
@@ -340,6 +341,19 @@ def data_changes(then: dict[str, Any] | None, now: dict[str, Any]) -> None:
         )
 
 
+def world_change(then: dict[str, Any], world_size: int) -> None:
+    """A resume runs with the number of processes the run started with: the data each process reads, the sampler's
+    order and the per-process RNG states in the checkpoints all follow it. Refused, naming the number to use."""
+    was = int(then.get("world_size") or 1)
+    if was != world_size:
+        raise ResumeError(
+            f"cannot resume: the run trained with {was} process(es) (effective batch "
+            f"{then.get('effective_batch_size')}), this launch has {world_size}; the data order and the checkpoint's "
+            f"per-process RNG states follow the number of processes. Resume with {was} process(es) "
+            f"(accelerate launch --num_processes {was} ...), or start a new run with another --run_name"
+        )
+
+
 def resume_event(step: int, changes: dict[str, list[Any]], previous: dict[str, Any]) -> dict[str, Any]:
     return {"step": step, "time": _now(), "changed": changes, "previous_status": previous.get("status")}
 
@@ -503,8 +517,28 @@ class Lifecycle:
                 self._reserve(False)
             self._record("failed", step=self._step(), reason=msg)
             raise DiskFullError(msg) from exc
+        if isinstance(exc, Exception) and self._world_size() > 1 and is_peer_lost(exc):
+            msg = self._peer_lost_message(exc)
+            self._record("failed", step=self._step(), reason=msg)
+            raise PeerLostError(msg) from exc
         if isinstance(exc, Exception):
             self._record("failed", step=self._step(), reason=f"{type(exc).__name__}: {exc}"[:2000])
+
+    def _world_size(self) -> int:
+        return int((self.manifest or {}).get("world_size") or os.environ.get("WORLD_SIZE", "1") or 1)
+
+    def _peer_lost_message(self, exc: BaseException) -> str:
+        """One line: what happened, the last complete checkpoint, and the resume (same number of processes)."""
+        from adapters.training.checkpoints import last_good_checkpoint
+
+        last = last_good_checkpoint(self.run / "checkpoints", log=lambda _m: None)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return (
+            f"another process of the run stopped during step {self._step() + 1} (rank {os.environ.get('RANK', '?')} "
+            f"of {self._world_size()} saw: {first}); the last complete checkpoint is "
+            f"{last if last else 'none'}; resume with --run_name {self.run.name} --resume and "
+            f"{self._world_size()} processes"
+        )
 
     def _record(self, status: str, **details: Any) -> None:
         if self.manifest is None or self.lock is None:  # nothing recorded yet, or not the writing process

@@ -98,7 +98,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False, callbacks: Se
     """
     from adapters.training.distributed import process_state
 
-    state = process_state()  # gloo world on CPU, NCCL on GPUs; a bare PartialState() on CPU reports 1 process
+    state = process_state(recipe.ddp_timeout)  # gloo on CPU, NCCL on GPUs; a bare PartialState() on CPU: 1 process
     t0 = time.time()
     set_seed(recipe.seed)
     claim = _claim_run_dir(recipe, recipe_path, resume, state)
@@ -113,6 +113,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False, callbacks: Se
 def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life, t0: float) -> None:
     from adapters.data.pipeline import packing_guard, prepare_data
     from adapters.planning.preflight import before_train
+    from adapters.training.distributed import world_record
 
     run, resume_from = claim["run"], claim["resume_from"]
     ref = resolve_model(recipe.model_name_or_path)
@@ -125,7 +126,9 @@ def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life,
     previous = claim["previous"]
     if previous:
         lifecycle.data_changes(previous.get("data"), data_report)  # same files, but not the same contents?
+        lifecycle.world_change(previous, state.num_processes)
     manifest = _new_manifest(recipe, recipe_path, run, ref, tok, data_report, state.num_processes)
+    manifest.update(world_record(state))  # machines and each rank's host (a collective)
     if previous:
         _as_resumed(manifest, previous, claim["changes"], resume_from)
     if state.is_main_process:
