@@ -5,8 +5,9 @@ Same model, quantization, LoRA, data, batch, learning rate, seed and steps in al
 
 - ``plain TRL``: the base loaded with the recipe's ``BitsAndBytesConfig``, a prompt/completion dataset of the
   recipe's training rows, ``SFTTrainer(peft_config=LoraConfig(...))`` and ``SFTConfig`` with TRL's defaults (gradient
-  checkpointing on, every position through the LM head). Only the precision follows the recipe: TRL's ``bf16``
-  default would compute something else, and the loss gate would rightly fail.
+  checkpointing on, every position through the LM head, LoRA cast to bfloat16 on a quantized base). Only the
+  precision follows the recipe: TRL's ``bf16`` default would compute something else, and the loss gate would rightly
+  fail.
 - ``recipe``: our training path (adapters/training: data stage, base loading, LoRA, ``build_trainer`` and its
   switches) with ``base_kl_weight: 0``.
 - ``recipe+guard``: the same, with the recipe's forgetting guard.
@@ -69,6 +70,7 @@ class _Recorder:
 
 
 def _row(path: str, rec: _Recorder, clock, warmup: int, mem: dict[str, Any], t0: float) -> dict[str, Any]:
+    trained = [p for p in rec.trainer.model.parameters() if p.requires_grad]
     last = max(clock.marks)
     tokens = sum(n for step, n in rec.tokens if step > warmup)
     dt, dt_cpu = clock.marks[last] - clock.marks[warmup], clock.cpu[last] - clock.cpu[warmup]
@@ -85,6 +87,8 @@ def _row(path: str, rec: _Recorder, clock, warmup: int, mem: dict[str, Any], t0:
         **({"rss_rise_gib": round(mem["rise_gib"], 4)} if "rise_gib" in mem else {}),
         "time_to_first_step_s": round(clock.marks[1] - t0, 2),
         "losses": rec.losses,
+        # TRL casts LoRA to bfloat16 on a quantized base (QLoRA's recipe); ours keeps the recipe's adapter_dtype
+        "adapter_dtype": str(trained[0].dtype).removeprefix("torch.") if trained else None,
     }
 
 
