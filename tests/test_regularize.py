@@ -87,8 +87,8 @@ def test_base_forward_cut_at_the_last_sampled_position_gives_the_same_kl(tiny_mo
     inputs = {"input_ids": ids, "attention_mask": am, "labels": labels}
     body = model.get_base_model().model
     widths, results = [], []
+    orig = guard._up_to
     for cut in (True, False):
-        orig = guard._up_to
         guard._up_to = (lambda i, w, n: widths.append(w) or orig(i, w, n)) if cut else (lambda i, w, n: orig(i, n, n))
         try:
             model.zero_grad()
