@@ -386,6 +386,12 @@ class BenchOptions:
     gate_batches: int = _option(2, "first micro-batches whose losses must agree")
     out: str | Path = _option("outputs/bench", "where bench.json and bench.md go")
     threads: int = _option(1, "torch CPU threads during a CPU bench (1: steadiest on a shared machine)")
+    recipe: str | None = _option(
+        None,
+        "instead of a shape: this recipe's model, data, LoRA, batch and steps, plain TRL vs our path (guard off, as "
+        "the recipe says; adapters/bench/recipe.py); --steps, --warmup, --gate-batches and --out apply, other "
+        "--key value pairs override the recipe",
+    )
 
     def resolved(self, cuda: bool) -> BenchOptions:
         """These options with every unset one (None or 0; warmup: None only) taken from defaults(cuda)."""

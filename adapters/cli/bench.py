@@ -24,12 +24,7 @@ def register(sub) -> None:
         epilog="examples: adapters bench --scenarios ragged --padding_free false  (force a switch); "
         "adapters bench --recipe gemma3-270m-demo --steps 10  (a recipe: plain TRL vs our path, guard off and on)",
     )
-    p.add_argument(
-        "--recipe",
-        default=None,
-        help="bench this recipe's model, data, LoRA, batch and steps: plain TRL vs our path (guard off, as the "
-        "recipe says); --steps, --warmup, --gate-batches and --out apply; other --key value pairs override the recipe",
-    )
+
     hints = typing.get_type_hints(BenchOptions)
     for f in dataclasses.fields(BenchOptions):
         kw = {"type": _flag_type(hints[f.name]), **f.metadata}
