@@ -210,3 +210,33 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(tiny_models, t
     assert any(g.abs().sum() > 0 for g in gc.values())
     p = fast.plan({"trained_positions_only": False}, attn_implementation="sdpa", per_device_batch=8, cuda=False)
     assert p.trained_positions_only is False and p.report()["trained_positions_only"]["source"] == "recipe"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_recipe_bench_runs_three_paths_and_writes_the_comparisons(tiny_models, tiny_data, tmp_path, dropout):
+    """adapters bench --recipe on a tiny model: plain TRL, guard off, guard on; the same task losses on the first
+    batches (our data stage and TRL's prompt/completion tokenisation agree, the guard's KL is left out)."""
+    from adapters.bench.recipe import RecipeBenchOptions, bench_recipe
+    from adapters.cli import main
+
+    overrides = tiny_overrides(
+        tiny_models["gemma3"], tiny_data, tmp_path / "runs", base_kl_weight=1.0, lora_dropout=dropout
+    )
+    res = bench_recipe(
+        RecipeBenchOptions("gemma3-270m-demo", steps=3, out=tmp_path / "out", overrides=overrides), log=lambda *_: None
+    )
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["path"] for r in saved["rows"]] == ["plain TRL", "recipe", "recipe+guard"]
+    assert [c["scenario"] for c in saved["comparisons"]] == ["recipe", "recipe+guard"]
+    for c in saved["comparisons"]:
+        assert c["speedup"] > 0 and c["gate"]["verdict"] == "PASS", c
+    assert "guard_extra_step_time" in saved["comparisons"][1]
+    plain, off, guard = saved["rows"]
+    assert plain["gradient_checkpointing"] is True and off["gradient_checkpointing"] is False  # TRL's default, ours
+    assert off["guard"]["base_kl_weight"] == 0.0 and guard["guard"]["base_kl_weight"] == 1.0
+    assert all(r["real_tokens"] > 0 and len(r["losses"]) == 2 for r in saved["rows"])
+    assert res["table"] == (tmp_path / "out" / "bench.md").read_text().strip()
+    if dropout:
+        return
+    args = ["bench", "--recipe", "gemma3-270m-demo", "--steps", "1", "--out", str(tmp_path / "o2")]
+    assert main(args) == 2  # 1 step leaves nothing to time after the warmup step: one line, exit 2

@@ -357,3 +357,74 @@ def test_trained_positions_only_is_scoped_to_the_training_call(tiny_models, tiny
     train_mod.train(recipe, path, callbacks=[Spy()])
     assert seen == [True]
     assert trl_utils._use_triton is original
+
+
+def test_materialized_lm_head_matches_trl_chunked_kernel():
+    """trained_positions_only swaps trl.trainer.utils._ChunkedLogProbFunction for MaterializedLogProb (same apply()
+    arguments and outputs): values and gradients must equal TRL's kernel's, and TRL's is back afterwards."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    from adapters.compat.trl import MaterializedLogProb, trained_positions_only
+
+    params = list(inspect.signature(ChunkedLogProbFunction.forward).parameters)[1:]
+    assert params == [
+        "hidden",
+        "weight",
+        "bias",
+        "targets",
+        "temperature",
+        "chunk_size",
+        "final_logit_softcapping",
+        "logit_scale",
+        "outputs",
+    ], "TRL's chunked log-prob kernel changed its arguments"
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(300, 16, generator=g), torch.randn(300, generator=g)
+    targets = torch.randint(0, 300, (7,), generator=g)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    for scale, temperature in ((1.0, 1.0), (0.5, 0.7)):
+        got = []
+        for kernel in (ChunkedLogProbFunction, MaterializedLogProb):
+            h = torch.randn(7, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+            out = kernel.apply(h, w, b, targets, temperature, 64, None, scale, outputs)
+            (out[0] * torch.arange(7.0)).sum().backward()
+            got.append([*out, h.grad, w.grad, b.grad])
+        for want, have in zip(*got):
+            torch.testing.assert_close(have.float(), want.float(), rtol=1e-4, atol=1e-5)
+    before = trl_utils._ChunkedLogProbFunction
+    with trained_positions_only(True):
+        assert trl_utils._ChunkedLogProbFunction is MaterializedLogProb
+        assert MaterializedLogProb.original is before
+    assert trl_utils._ChunkedLogProbFunction is before
+
+
+def test_materialized_lm_head_gives_the_fused_forwards_loss(tiny_models, monkeypatch):
+    """Through TRL's fused LM head (labelled positions only): the same loss and gradients with either kernel."""
+    from trl.trainer import utils as trl_utils
+
+    from adapters.compat.trl import trained_positions_only
+
+    _trl_original_use_triton(monkeypatch)
+    model, ids, labels = _fused_llama(tiny_models)
+    results = []
+    for materialize in (False, True):
+        model.zero_grad()
+        if materialize:
+            with trained_positions_only(True):
+                assert trl_utils._ChunkedLogProbFunction.__name__ == "MaterializedLogProb"
+                out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        else:
+            monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)  # TRL's kernel, labelled only
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            monkeypatch.undo()
+            _trl_original_use_triton(monkeypatch)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((out.loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

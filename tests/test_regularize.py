@@ -61,6 +61,87 @@ def test_kl_is_zero_for_a_fresh_adapter_and_has_gradients_after(tiny_models, tin
 def test_recipe_checks_base_kl_values(tiny_models, tiny_data, tmp_path):
     with pytest.raises(RecipeError, match="base_kl_weight"):
         load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, base_kl_weight=-1))
+    with pytest.raises(RecipeError, match="base_kl_every"):
+        load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, base_kl_every=0))
+
+
+def test_base_forward_cut_at_the_last_sampled_position_gives_the_same_kl(tiny_models, tiny_data, tmp_path):
+    """The base runs only up to the last sampled position (attention is causal): the KL and its gradients are those
+    of the full-length base forward, and the base really ran on fewer positions."""
+    import adapters.training.forgetting_guard as guard
+    from adapters.model.loading import load_model
+    from adapters.model.lora import attach_lora
+    from adapters.model.sources import resolve_model
+
+    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(tiny_models["llama"], tiny_data, tmp_path))
+    model = attach_lora(load_model(resolve_model(recipe.model_name_or_path), recipe), recipe)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    ids = torch.randint(3, 90, (3, 16))
+    labels = ids.clone()
+    labels[:, :9] = -100  # the prompt: positions 0..7 predict an unlabelled token
+    am = torch.ones_like(ids)
+    am[2, 12:] = 0  # a padded row
+    inputs = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    body = model.get_base_model().model
+    widths, results = [], []
+    orig = guard._up_to
+    for cut in (True, False):
+        guard._up_to = (lambda i, w, n: widths.append(w) or orig(i, w, n)) if cut else (lambda i, w, n: orig(i, n, n))
+        try:
+            model.zero_grad()
+            h = body(input_ids=ids, attention_mask=am).last_hidden_state
+            kl = kl_to_base(model, inputs, h, 0)
+            kl.backward()
+        finally:
+            guard._up_to = orig
+        results.append((kl.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert widths == [8]
+    (k_cut, g_cut), (k_full, g_full) = results
+    assert k_full > 0
+    torch.testing.assert_close(k_cut, k_full, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g_cut, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_base_kl_every_k_steps_with_k_times_the_weight(tiny_models, tiny_data, tmp_path):
+    """base_kl_every: 2 adds the term on steps 0, 2, 4 ... only, at twice the weight; the task loss is kept apart."""
+    from adapters.data.encode import encode_rows, to_dataset
+    from adapters.data.validate import read_rows
+    from adapters.model.loading import load_model, load_tokenizer
+    from adapters.model.lora import attach_lora
+    from adapters.model.sources import resolve_model
+    from adapters.training.trainer import build_trainer
+
+    recipe, _ = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(tiny_models["llama"], tiny_data, tmp_path, base_kl_weight=0.5, base_kl_every=2),
+    )
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+    enc, _ = encode_rows(tok, read_rows(recipe.train_file)[:4], recipe.max_length)
+    model = attach_lora(load_model(ref, recipe), recipe)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # a non-zero KL from the first step
+    ds = to_dataset(enc)
+    trainer, _ = build_trainer(model, tok, recipe, tmp_path / "run", ds, None)
+    batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(4)]))
+    model.train()
+    seen = {}
+    for step in (0, 1, 2):
+        trainer.state.global_step = step
+        trainer._metrics["train"]["base_kl"].clear()
+        total = float(trainer.compute_loss(model, dict(batch)).detach())
+        kl = trainer._metrics["train"]["base_kl"]
+        seen[step] = (total, trainer.last_task_loss, list(kl))
+    assert seen[1][2] == [] and seen[1][0] == pytest.approx(seen[1][1])  # no KL on an odd step
+    for step in (0, 2):
+        total, task, kl = seen[step]
+        assert len(kl) == 1 and kl[0] > 0
+        assert total == pytest.approx(task + 2 * 0.5 * kl[0], rel=1e-5)
 
 
 @pytest.fixture(scope="module")

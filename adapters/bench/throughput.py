@@ -234,8 +234,6 @@ def _train(
     model = _load_model(setup, model_dir, attn, cuda)
     sw = switches.sft_kwargs() if switches is not None else {}
     compact = bool(switches.values.get("trained_positions_only")) if switches is not None else False
-    if fast.compact_hook_available():
-        fast.enable_trained_positions_only(compact)  # the baseline keeps TRL's own choice
     gckpt = switches.values.get("gradient_checkpointing", True) if switches is not None else True
     args = _sft_config(setup, out_dir, cuda, gckpt, sw)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -250,7 +248,10 @@ def _train(
         callbacks=[clock],
         keep_losses=setup.gate_batches,
     )
-    trainer.train()
+    from adapters.compat.trl import trained_positions_only
+
+    with trained_positions_only(compact and fast.compact_hook_available()):  # the baseline keeps TRL's own choice
+        trainer.train()
     return _Trained(trainer, clock, gckpt, sw)
 
 
@@ -288,31 +289,35 @@ def _row(setup: Setup, path: str, run: _Trained, attn: str, t0: float, peak: flo
     }
 
 
+@contextmanager
+def peak_memory():
+    """The block's peak memory, filled in on exit: ``peak_gib`` and ``kind`` (CUDA max allocated, or the process's
+    peak RSS on CPU, with ``rise_gib`` over its level at the start, leftovers of an earlier run collected first)."""
+    cuda = torch.cuda.is_available()
+    out: dict[str, Any] = {}
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        yield out
+        out.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, kind="cuda_max_allocated")
+        return
+    with PeakRSS(free_first=True) as mem:
+        yield out
+    out.update(peak_gib=mem.peak / 2**30, kind="peak_rss", rise_gib=(mem.peak - mem.start) / 2**30)
+
+
 def run_one(
     setup: Setup, path: str, model_dir: Path, ds, switches: fast.Plan | None, attn: str, out_dir: Path
 ) -> dict[str, Any]:
     """Train setup.steps steps; switches None is the plain baseline."""
     cuda = torch.cuda.is_available()
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    mem = PeakRSS(free_first=True) if not cuda else None
-    if mem:
-        mem.__enter__()
-    t0 = time.perf_counter()
-    try:
+    with peak_memory() as mem:
+        t0 = time.perf_counter()
         run = _train(setup, model_dir, ds, switches, attn, out_dir, cuda)
-    finally:
-        if mem:
-            mem.__exit__(None, None, None)
-    if cuda:
-        peak, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
-    else:
-        peak, peak_kind = mem.peak / 2**30, "peak_rss"
-    row = _row(setup, path, run, attn, t0, peak, peak_kind)
-    if mem:
-        row["rss_rise_gib"] = round((mem.peak - mem.start) / 2**30, 4)
+    row = _row(setup, path, run, attn, t0, mem["peak_gib"], mem["kind"])
+    if "rise_gib" in mem:
+        row["rss_rise_gib"] = round(mem["rise_gib"], 4)
     if switches is not None:
         row["switches"] = switches.report()
     del run
@@ -381,6 +386,12 @@ class BenchOptions:
     gate_batches: int = _option(2, "first micro-batches whose losses must agree")
     out: str | Path = _option("outputs/bench", "where bench.json and bench.md go")
     threads: int = _option(1, "torch CPU threads during a CPU bench (1: steadiest on a shared machine)")
+    recipe: str | None = _option(
+        None,
+        "instead of a shape: this recipe's model, data, LoRA, batch and steps, plain TRL vs our path (guard off, as "
+        "the recipe says; adapters/bench/recipe.py); --steps, --warmup, --gate-batches and --out apply, other "
+        "--key value pairs override the recipe",
+    )
 
     def resolved(self, cuda: bool) -> BenchOptions:
         """These options with every unset one (None or 0; warmup: None only) taken from defaults(cuda)."""

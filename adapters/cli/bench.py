@@ -1,4 +1,5 @@
-"""adapters bench [--model M] [--switch value …] -> adapters.bench.throughput.bench; flags built from BenchOptions."""
+"""adapters bench [--model M] [--switch value …] -> adapters.bench.throughput.bench; flags built from BenchOptions.
+adapters bench --recipe RECIPE [--steps N] [--key value …] -> adapters.bench.recipe.bench_recipe."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="plain TRL+PEFT baseline vs our path: tokens/s, memory, MFU, loss gate",
-        epilog="example: adapters bench --scenarios ragged --padding_free false  (force a switch)",
+        epilog="examples: adapters bench --scenarios ragged --padding_free false  (force a switch); "
+        "adapters bench --recipe gemma3-270m-demo --steps 10  (a recipe: plain TRL vs our path, guard off and on)",
     )
+
     hints = typing.get_type_hints(BenchOptions)
     for f in dataclasses.fields(BenchOptions):
         kw = {"type": _flag_type(hints[f.name]), **f.metadata}
@@ -31,8 +34,28 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     """Exit 1 when a comparison's loss gate fails (its speed figures would compare different computations)."""
-    from adapters.bench.throughput import BenchOptions, bench, passed
+    from adapters.bench.throughput import passed
     from adapters.config import parse_overrides
 
+    overrides = parse_overrides(rest)
+    if args.recipe:
+        result = _recipe_bench(args, overrides)
+    else:
+        result = _shape_bench(args, overrides)
+    return 0 if passed(result) else 1
+
+
+def _shape_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    from adapters.bench.throughput import BenchOptions, bench
+
     options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
-    return 0 if passed(bench(options, overrides=parse_overrides(rest))) else 1
+    return bench(options, overrides=overrides)
+
+
+def _recipe_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    from adapters.bench.recipe import RecipeBenchOptions, bench_recipe
+
+    warmup = 1 if args.warmup is None else args.warmup
+    return bench_recipe(
+        RecipeBenchOptions(args.recipe, args.steps, warmup, args.gate_batches, args.out, overrides=overrides)
+    )

@@ -2,6 +2,9 @@
 
 - ``trl.trainer.utils._use_triton``: the fused LM head's "score only the labelled positions" decision, widened to
   eager CPU/MPS by ``enable_trained_positions_only``.
+- ``trl.trainer.utils._ChunkedLogProbFunction``: the fused LM head's kernel, called as ``.apply(hidden, weight, bias,
+  targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`` and returning ``(log_probs,
+  entropy, log_sum_sq_probs, mean_logits, is_top1)``; ``trained_positions_only`` swaps in ``MaterializedLogProb``.
 - ``SFTTrainer._metrics``: the per-mode lists ``SFTTrainer.log`` averages into each log line; ``log_metric``
   appends to it.
 - ``SFTTrainer._total_train_tokens``: the running count logged as ``num_tokens``, set to 0 in ``__init__`` and kept
@@ -50,21 +53,112 @@ def enable_trained_positions_only(on: bool = True) -> None:
     trl_utils._use_triton = use_compact
 
 
+# Logits of at most this many elements ([labelled positions, vocabulary]) are materialised; two such fp32 tensors live
+# at once in the forward, one until backward: 2**26 elements = 256 MiB each.
+MATERIALIZE_MAX_ELEMENTS = 2**26
+
+
+def _materialized_class():
+    import torch
+
+    class _Materialized(torch.autograd.Function):
+        """Log-probabilities from one materialised logits matrix; its softmax is kept for the backward."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, scale, outputs):
+            ctx.set_materialize_grads(False)
+            z = torch.nn.functional.linear(
+                hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+            )
+            z = z.float()
+            if scale != 1.0:
+                z.mul_(scale)
+            target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            top1 = z.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL's kernel
+            mean = z.mean(-1) if "mean_logits" in outputs else None
+            z.sub_(z.amax(-1, keepdim=True).detach())  # in place: one [N, V] buffer for the logits
+            m = target - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # the row maxima
+            e = torch.exp(z)
+            s = e.sum(-1)
+            entropy = None
+            if "entropy" in outputs:  # log s - E_p[z - max], a batched dot product: no third [N, V] buffer
+                entropy = torch.log(s) - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s
+            del z
+            sq = torch.log((e * e).sum(-1)) - 2 * torch.log(s) if "log_sum_sq_probs" in outputs else None
+            p = e.div_(s.unsqueeze(-1))
+            ctx.save_for_backward(hidden, weight, bias, targets, p)
+            ctx.scale = scale
+            log_probs = target - m - torch.log(s)
+            ctx.mark_non_differentiable(*(x for x in (entropy, sq, mean, top1) if x is not None))
+            return log_probs, entropy, sq, mean, top1
+
+        @staticmethod
+        def backward(ctx, grad_log_probs, grad_entropy, *_):
+            if grad_entropy is not None:
+                raise NotImplementedError("MaterializedLogProb: no gradient through the entropy; unpatch TRL")
+            hidden, weight, bias, targets, p = ctx.saved_tensors
+            if grad_log_probs is None:
+                return None, None, None, None, None, None
+            g = grad_log_probs.float()
+            grad_z = p.mul_(-g.unsqueeze(-1))  # d log p_t / d z = onehot(t) - p; p is not needed again
+            grad_z.scatter_add_(-1, targets.unsqueeze(-1), g.unsqueeze(-1))
+            if ctx.scale != 1.0:
+                grad_z.mul_(ctx.scale)
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            grad_h = (grad_z @ weight.float()).to(hidden.dtype) if need_h else None
+            grad_w = (grad_z.t() @ hidden.float()).to(weight.dtype) if need_w else None
+            grad_b = grad_z.sum(0).to(bias.dtype) if need_b else None
+            return grad_h, grad_w, grad_b, None, None, None
+
+    return _Materialized
+
+
+class MaterializedLogProb:
+    """TRL's ``ChunkedLogProbFunction`` for eager CPU/MPS when the labelled positions' logits fit in memory.
+
+    TRL's kernel never materialises the ``[N, vocab]`` logits: its backward recomputes every tile, so its LM head
+    costs three matmuls instead of two, plus tile bookkeeping in eager torch. With only the labelled positions left
+    (``_use_triton`` widened) the logits are small (demo: ~128 x 262k), and one matmul with in-place softmax does
+    the same work. Same outputs and gradients (tests/test_compat.py). The entropy, as every extra output, comes
+    without a gradient (SFTTrainer only logs it; a backward through it raises). Anything else (CUDA, large N,
+    soft-capped logits) goes to TRL's kernel.
+    """
+
+    original = None  # TRL's class, set by trained_positions_only
+    _fn = None
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=None):
+        orig = MaterializedLogProb.original
+        if outputs is None:
+            from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS as outputs
+        big = hidden.shape[0] * weight.shape[0] > MATERIALIZE_MAX_ELEMENTS
+        if orig is not None and (hidden.device.type not in ("cpu", "mps") or big or softcap is not None):
+            return orig.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
+        if MaterializedLogProb._fn is None:
+            MaterializedLogProb._fn = _materialized_class()
+        return MaterializedLogProb._fn.apply(hidden, weight, bias, targets, logit_scale / temperature, tuple(outputs))
+
+
 @contextmanager
 def trained_positions_only(on: bool):
-    """``enable_trained_positions_only`` for the duration of a block only; TRL's own decision is back afterwards, so
-    a run leaves no changed module state behind it."""
+    """``enable_trained_positions_only`` for the duration of a block only, with the labelled positions' logits
+    computed in one matmul where they fit (``MaterializedLogProb``); TRL's own decision and kernel are back
+    afterwards, so a run leaves no changed module state behind it."""
     if not on:
         yield
         return
     from trl.trainer import utils as trl_utils
 
-    before = trl_utils._use_triton
+    before, kernel = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
     enable_trained_positions_only(True)
+    if kernel is not MaterializedLogProb:
+        MaterializedLogProb.original = kernel
+        trl_utils._ChunkedLogProbFunction = MaterializedLogProb
     try:
         yield
     finally:
-        trl_utils._use_triton = before
+        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = before, kernel
 
 
 def log_metric(trainer, name: str, value: float, mode: str = "train") -> None:

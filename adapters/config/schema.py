@@ -119,6 +119,9 @@ class TrainingKeys:
     stays the base's. 0 turns it off. Costs one no-grad base forward per step."""
     base_kl_positions: int = 16
     """Unlabelled positions sampled per sequence for base_kl_weight (0 = all of them)."""
+    base_kl_every: int = 1
+    """Apply the base_kl_weight term on every k-th optimizer step only, weighted by k (same expected pull, 1/k of
+    its cost)."""
     save_on_interrupt: bool = True
     """On Ctrl-C or SIGTERM, finish the current step and save a checkpoint before stopping, so --resume continues
     from there."""
@@ -233,6 +236,8 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"base_kl_weight: must be >= 0, got {self.base_kl_weight}")
         if self.base_kl_positions < 0:
             raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")
+        if self.base_kl_every < 1:
+            raise RecipeError(f"base_kl_every: must be >= 1, got {self.base_kl_every}")
         if self.bf16 and self.fp16:
             raise RecipeError("bf16 and fp16 are exclusive")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):

@@ -10,7 +10,7 @@ from adapters.data.encode import prompts_and_answers
 from adapters.data.validate import read_rows
 from adapters.evaluation import metrics as M
 from adapters.evaluation.forgetting import probe
-from adapters.evaluation.generation import answer_budget, generate_answers
+from adapters.evaluation.generation import answer_budget, generate_answers, single_line
 from adapters.evaluation.plots import plot_confusion, plot_curves, plot_task_metrics
 from adapters.evaluation.report import write_report
 from adapters.utils.atomic import write_json
@@ -40,11 +40,13 @@ def evaluate_model(
     if references:
         budget = recipe.eval_max_new_tokens or answer_budget(tok, references)
         evaluation["max_new_tokens"] = budget
+        one_line = single_line(references)  # then only the first line is scored: generation stops at a newline
+        evaluation["scored_first_line"] = one_line
         for side in (["base"] if base else []) + ["tuned"]:
             ctx = model.disable_adapter() if side == "base" else nullcontext()
             with ctx:
                 preds[side] = generate_answers(
-                    model, tok, conversations, budget, recipe.eval_generation_batch_size, f"{side} model"
+                    model, tok, conversations, budget, recipe.eval_generation_batch_size, f"{side} model", one_line
                 )
             scores = M.task_scores(preds[side], references, recipe.labels, recipe.rouge_l)
             scores["samples"] = [{"expected": r, "got": p} for p, r in list(zip(preds[side], references))[:5]]

@@ -119,12 +119,14 @@ def encode_probe(tok, passages: list[str], max_length: int, token_budget: int) -
 
 
 @torch.no_grad()
-def perplexity(model, chunks: list[list[int]]) -> float:
+def perplexity(model, chunks: list[list[int]], desc: str = "forgetting probe") -> float:
     """exp(mean next-token loss over every probe token); one passage per forward, so no padding is involved."""
+    from tqdm.auto import tqdm
+
     model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for ids in chunks:
+    for ids in tqdm(chunks, desc=desc, unit="passage"):
         x = torch.tensor([ids], device=device)
         loss = model(input_ids=x, labels=x).loss.float().item()
         nll += loss * (len(ids) - 1)
@@ -146,12 +148,12 @@ def probe(model, tok, recipe, base: bool = True, log=print) -> dict[str, Any]:
         "passages": len(chunks),
         "sha256": digest,
     }
-    ppl_tuned = perplexity(model, chunks)
+    ppl_tuned = perplexity(model, chunks, "forgetting probe (tuned)")
     out["ppl_tuned"] = round(ppl_tuned, 4)
     if base:
         ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         with ctx:
-            ppl_base = perplexity(model, chunks)
+            ppl_base = perplexity(model, chunks, "forgetting probe (base)")
         out["ppl_base"] = round(ppl_base, 4)
         out["rise"] = round((ppl_tuned - ppl_base) / ppl_base, 4)
     else:

@@ -1,4 +1,5 @@
-"""Scoring: greedy generation with the run's chat template, stopped at EOS / end of turn, and exact match."""
+"""Scoring: greedy generation with the run's chat template, stopped at EOS / end of turn (and, for single-line
+answers, at the first newline), batched by prompt length, and exact match."""
 
 from __future__ import annotations
 
@@ -20,10 +21,50 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)) / len(references)
 
 
+def single_line(references: list[str]) -> bool:
+    """Every reference answer is one line: a prediction is then scored on its first line only, so generation may
+    stop at the first newline."""
+    return bool(references) and all("\n" not in r.strip() for r in references)
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0]
+
+
 def answer_budget(tok, references: list[str], margin: int = 8) -> int:
     """Enough new tokens for the longest reference answer plus its end-of-turn token and a margin."""
     longest = max((len(tok(r, add_special_tokens=False)["input_ids"]) for r in references), default=16)
     return longest + margin
+
+
+def _newline_stop(tok):
+    """A stopping criterion: a row is done once its last token decodes to text holding a newline.
+
+    transformers' ``stop_strings`` builds a table over the whole vocabulary first (seconds for Gemma's 262k tokens,
+    per ``generate`` call); decoding only the tokens generated, once each, costs nothing. A newline is one byte, so
+    no token that holds part of another character can hold it.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class NewlineStop(StoppingCriteria):
+        def __init__(self):
+            self.seen: dict[int, bool] = {}
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = []
+            for t in input_ids[:, -1].tolist():
+                if t not in self.seen:
+                    self.seen[t] = "\n" in tok.decode([t])
+                done.append(self.seen[t])
+            return torch.tensor(done, device=input_ids.device)
+
+    return StoppingCriteriaList([NewlineStop()])
+
+
+def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length (longest first), so a batch pads little and its rows finish together."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -34,8 +75,10 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int = 16,
     desc: str = "generate",
+    one_line: bool = False,
 ) -> list[str]:
-    """Greedy answers for each conversation; decoding stops at EOS or the template's end-of-turn token."""
+    """Greedy answers for each conversation, in their order; decoding stops at EOS or the template's end-of-turn
+    token and, with ``one_line``, at the first newline (the answer is then its first line: see ``single_line``)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -43,9 +86,11 @@ def generate_answers(
     tok.padding_side = "left"
     stops = stop_token_ids(tok)
     texts = [render(tok, c, add_generation_prompt=True) for c in conversations]
-    out: list[str] = []
-    for i in tqdm(range(0, len(texts), batch_size), desc=desc, total=math.ceil(len(texts) / batch_size)):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    newline = {"stopping_criteria": _newline_stop(tok)} if one_line else {}
+    out: list[str] = [""] * len(texts)
+    for batch in tqdm(by_length(lengths, batch_size), desc=desc, total=math.ceil(len(texts) / batch_size)):
+        enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -55,9 +100,11 @@ def generate_answers(
             temperature=None,
             top_p=None,
             top_k=None,
+            **newline,
         )
-        for row in gen[:, enc["input_ids"].shape[1] :]:
+        for i, row in zip(batch, gen[:, enc["input_ids"].shape[1] :]):
             ids = row.tolist()
             cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-            out.append(tok.decode(ids[:cut], skip_special_tokens=True))
+            text = tok.decode(ids[:cut], skip_special_tokens=True)
+            out[i] = first_line(text) if one_line else text
     return out

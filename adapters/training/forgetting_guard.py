@@ -9,8 +9,11 @@ off, and the inputs are the positions of each training row that carry no label (
     loss = cross-entropy(answer tokens) + base_kl_weight * KL(p_base || p_tuned) at sampled unlabelled positions
 
 The answer tokens are free to change; everything else is pulled back to what the base predicted. Cost per step: one
-no-grad forward of the base body and the LM head at ``base_kl_positions`` positions per row (the vocabulary
-projection is the expensive part of a small model, so positions are sampled rather than all used).
+no-grad forward of the base body, only up to the last sampled position (attention is causal, so the hidden states
+there are the same), and the LM head at ``base_kl_positions`` positions per row, for the base and (with its
+gradient) for the tuned model: the vocabulary projection is the expensive part of a small model, so positions are
+sampled rather than all used. ``base_kl_every: k`` applies the term on every k-th step only, weighted by k, so its
+expected contribution over a run is the same at 1/k of the cost.
 
 The KL term is a training regulariser only: evaluation loss stays the plain task loss, so early stopping, sweeps
 and reports compare like with like. Its value is logged as ``base_kl``.
@@ -79,21 +82,35 @@ def _logits(model, h: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def _up_to(inputs: dict[str, Any], width: int, seq_len: int) -> dict[str, Any]:
+    """The body's inputs cut to the first ``width`` positions (causal attention: earlier hidden states are the same).
+
+    Padding-free batches carry flash-attention sequence bounds (``cu_seq_*``), which a cut would break: kept whole.
+    """
+    body_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    body_inputs["use_cache"] = False
+    if width >= seq_len or any(k.startswith(("cu_seq", "max_length")) for k in body_inputs):
+        return body_inputs
+    return {
+        k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == seq_len else v
+        for k, v in body_inputs.items()
+    }
+
+
 def kl_to_base(model, inputs: dict[str, Any], hidden: torch.Tensor, per_row: int, generator=None) -> torch.Tensor:
     """KL(p_base || p_tuned), mean over sampled unlabelled positions; ``hidden`` is the tuned body's output."""
     mask = unlabelled_positions(inputs)
-    n_rows = mask.shape[0]
+    n_rows, seq_len = mask.shape
     if "position_ids" in inputs and "attention_mask" not in inputs:
         n_rows = int((inputs["position_ids"] == 0).sum())
     idx = sample_positions(mask, per_row, n_rows, generator)
     if idx.numel() == 0:
         return hidden.sum() * 0.0  # connected zero: nothing to regularise in this micro-batch
-    body_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    body_inputs["use_cache"] = False
+    rows, cols = idx // seq_len, idx % seq_len
+    body_inputs = _up_to(inputs, int(cols.max()) + 1, seq_len)
     with torch.no_grad(), model.disable_adapter():
-        hb = _hidden(_body(model)(**body_inputs))
-    hb = hb.reshape(-1, hb.shape[-1])[idx]
-    ht = hidden.reshape(-1, hidden.shape[-1])[idx]
+        hb = _hidden(_body(model)(**body_inputs))[rows, cols]
+    ht = hidden[rows, cols]
     with torch.no_grad():
         logp_base = F.log_softmax(_logits(model, hb), dim=-1)
     logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)
@@ -105,10 +122,15 @@ class BaseKLMixin:
 
     base_kl_weight: float = 0.0
     base_kl_positions: int = 16
+    base_kl_every: int = 1
+    last_task_loss: float | None = None  # the task loss of the last training micro-batch, without the KL term
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (model.training and self.base_kl_weight > 0):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        every = max(1, int(self.base_kl_every))
+        if not (model.training and self.base_kl_weight > 0 and self.state.global_step % every == 0):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.last_task_loss = float((out[0] if return_outputs else out).detach())
+            return out
         captured: dict[str, torch.Tensor] = {}
         inner = self.accelerator.unwrap_model(model)  # DDP/FSDP wrappers have no disable_adapter()
         body = _body(inner)
@@ -119,6 +141,7 @@ class BaseKLMixin:
             handle.remove()
         if "h" not in captured:
             raise RuntimeError("base_kl_weight: the decoder body did not run in the training forward")
+        self.last_task_loss = float((out[0] if return_outputs else out).detach())
         # positions drawn from (seed, step, micro-batch): a resumed run samples exactly what an unbroken one did
         step = self.state.global_step
         micro = self._kl_micro[1] + 1 if getattr(self, "_kl_micro", (None, 0))[0] == step else 0
@@ -126,7 +149,7 @@ class BaseKLMixin:
         gen = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + step * 1009 + micro)
         kl = kl_to_base(inner, inputs, captured["h"], self.base_kl_positions, gen)
         log_metric(self, "base_kl", float(kl.detach()))  # averaged into the next log line
-        term = self.base_kl_weight * kl
+        term = self.base_kl_weight * every * kl  # every k-th step, k times the weight: the same on average
         # the task loss was normalised over the whole accumulated batch (num_items_in_batch); match that
         scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
             getattr(self, "compute_loss_func", None) is not None

@@ -108,6 +108,7 @@ def build_trainer(
     class Trainer(ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, BaseKLMixin, SFTTrainer):
         base_kl_weight = recipe.base_kl_weight
         base_kl_positions = recipe.base_kl_positions
+        base_kl_every = recipe.base_kl_every
         adapter_dtype = dtype_of(recipe)
 
     trainctl.check_report_to(recipe.report_to)

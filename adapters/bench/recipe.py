@@ -1,0 +1,290 @@
+"""A recipe three ways in one process: the plain TRL a user would write, our path with the forgetting guard off,
+and our path as the recipe says.
+
+Same model, quantization, LoRA, data, batch, learning rate, seed and steps in all three:
+
+- ``plain TRL``: the base loaded with the recipe's ``BitsAndBytesConfig``, a prompt/completion dataset of the
+  recipe's training rows, ``SFTTrainer(peft_config=LoraConfig(...))`` and ``SFTConfig`` with TRL's defaults (gradient
+  checkpointing on, every position through the LM head, LoRA cast to bfloat16 on a quantized base). Only the
+  precision follows the recipe: TRL's ``bf16`` default would compute something else, and the loss gate would rightly
+  fail.
+- ``recipe``: our training path (adapters/training: data stage, base loading, LoRA, ``build_trainer`` and its
+  switches) with ``base_kl_weight: 0``.
+- ``recipe+guard``: the same, with the recipe's forgetting guard.
+
+Validation and checkpoints are off in all three: only training steps are timed. Reported per row: real tokens/s
+(padding not counted), mean step time, peak memory, the task loss on the same first batches (without the guard's KL
+term) and the speedup against plain TRL, with ``throughput.gate`` on those losses.
+
+    adapters bench --recipe gemma3-270m-demo               # CPU: the embedded Gemma 3 270M, int8 base
+    adapters bench --recipe my-recipe.yaml --steps 10      # GPU: any recipe
+    adapters bench --recipe gemma3-270m-demo --base_kl_every 2   # recipe keys as overrides (all three rows)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.bench.throughput import BenchError, _clock, gate, peak_memory
+
+PLAIN, OFF, GUARD = "plain TRL", "recipe", "recipe+guard"
+
+
+@dataclass(frozen=True)
+class RecipeBenchOptions:
+    recipe: str
+    steps: int | None = None  # None: the recipe's max_steps
+    warmup: int = 1  # untimed first steps (allocator, first-call costs)
+    gate_batches: int = 2
+    out: str | Path = "outputs/bench"
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys, for all three rows
+
+
+class _Recorder:
+    """Wraps a trainer's ``compute_loss``: real tokens per training micro-batch and the first task losses."""
+
+    def __init__(self, trainer, keep: int):
+        self.trainer, self.inner, self.keep = trainer, trainer.compute_loss, keep
+        self.losses: list[float] = []
+        self.tokens: list[tuple[int, int]] = []  # (step it belongs to, real tokens)
+        trainer.compute_loss = self
+
+    def __call__(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return self.inner(model, inputs, return_outputs, num_items_in_batch)
+        mask = inputs.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())  # padding-free: no pads
+        self.tokens.append((self.trainer.state.global_step + 1, real))
+        self.trainer.last_task_loss = None
+        out = self.inner(model, inputs, return_outputs, num_items_in_batch)
+        if len(self.losses) < self.keep:
+            task = getattr(self.trainer, "last_task_loss", None)  # the guard's mixin: the loss before its KL term
+            self.losses.append(task if task is not None else float((out[0] if return_outputs else out).detach()))
+        return out
+
+
+def _row(path: str, rec: _Recorder, clock, warmup: int, mem: dict[str, Any], t0: float) -> dict[str, Any]:
+    trained = [p for p in rec.trainer.model.parameters() if p.requires_grad]
+    last = max(clock.marks)
+    tokens = sum(n for step, n in rec.tokens if step > warmup)
+    dt, dt_cpu = clock.marks[last] - clock.marks[warmup], clock.cpu[last] - clock.cpu[warmup]
+    return {
+        "path": path,
+        "steps_timed": last - warmup,
+        "real_tokens": tokens,
+        "seconds": round(dt, 3),
+        "step_s": round(dt / max(last - warmup, 1), 4),
+        "tokens_per_s": round(tokens / dt, 1),
+        "tokens_per_cpu_s": round(tokens / dt_cpu, 1),
+        "peak_mem_gib": round(mem["peak_gib"], 4),
+        "peak_mem_kind": mem["kind"],
+        **({"rss_rise_gib": round(mem["rise_gib"], 4)} if "rise_gib" in mem else {}),
+        "time_to_first_step_s": round(clock.marks[1] - t0, 2),
+        "losses": rec.losses,
+        # TRL casts LoRA to bfloat16 on a quantized base (QLoRA's recipe); ours keeps the recipe's adapter_dtype
+        "adapter_dtype": str(trained[0].dtype).removeprefix("torch.") if trained else None,
+    }
+
+
+def _recipe(opts: RecipeBenchOptions, tmp: Path, **changes: Any):
+    from adapters.config import load_recipe
+
+    fixed = {"eval_strategy": "no", "eval_after_train": False, "report_to": "none", "output_root": str(tmp)}
+    recipe, _ = load_recipe(opts.recipe, {**opts.overrides, **fixed, **changes})
+    steps = opts.steps or recipe.max_steps
+    if not steps or steps <= opts.warmup:
+        raise BenchError(f"--steps ({steps}) must exceed the {opts.warmup} untimed warmup step(s)")
+    return load_recipe(
+        opts.recipe, {**opts.overrides, **fixed, **changes, "max_steps": steps, "save_steps": steps + 1}
+    )[0]
+
+
+def run_plain(opts: RecipeBenchOptions, tmp: Path) -> dict[str, Any]:
+    """TRL as its README shows it: a quantized base, a prompt/completion dataset, ``peft_config``, its defaults."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from adapters.data.encode import prompts_and_answers
+    from adapters.data.validate import read_rows
+    from adapters.model.loading import device_map_for_process, load_tokenizer
+    from adapters.model.lora import lora_config
+    from adapters.model.quantization import quantization_config
+    from adapters.model.sources import resolve_model
+    from adapters.utils.dtypes import torch_dtype
+
+    recipe = _recipe(opts, tmp)
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+    prompts, answers = prompts_and_answers(read_rows(recipe.train_file, recipe.data_format, recipe.data_columns))
+    ds = Dataset.from_dict({"prompt": prompts, "completion": [[{"role": "assistant", "content": a}] for a in answers]})
+    cpu = not torch.cuda.is_available()
+    with peak_memory() as mem:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.path,
+            dtype=torch_dtype(recipe.dtype),
+            quantization_config=quantization_config(recipe),
+            device_map=device_map_for_process(),
+        )
+        args = SFTConfig(
+            output_dir=str(tmp / "plain"),
+            per_device_train_batch_size=recipe.per_device_train_batch_size,
+            gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+            max_steps=recipe.max_steps,
+            **{k: getattr(recipe, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay")},
+            max_length=recipe.max_length,
+            seed=recipe.seed,
+            bf16=bool(recipe.bf16),  # the recipe's precision (see the module docstring)
+            use_cpu=cpu,
+            save_strategy="no",
+            report_to=[],
+        )
+        set_seed(recipe.seed)  # the same LoRA initialisation as our path
+        clock = _clock()
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora_config(recipe)
+        )
+        trainer.add_callback(clock)
+        rec = _Recorder(trainer, opts.gate_batches)
+        trainer.train()
+    row = _row(PLAIN, rec, clock, opts.warmup, mem, t0)
+    row["gradient_checkpointing"] = bool(args.gradient_checkpointing)
+    return row
+
+
+def run_ours(opts: RecipeBenchOptions, tmp: Path, path: str, **changes: Any) -> dict[str, Any]:
+    """Our training path as ``adapters train`` runs it (adapters/training/run.py's setup and fit), without the run
+    folder's manifest, adapter save and evaluation."""
+    from transformers import set_seed
+
+    from adapters.compat.trl import trained_positions_only
+    from adapters.data.encode import to_dataset
+    from adapters.data.pipeline import packing_guard, prepare_data
+    from adapters.model.loading import load_model, load_tokenizer
+    from adapters.model.lora import attach_lora
+    from adapters.model.sources import resolve_model
+    from adapters.training.trainer import build_trainer
+
+    recipe = _recipe(opts, tmp, **changes)
+    ref = resolve_model(recipe.model_name_or_path)
+    tok = load_tokenizer(ref, recipe)
+    quiet = lambda *_a, **_k: None  # noqa: E731 - the data stage's report lines are not the bench's
+    packed = packing_guard(recipe, say=quiet)
+    train_enc, _, _, _ = prepare_data(recipe, tok, None, say=quiet, write=False, packed=packed)
+    with peak_memory() as mem:
+        t0 = time.perf_counter()
+        model = load_model(ref, recipe)
+        set_seed(recipe.seed)
+        model = attach_lora(model, recipe)
+        clock = _clock()
+        ds = to_dataset(train_enc, pack_length=recipe.max_length if packed else None)
+        trainer, _ = build_trainer(model, tok, recipe, tmp / path.replace("+", "-"), ds, None, packed=packed)
+        trainer.add_callback(clock)
+        rec = _Recorder(trainer, opts.gate_batches)
+        with trained_positions_only(bool(trainer.fast_path.get("trained_positions_only", {}).get("value"))):
+            trainer.train()
+    row = _row(path, rec, clock, opts.warmup, mem, t0)
+    row["gradient_checkpointing"] = recipe.gradient_checkpointing
+    row["switches"] = {k: v["value"] for k, v in trainer.fast_path.items()}
+    row["guard"] = {k: getattr(recipe, k) for k in ("base_kl_weight", "base_kl_positions", "base_kl_every")}
+    return row
+
+
+def _comparison(scenario: str, plain: dict[str, Any], ours: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "scenario": scenario,
+        "speedup": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "speedup_cpu_time": round(ours["tokens_per_cpu_s"] / plain["tokens_per_cpu_s"], 3),
+        "memory_ratio": round(ours["peak_mem_gib"] / plain["peak_mem_gib"], 3),
+        "gate": gate(plain["losses"], ours["losses"]),
+    }
+    if ours is not off:  # what the guard adds to a step of the same path
+        out["guard_extra_step_time"] = round(ours["step_s"] / off["step_s"] - 1, 3)
+    return out
+
+
+def bench_recipe(opts: RecipeBenchOptions, log=print) -> dict[str, Any]:
+    """Plain TRL, our path with the guard off, our path as the recipe says; bench.json and bench.md under opts.out."""
+    from adapters.utils.atomic import write_json
+    from adapters.utils.provenance import hardware, versions
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
+        recipe = _recipe(opts, Path(tmp))
+        log(
+            f"[bench] {opts.recipe}: {recipe.model_name_or_path}, {recipe.max_steps} steps of batch "
+            f"{recipe.per_device_train_batch_size}x{recipe.gradient_accumulation_steps}, "
+            f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}"
+        )
+        rows = []
+        for path, run in (
+            (PLAIN, lambda: run_plain(opts, Path(tmp))),
+            (OFF, lambda: run_ours(opts, Path(tmp), OFF, base_kl_weight=0.0)),
+            (GUARD, lambda: run_ours(opts, Path(tmp), GUARD)),
+        ):
+            if path == GUARD and not recipe.base_kl_weight:
+                log(f"[bench] {path}: skipped, the recipe has no forgetting guard (base_kl_weight: 0)")
+                continue
+            rows.append(run())
+            log(f"[bench]   {path:13s} {rows[-1]['tokens_per_s']:8,.1f} tok/s, {rows[-1]['step_s']:.2f} s/step")
+    plain, off = rows[0], rows[1]
+    result: dict[str, Any] = {
+        "recipe": opts.recipe,
+        "model": recipe.model_name_or_path,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "steps": recipe.max_steps,
+        "warmup": opts.warmup,
+        "batch": recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps,
+        "overrides": dict(opts.overrides),
+        "versions": versions(),
+        "hardware": hardware(),
+        "rows": rows,
+        "comparisons": [_comparison(r["path"], plain, r, off) for r in rows[1:]],
+    }
+    result["table"] = table(result)
+    write_json(out / "bench.json", result)
+    (out / "bench.md").write_text(result["table"] + "\n", encoding="utf-8")
+    log(result["table"])
+    log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    mem = "peak alloc GiB" if result["device"] == "cuda" else "peak RSS GiB"
+    lines = [
+        f"Recipe {result['recipe']} ({result['model']}) on {result['device']}: {result['steps']} steps of batch "
+        f"{result['batch']}, the first {result['warmup']} untimed.",
+        "",
+        f"| path | real tokens/s | s/step | vs plain TRL | vs plain (CPU time) | {mem} | loss (first batches) | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    comps = {c["scenario"]: c for c in result["comparisons"]}
+    for r in result["rows"]:
+        c = comps.get(r["path"])
+        g = c["gate"] if c else None
+        verdict = (
+            "" if g is None else g["verdict"] + (f" ({g['max_rel_diff']:.1e})" if g["max_rel_diff"] is not None else "")
+        )
+        lines.append(
+            f"| {r['path']} | {r['tokens_per_s']:,.1f} | {r['step_s']:.2f} | {c['speedup'] if c else 1.0:.2f}x "
+            f"| {c['speedup_cpu_time'] if c else 1.0:.2f}x | {r['peak_mem_gib']:.2f} "
+            f"| {', '.join(f'{x:.4f}' for x in r['losses'])} | {verdict} |"
+        )
+    guard = comps.get(GUARD)
+    if guard:
+        g = next(r["guard"] for r in result["rows"] if r["path"] == GUARD)
+        lines += [
+            "",
+            f"Forgetting guard ({', '.join(f'{k} {v}' for k, v in g.items())}): "
+            f"{guard['guard_extra_step_time']:+.0%} step time over the guard-off path.",
+        ]
+    return "\n".join(lines)
