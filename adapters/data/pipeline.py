@@ -6,20 +6,23 @@ problem stops the run before anything expensive starts. Everything done is recor
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapters.config import Recipe
-from adapters.data.audit import AuditError, audit, format_audit, violations
+from adapters.data import cache
+from adapters.data.arrow import EncodedSet, default_num_proc, encode_dataset, figures, rows_dataset, tokens_by_source
+from adapters.data.audit import AuditError, format_audit, violations
 from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
-from adapters.data.encode import encode_rows
-from adapters.data.rows import DataError, Encoded, Row
+from adapters.data.rows import DataError, Row
 from adapters.data.validate import CheckResult, check, scan
 from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
-from adapters.utils.atomic import write_json
+from adapters.utils.atomic import staged_dir, write_json
 from adapters.utils.hashing import chat_template_sha256, fingerprint
 
 
@@ -98,15 +101,20 @@ def _no_valid_rows(res: CheckResult) -> None:
 
 def prepare_data(
     recipe: Recipe, tok, run_dir: Path | None, say=print, write: bool = True, packed: bool | None = None
-) -> tuple[list[Encoded], list[Encoded] | None, list[Row], dict[str, Any]]:
+) -> tuple[EncodedSet, EncodedSet | None, list[Row], dict[str, Any]]:
     """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json.
-    ``packed``: the packing_guard decision (None: decide here)."""
-    rng = random.Random(recipe.seed)
-    mix = dict(recipe.data_mix or {})
-    mix.setdefault(recipe.train_file, 1.0)
-    held = [p for p in (recipe.eval_file, recipe.test_file) if p]
-    general = [recipe.general_data_file] if recipe.general_data_file else []
-    report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
+    ``packed``: the packing_guard decision (None: decide here). The encoded splits and the figures come from the
+    encoded-data cache (data/cache.py) when a run with the same data, tokenizer and keys built it before."""
+    key = cache.cache_key(recipe, tok)
+    folder = cache.cache_dir(recipe, key["key"])
+    hit = cache.complete(folder)
+    if not hit:
+        with staged_dir(folder, unique=True) as tmp:
+            _build(recipe, tok, run_dir, say, write, tmp)
+    else:
+        say(f"[data] encoded cache hit: {folder}")
+    report = json.loads((folder / "report.json").read_text())
+    audits = json.loads((folder / "audits.json").read_text())
     report["chat_template"] = {
         "source": recipe.chat_template or "tokenizer (or the family built-in if it has none)",
         "sha256": chat_template_sha256(tok),
@@ -115,11 +123,43 @@ def prepare_data(
         "enabled": packing_guard(recipe, say) if packed is None else packed,
         "attn_implementation": recipe.attn_implementation,
     }
+    report["encoding"] = {"cache": str(folder), "cache_hit": hit, "key": key["key"], "num_proc": report["encoding"]}
+    qsrc = folder / "quarantine.jsonl"
+    if hit and write and report["validation"]["quarantine"] and qsrc.is_file():
+        shutil.copyfile(qsrc, report["validation"]["quarantine"])
+    train = EncodedSet(_kept(cache.load_split(folder, "train")))
+    ev = EncodedSet(_kept(cache.load_split(folder, "eval"))) if cache.shard_files(folder, "eval") else None
+    _check_audit(recipe, audits, run_dir, report, say, write)
+    if not len(train):
+        raise DataError(f"{recipe.train_file}: no usable training rows")
+    say("[audit] no problems")
+    test = _read(recipe.test_file, recipe) if recipe.test_file else []
+    return train, ev, test, report
+
+
+def _kept(ds):
+    """The rows the encoding kept (a dropped row has a reason in ``drop``), as an index over the mapped file."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    return ds.select(np.flatnonzero(pc.is_null(ds.data.column("drop")).to_numpy(zero_copy_only=False)))
+
+
+def _build(recipe: Recipe, tok, run_dir: Path | None, say, write: bool, out: Path) -> None:
+    """The whole stage, its encoded splits, report and audit written into the cache folder ``out``."""
+    rng = random.Random(recipe.seed)
+    mix = dict(recipe.data_mix or {})
+    mix.setdefault(recipe.train_file, 1.0)
+    held = [p for p in (recipe.eval_file, recipe.test_file) if p]
+    general = [recipe.general_data_file] if recipe.general_data_file else []
+    report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
+    q = report["validation"]["quarantine"]
+    if q and Path(q).is_file():
+        shutil.copyfile(q, out / "quarantine.jsonl")
     data = _Rows.read(recipe, mix)
     _clean_split_weigh(recipe, data, rng, report, say)
     _augment(recipe, data, rng, report, say)
-    train_enc, eval_enc = _encode_and_audit(recipe, tok, data, run_dir, report, say, write)
-    return train_enc, eval_enc, data.test, report
+    _encode_and_audit(recipe, tok, data, report, out)
 
 
 @dataclass
@@ -226,35 +266,43 @@ def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, 
     report["augmentation"] = aug or None
 
 
-def _encode_and_audit(recipe: Recipe, tok, data: _Rows, run_dir: Path | None, report: dict[str, Any], say, write):
-    """Encode train and eval rows, audit them against the recipe's thresholds, write data_audit.json."""
+def _encode_and_audit(recipe: Recipe, tok, data: _Rows, report: dict[str, Any], out: Path) -> None:
+    """Encode train and eval rows into ``out`` (Arrow, one file per process), with their audit figures."""
     from adapters.model.loading import stop_token_ids
 
-    train_enc, rep = encode_rows(tok, data.train, recipe.max_length, max_drop_share=1.0)
-    audits = {"train": audit(train_enc, rep, recipe.max_length, stop_token_ids(tok))}
-    eval_enc = None
-    if data.eval:
-        eval_enc, erep = encode_rows(tok, data.eval, recipe.max_length, max_drop_share=1.0)
-        audits["eval"] = audit(eval_enc, erep, recipe.max_length, stop_token_ids(tok))
+    stop = stop_token_ids(tok)
+    rows = len(data.train) + len(data.eval)
+    num_proc = default_num_proc(rows, recipe.dataset_num_proc)
+    audits, summaries = {}, {}
+    work = out / "work"
+    for name, split in (("train", data.train), ("eval", data.eval)):
+        if name == "eval" and not split:
+            continue
+        ds = rows_dataset(split, data.source_by_where, work / name)
+        enc = encode_dataset(ds, tok, recipe.max_length, stop, num_proc, out / f"{name}.arrow", f"encode {name}")
+        fig = figures(enc, recipe.max_length, stop)
+        audits[name], summaries[name] = fig["audit"], fig["summary"]
+        if name == "train":
+            by_source = tokens_by_source(enc, fig["kept"])
+        del ds, enc
+    shutil.rmtree(work, ignore_errors=True)
     for s in data.sources:
-        s["tokens"] = sum(len(e.input_ids) for e in train_enc if data.source_by_where.get(e.where) == s["file"])
+        s["tokens"] = by_source.get(s["file"], 0)
     report["sources"] = data.sources
     # the spine's per-split summary (file, sha256, rows, kept, tokens, trained_share, length)
     train_sha = next(s["sha256"] for s in data.sources if s["file"] == recipe.train_file)
-    report["train"] = {"file": recipe.train_file, "sha256": train_sha, **rep.summary(recipe.max_length)}
+    report["train"] = {"file": recipe.train_file, "sha256": train_sha, **summaries["train"]}
     if data.eval:
         report["eval"] = {
             "file": recipe.eval_file,
             "sha256": fingerprint(recipe.eval_file) if recipe.eval_file else None,
-            **erep.summary(recipe.max_length),
+            **summaries["eval"],
         }
     if recipe.test_file:
         report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file), "rows": len(data.test)}
-    _check_audit(recipe, audits, run_dir, report, say, write)
-    if not train_enc:
-        raise DataError(f"{recipe.train_file}: no usable training rows")
-    say("[audit] no problems")
-    return train_enc, eval_enc
+    report["encoding"] = num_proc
+    write_json(out / "audits.json", audits)
+    write_json(out / "report.json", report)  # last: its presence marks the folder complete
 
 
 def _check_audit(recipe: Recipe, audits: dict[str, Any], run_dir: Path | None, report: dict[str, Any], say, write):

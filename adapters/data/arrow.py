@@ -1,0 +1,239 @@
+"""The encoding at scale: rows in an Arrow dataset (memory-mapped), encoded with ``Dataset.map(batched=True,
+num_proc=N)``; the audit's and the report's figures come from its columns, never from Python lists of rows.
+
+The encoding is the one of ``encode.encode_messages`` / ``encode_text`` (labels by token position, the assistant
+turns only), with the template filled in (data/fill.py) and every string of a batch tokenized in one call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.data.audit import _last_trained_span
+from adapters.data.encode import encode_text
+from adapters.data.fill import TemplateFill
+from adapters.data.rows import IGNORE_INDEX, DataError, Encoded, Row
+
+# Below this many rows a second process costs more than it saves: starting one and handing it the tokenizer takes
+# ~2 s, and one core encodes ~10k rows/s (measured on 2 cores with the Gemma tokenizer, under load).
+PARALLEL_MIN_ROWS = 50_000
+
+
+def default_num_proc(rows: int, asked: int | None) -> int:
+    """SFTConfig's ``dataset_num_proc`` when set, else every core this process may use, or 1 for small data."""
+    if asked:
+        return max(1, int(asked))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if rows >= PARALLEL_MIN_ROWS else 1
+
+
+def rows_dataset(rows: Sequence[Row], source_by_where: dict[str, str], cache_dir: Path):
+    """Rows as an Arrow dataset written to ``cache_dir`` in chunks (memory-mapped, not held as Python objects)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "text": datasets.Value("string"),
+            "where": datasets.Value("string"),
+            "source": datasets.Value("string"),
+        }
+    )
+
+    def gen(shards: list[tuple[int, int]]) -> Iterator[dict[str, Any]]:  # datasets hands each call a sublist
+        for a, b in shards:
+            for r in rows[a:b]:
+                yield {"messages": r.messages, "text": r.text, "where": r.where, "source": source_by_where.get(r.where)}
+
+    step = 100_000
+    shards = [(i, i + step) for i in range(0, max(len(rows), 1), step)]
+    return datasets.Dataset.from_generator(
+        gen, features=features, cache_dir=str(cache_dir), gen_kwargs={"shards": shards}, fingerprint=os.urandom(8).hex()
+    )
+
+
+class _Encoder:
+    """The ``Dataset.map`` function: one batch of rows -> input_ids, labels and the per-row audit figures."""
+
+    def __init__(self, tok, max_length: int, stop_ids: list[int]) -> None:
+        self.tok, self.max_length, self.stop = tok, max_length, set(stop_ids)
+        self.fill = TemplateFill(tok)
+
+    def _strings(self, messages: list[dict[str, str]]) -> list[str]:
+        """The full rendering, then (up to the turn with a generation prompt, up to and with it) per answer."""
+        out = [self.fill.render(messages)]
+        for i, turn in enumerate(messages):
+            if turn["role"] == "assistant":
+                out += (self.fill.render(messages[:i], True), self.fill.render(messages[: i + 1]))
+        return out
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        msgs, texts, wheres = batch["messages"], batch["text"], batch["where"]
+        chat = [i for i, t in enumerate(texts) if t is None]
+        if chat and not self.fill.check(msgs[chat[0]]):  # the sample check of the fill, once per batch
+            self.fill.enabled = False
+        strings = [self._strings(msgs[i]) for i in chat]
+        flat = [s for group in strings for s in group]
+        ids = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "trained", "eos", "first", "drop")}
+        pos, k = dict(zip(chat, range(len(chat)))), 0
+        for i in range(len(texts)):
+            if i in pos:
+                n = len(strings[pos[i]])
+                full, labels = _labels(ids[k : k + n], msgs[i], wheres[i])
+                k += n
+            else:
+                full, labels = encode_text(self.tok, texts[i])
+            self._row(out, full, labels)
+        return out
+
+    def _row(self, out: dict[str, list], ids: list[int], labels: list[int]) -> None:
+        trained = sum(1 for x in labels if x != IGNORE_INDEX)
+        drop = None
+        if len(ids) > self.max_length:
+            drop = f"longer than max_length={self.max_length}; the answer would be cut"
+        elif trained == 0:
+            drop = "no trained token"
+        e = Encoded(ids, labels, "")
+        out["input_ids"].append([] if drop else ids)
+        out["labels"].append([] if drop else labels)
+        out["length"].append(len(ids))
+        out["trained"].append(trained)
+        out["eos"].append(drop is None and any(t in self.stop for t in _last_trained_span(e)))
+        out["first"].append(drop is None and bool(labels) and labels[0] != IGNORE_INDEX)
+        out["drop"].append(drop)
+
+
+def _labels(ids: list[list[int]], messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
+    """``encode_messages`` on pre-tokenized strings: the same prefix checks, the same labels."""
+    full = ids[0]
+    labels = [IGNORE_INDEX] * len(full)
+    k = 1
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start, end = ids[k], ids[k + 1]
+        k += 2
+        if full[: len(start)] != start or full[: len(end)] != end or len(end) <= len(start):
+            raise DataError(
+                f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
+                "conversation, so the assistant-only loss mask cannot be built"
+            )
+        labels[len(start) : len(end)] = full[len(start) : len(end)]
+    return full, labels
+
+
+def _features():
+    import datasets
+
+    ids = datasets.List(datasets.Value("int32"))  # int32: half of what the inferred int64 would write
+    return datasets.Features(
+        {
+            "where": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "input_ids": ids,
+            "labels": ids,
+            "length": datasets.Value("int32"),
+            "trained": datasets.Value("int32"),
+            "eos": datasets.Value("bool"),
+            "first": datasets.Value("bool"),
+            "drop": datasets.Value("string"),
+        }
+    )
+
+
+def encode_dataset(ds, tok, max_length: int, stop_ids: list[int], num_proc: int, cache_file: Path, desc: str):
+    """Every row encoded (dropped rows keep their figures and get empty ids), written to ``cache_file`` (one file
+    per process: ``cache_file`` with ``_0000N_of_0000M`` before the suffix)."""
+    return ds.map(
+        _Encoder(tok, max_length, stop_ids),
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None,
+        remove_columns=["messages", "text"],
+        cache_file_name=str(cache_file),
+        new_fingerprint=os.urandom(8).hex(),  # hashing the tokenizer would cost seconds; the key is ours (cache.py)
+        features=_features(),
+        desc=desc,
+    )
+
+
+def _col(ds, name: str) -> np.ndarray:
+    return ds.data.column(name).to_numpy(zero_copy_only=False)
+
+
+def _median(xs: np.ndarray) -> float | int:
+    """statistics.median on a sorted array without a Python list: the middle item, or the mean of the two."""
+    n = len(xs)
+    return int(xs[n // 2]) if n % 2 else (int(xs[n // 2 - 1]) + int(xs[n // 2])) / 2
+
+
+def figures(ds, max_length: int, stop_ids: list[int]) -> dict[str, Any]:
+    """The audit (audit.audit's keys) and the split summary (EncodeReport.summary's keys) from the columns."""
+    lengths, trained = _col(ds, "length"), _col(ds, "trained")
+    drop = ds.data.column("drop").to_pylist()
+    kept = np.array([d is None for d in drop], dtype=bool)
+    wheres = ds.data.column("where")
+    dropped = [
+        {"where": wheres[i].as_py(), "tokens": int(lengths[i]), "reason": drop[i]} for i in np.flatnonzero(~kept)
+    ]
+    ls = np.sort(lengths) if len(lengths) else np.zeros(1, dtype=np.int64)
+    tokens, trained_tokens, rows = int(lengths[kept].sum()), int(trained[kept].sum()), len(lengths)
+    length = {"min": int(ls[0]), "median": _median(ls), "p95": int(ls[min(len(ls) - 1, int(0.95 * len(ls)))])}
+    length.update(max=int(ls[-1]), max_length=max_length)
+    share = round(trained_tokens / tokens, 4) if tokens else 0.0
+    eos_rows = int(_col(ds, "eos").sum())
+    audit = {
+        "rows": rows,
+        "kept": int(kept.sum()),
+        "tokens": tokens,
+        "trained_tokens": trained_tokens,
+        "trained_share": share,
+        "dropped": len(dropped),
+        "dropped_share": round(len(dropped) / rows, 4) if rows else 0.0,
+        "truncated_answer_rows": [d for d in dropped if d["reason"].startswith("longer than")],
+        "no_trained_token_rows": [d for d in dropped if d["reason"] == "no trained token"],
+        "eos_trained_rows": eos_rows,
+        "eos_trained": bool(kept.any()) and eos_rows == int(kept.sum()),
+        "stop_token_ids": sorted(set(stop_ids)),
+        "rows_trained_from_first_token": int(_col(ds, "first").sum()),
+        "length": {**length, "over_max_length": int((lengths > max_length).sum())},
+    }
+    summary = {"rows": rows, "kept": audit["kept"], "dropped": len(dropped), "dropped_rows": dropped[:50]}
+    summary.update(tokens=tokens, trained_tokens=trained_tokens, trained_share=share, length=length)
+    return {"audit": audit, "summary": summary, "kept": kept}
+
+
+def tokens_by_source(ds, kept: np.ndarray) -> dict[str, int]:
+    sources = np.asarray(ds.data.column("source").to_pylist(), dtype=object)[kept]
+    lengths = _col(ds, "length")[kept]
+    out: dict[str, int] = {}
+    for s in set(sources.tolist()):
+        out[s] = int(lengths[sources == s].sum())
+    return out
+
+
+class EncodedSet(Sequence):
+    """The kept rows of an encoded dataset, read as ``Encoded`` items (what the rest of a run indexes and counts);
+    ``dataset`` is the Arrow dataset of input_ids and labels the trainer gets as it is."""
+
+    def __init__(self, ds) -> None:
+        self.dataset = ds.select_columns(["input_ids", "labels", "where"])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = self.dataset[int(i)]
+        return Encoded(r["input_ids"], r["labels"], r["where"])
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for batch in self.dataset.iter(batch_size=1000):
+            yield from (Encoded(*t) for t in zip(batch["input_ids"], batch["labels"], batch["where"]))
