@@ -26,6 +26,7 @@ def register(sub) -> None:
     for f in dataclasses.fields(BenchOptions):
         kw = {"type": _flag_type(hints[f.name]), **f.metadata}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+    p.add_argument("--data", type=int, default=None, metavar="N", help="data stage vs TRL's preparation on N rows")
     p.set_defaults(func=run, takes_rest=True)
 
 
@@ -33,6 +34,11 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     """Exit 1 when a comparison's loss gate fails (its speed figures would compare different computations)."""
     from adapters.bench.throughput import BenchOptions, bench, passed
     from adapters.config import parse_overrides
+
+    if args.data:  # adapters bench --data N: adapters/bench/data.py
+        from adapters.bench.data import bench_data
+
+        return bench_data(args.data) and 0
 
     options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
     return 0 if passed(bench(options, overrides=parse_overrides(rest))) else 1

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from adapters.data.audit import _last_trained_span
 from adapters.data.encode import encode_text
 from adapters.data.fill import TemplateFill
 from adapters.data.rows import IGNORE_INDEX, DataError, Encoded, Row
@@ -32,29 +31,42 @@ def default_num_proc(rows: int, asked: int | None) -> int:
     return cores if rows >= PARALLEL_MIN_ROWS else 1
 
 
-def rows_dataset(rows: Sequence[Row], source_by_where: dict[str, str], cache_dir: Path):
-    """Rows as an Arrow dataset written to ``cache_dir`` in chunks (memory-mapped, not held as Python objects)."""
+def rows_dataset(rows: Sequence[Row], source_by_where: dict[str, str], folder: Path):
+    """Rows as an Arrow dataset, written to ``folder`` in chunks and memory-mapped (not held as Python objects)."""
     import datasets
+    import pyarrow as pa
 
-    features = datasets.Features(
-        {
-            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-            "text": datasets.Value("string"),
-            "where": datasets.Value("string"),
-            "source": datasets.Value("string"),
-        }
+    schema = pa.schema(
+        [
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            ("text", pa.string()),
+            ("where", pa.string()),
+            ("source", pa.string()),
+        ]
     )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "rows.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for a in range(0, len(rows), 50_000):
+            chunk = rows[a : a + 50_000]
+            wheres = [r.where for r in chunk]
+            cols = [
+                [r.messages for r in chunk],
+                [r.text for r in chunk],
+                wheres,
+                [source_by_where.get(w) for w in wheres],
+            ]
+            writer.write_batch(pa.record_batch([pa.array(c, type=f.type) for c, f in zip(cols, schema)], schema=schema))
+    return datasets.Dataset.from_file(str(path))
 
-    def gen(shards: list[tuple[int, int]]) -> Iterator[dict[str, Any]]:  # datasets hands each call a sublist
-        for a, b in shards:
-            for r in rows[a:b]:
-                yield {"messages": r.messages, "text": r.text, "where": r.where, "source": source_by_where.get(r.where)}
 
-    step = 100_000
-    shards = [(i, i + step) for i in range(0, max(len(rows), 1), step)]
-    return datasets.Dataset.from_generator(
-        gen, features=features, cache_dir=str(cache_dir), gen_kwargs={"shards": shards}, fingerprint=os.urandom(8).hex()
-    )
+def token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """``tok(texts, add_special_tokens=False)["input_ids"]``, straight from the Rust tokenizer when there is one
+    (the same call transformers makes, without building offsets and Python encodings we do not use)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or getattr(tok, "split_special_tokens", False):
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 class _Encoder:
@@ -78,35 +90,43 @@ class _Encoder:
         if chat and not self.fill.check(msgs[chat[0]]):  # the sample check of the fill, once per batch
             self.fill.enabled = False
         strings = [self._strings(msgs[i]) for i in chat]
-        flat = [s for group in strings for s in group]
-        ids = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        unique = {s: None for group in strings for s in group}  # the last answer's end is usually the whole row
+        ids = dict(zip(unique, token_ids(self.tok, list(unique)))) if unique else {}
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "trained", "eos", "first", "drop")}
-        pos, k = dict(zip(chat, range(len(chat)))), 0
+        pos = dict(zip(chat, range(len(chat))))
         for i in range(len(texts)):
             if i in pos:
-                n = len(strings[pos[i]])
-                full, labels = _labels(ids[k : k + n], msgs[i], wheres[i])
-                k += n
+                full, labels = _labels([ids[s] for s in strings[pos[i]]], msgs[i], wheres[i])
             else:
                 full, labels = encode_text(self.tok, texts[i])
             self._row(out, full, labels)
         return out
 
     def _row(self, out: dict[str, list], ids: list[int], labels: list[int]) -> None:
-        trained = sum(1 for x in labels if x != IGNORE_INDEX)
+        trained = len(labels) - labels.count(IGNORE_INDEX)
         drop = None
         if len(ids) > self.max_length:
             drop = f"longer than max_length={self.max_length}; the answer would be cut"
         elif trained == 0:
             drop = "no trained token"
-        e = Encoded(ids, labels, "")
         out["input_ids"].append([] if drop else ids)
         out["labels"].append([] if drop else labels)
         out["length"].append(len(ids))
         out["trained"].append(trained)
-        out["eos"].append(drop is None and any(t in self.stop for t in _last_trained_span(e)))
+        out["eos"].append(drop is None and any(t in self.stop for t in _last_span(ids, labels)))
         out["first"].append(drop is None and bool(labels) and labels[0] != IGNORE_INDEX)
         out["drop"].append(drop)
+
+
+def _last_span(ids: list[int], labels: list[int]) -> list[int]:
+    """audit._last_trained_span without building an Encoded: the last contiguous run of trained positions."""
+    end = len(labels) - 1
+    while end >= 0 and labels[end] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return ids[start : end + 1] if end >= 0 else []
 
 
 def _labels(ids: list[list[int]], messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:

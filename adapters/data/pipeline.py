@@ -50,19 +50,24 @@ def packing_guard(recipe: Recipe, say=print) -> bool:
     return True
 
 
-def _read(path: str, recipe: Recipe) -> list[Row]:
+def _read(path: str, recipe: Recipe, read: dict[str, list[Row]] | None = None) -> list[Row]:
+    """A source's valid rows: those validation kept (``read``), else a scan of it."""
+    if read is not None and str(path) in read:
+        return read[str(path)]
     return scan(path, recipe.data_format, recipe.data_columns).rows
 
 
 def validate_sources(
-    recipe: Recipe, paths: list[str], run_dir: Path | None, say=print, write: bool = True
+    recipe: Recipe, paths: list[str], run_dir: Path | None, say=print, write: bool = True, read: dict | None = None
 ) -> dict[str, Any]:
     """The same validation as ``adapters data check``, before every train. Errors stop the run unless
-    ``skip_invalid``; then the bad rows go to the quarantine file and their count is reported."""
+    ``skip_invalid``; then the bad rows go to the quarantine file and their count is reported. ``read``: a dict
+    that gets each source's valid rows, so the stage reads its data once."""
     qpath = recipe.quarantine_file or (str(run_dir / "quarantine.jsonl") if run_dir else None)
-    res = check(
-        paths, recipe.data_format, recipe.data_columns, quarantine=qpath if recipe.skip_invalid and write else None
-    )
+    quarantine = qpath if recipe.skip_invalid and write else None
+    res = check(paths, recipe.data_format, recipe.data_columns, quarantine=quarantine, keep_rows=read is not None)
+    if read is not None:
+        read.update(res.rows_by_source)
     _no_rows(res)
     if res.problems and not recipe.skip_invalid:
         shown = "\n  ".join(str(p) for p in res.problems[:20])
@@ -152,13 +157,16 @@ def _build(recipe: Recipe, tok, run_dir: Path | None, say, write: bool, out: Pat
     mix.setdefault(recipe.train_file, 1.0)
     held = [p for p in (recipe.eval_file, recipe.test_file) if p]
     general = [recipe.general_data_file] if recipe.general_data_file else []
-    report: dict[str, Any] = {"validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write)}
+    read: dict[str, list[Row]] = {}
+    report: dict[str, Any] = {
+        "validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write, read)
+    }
     q = report["validation"]["quarantine"]
     if q and Path(q).is_file():
         shutil.copyfile(q, out / "quarantine.jsonl")
-    data = _Rows.read(recipe, mix)
+    data = _Rows.read(recipe, mix, read)
     _clean_split_weigh(recipe, data, rng, report, say)
-    _augment(recipe, data, rng, report, say)
+    _augment(recipe, data, rng, report, say, read)
     _encode_and_audit(recipe, tok, data, report, out)
 
 
@@ -174,16 +182,16 @@ class _Rows:
     source_by_where: dict[str, str] = field(default_factory=dict)  # "file:line" -> source file
 
     @classmethod
-    def read(cls, recipe: Recipe, mix: dict[str, float]) -> _Rows:
+    def read(cls, recipe: Recipe, mix: dict[str, float], read: dict[str, list[Row]]) -> _Rows:
         sources, train_rows, source_of = [], [], {}
         for path in mix:
-            rows = _read(path, recipe)
+            rows = _read(path, recipe, read)
             sources.append({"file": path, "sha256": fingerprint(path), "weight": float(mix[path]), "rows": len(rows)})
             for r in rows:
                 source_of[id(r)] = path
             train_rows += rows
-        eval_rows = _read(recipe.eval_file, recipe) if recipe.eval_file else []
-        test_rows = _read(recipe.test_file, recipe) if recipe.test_file else []
+        eval_rows = _read(recipe.eval_file, recipe, read) if recipe.eval_file else []
+        test_rows = _read(recipe.test_file, recipe, read) if recipe.test_file else []
         return cls(sources, train_rows, eval_rows, test_rows, source_of)
 
 
@@ -230,7 +238,7 @@ def _clean_split_weigh(recipe: Recipe, data: _Rows, rng: random.Random, report: 
     data.source_by_where = {r.where: data.source_of[id(r)] for r in data.train}
 
 
-def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say) -> None:
+def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say, read: dict) -> None:
     """Opt-in: prompt-template variants, and a share of general data against forgetting."""
     aug: dict[str, Any] = {}
     if recipe.augment_prompt_templates:
@@ -242,7 +250,7 @@ def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, 
             "rows_after": len(data.train),
         }
     if recipe.general_data_file and recipe.general_data_share:
-        general_rows = _read(recipe.general_data_file, recipe)
+        general_rows = _read(recipe.general_data_file, recipe, read)
         data.train, added = mix_general(data.train, general_rows, recipe.general_data_share, rng)
         data.source_by_where.update({r.where: recipe.general_data_file for r in general_rows})
         aug["general_data"] = {

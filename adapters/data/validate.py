@@ -98,6 +98,8 @@ class CheckResult:
     quarantine: Path | None = None
     valid_by_source: dict[str, int] = field(default_factory=dict)
     invalid_by_source: dict[str, int] = field(default_factory=dict)
+    rows_by_source: dict[str, list[Row]] = field(default_factory=dict)
+    """The valid rows of each source, only with ``check(keep_rows=True)`` (the run's one read of its data)."""
 
 
 def check(
@@ -105,21 +107,25 @@ def check(
     data_format: str | None = None,
     columns: dict[str, str] | None = None,
     quarantine: str | Path | None = None,
+    keep_rows: bool = False,
 ) -> CheckResult:
-    """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there."""
+    """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there. Streams (keeps
+    no row) unless ``keep_rows``."""
     problems: list[Problem] = []
     bad: list[Record] = []
     rows = valid = 0
-    valid_by, invalid_by = {}, {}
+    valid_by, invalid_by, kept = {}, {}, {}
     for p in paths:
-        s = scan(p, data_format, columns, keep_rows=False, progress=f"check {p}")
+        s = scan(p, data_format, columns, keep_rows=keep_rows, progress=f"check {p}")
+        if keep_rows:
+            kept[str(p)] = s.rows
         problems += s.problems
         bad += s.bad
         rows += s.records
         valid += s.valid
         valid_by[str(p)], invalid_by[str(p)] = s.valid, len(s.bad)
     q = write_quarantine(bad, quarantine) if quarantine and bad else None
-    return CheckResult(len(paths), rows, valid, problems, len(bad), q, valid_by, invalid_by)
+    return CheckResult(len(paths), rows, valid, problems, len(bad), q, valid_by, invalid_by, kept)
 
 
 def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:
