@@ -49,11 +49,11 @@ def write_rows(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def _recipe(file: Path, root: Path, max_length: int, num_proc: int | None):
+def _recipe(file: Path, root: Path, max_length: int, num_proc: int | None, model: str | None = None):
     from adapters.config import load_recipe
 
     over = {"train_file": str(file), "eval_file": None, "test_file": None, "output_root": str(root)}
-    over.update(max_length=max_length, dataset_num_proc=num_proc)
+    over.update(max_length=max_length, dataset_num_proc=num_proc, **({"model_name_or_path": model} if model else {}))
     return load_recipe(RECIPE, over)[0]
 
 
@@ -102,9 +102,9 @@ def _trl(recipe, tok, file: Path, root: Path) -> dict[str, Any]:
     return {"seconds": seconds, "kept": len(ds), "num_proc": args.dataset_num_proc}
 
 
-def part(name: str, file: Path, root: Path, max_length: int, num_proc: int | None) -> dict[str, Any]:
+def part(name: str, file: Path, root: Path, max_length: int, num_proc: int | None, model: str | None) -> dict:
     """One timed part in this process; its figures, with this process's peak RSS."""
-    recipe = _recipe(file, root, max_length, num_proc)
+    recipe = _recipe(file, root, max_length, num_proc, model)
     tok = _tokenizer(recipe)
     out = _trl(recipe, tok, file, root) if name == "trl" else _ours(recipe, tok)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -112,8 +112,9 @@ def part(name: str, file: Path, root: Path, max_length: int, num_proc: int | Non
     return out
 
 
-def _run_part(name: str, file: Path, root: Path, max_length: int, num_proc: int | None) -> dict[str, Any]:
+def _run_part(name: str, file: Path, root: Path, max_length: int, num_proc: int | None, model: str | None) -> dict:
     cmd = [sys.executable, "-m", "adapters.bench.data", name, str(file), str(root), str(max_length), str(num_proc or 0)]
+    cmd += [model or "-"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"bench --data part {name!r} failed:\n{res.stderr[-4000:]}")
@@ -121,15 +122,21 @@ def _run_part(name: str, file: Path, root: Path, max_length: int, num_proc: int 
 
 
 def bench_data(
-    n: int, out: str | Path = "outputs/bench", max_length: int = 128, num_proc: int | None = None, say=print
+    n: int,
+    out: str | Path = "outputs/bench",
+    max_length: int = 128,
+    num_proc: int | None = None,
+    model: str | None = None,
+    say=print,
 ) -> dict[str, Any]:
-    """Time the three parts on N rows, print the table, write ``<out>/data.json``."""
+    """Time the three parts on N rows, print the table, write ``<out>/data.json``. ``model``: whose tokenizer and
+    template (default: the demo recipe's, the embedded Gemma 3)."""
     from adapters.utils.atomic import write_json
 
     root = Path(tempfile.mkdtemp(prefix="adapters-bench-data-"))
     try:
         file = write_rows(root / "rows.jsonl", n)
-        parts = {k: _run_part(k, file, root, max_length, num_proc) for k in ("ours", "trl", "cached")}
+        parts = {k: _run_part(k, file, root, max_length, num_proc, model) for k in ("ours", "trl", "cached")}
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the rows, TRL's Arrow cache and ours: GBs at 10^6 rows
     ours, trl, cached = parts["ours"], parts["trl"], parts["cached"]
@@ -178,6 +185,10 @@ def table(r: dict[str, Any]) -> list[str]:
     ]
 
 
-if __name__ == "__main__":  # one part: name file root max_length num_proc (0 = default)
-    name, file, root, max_length, num_proc = sys.argv[1:6]
-    print(json.dumps(part(name, Path(file), Path(root), int(max_length), int(num_proc) or None)))
+if __name__ == "__main__":  # one part: name file root max_length num_proc (0 = default) model ("-" = default)
+    name, file, root, max_length, num_proc, model = sys.argv[1:7]
+    print(
+        json.dumps(
+            part(name, Path(file), Path(root), int(max_length), int(num_proc) or None, None if model == "-" else model)
+        )
+    )

@@ -58,16 +58,21 @@ def data_files(recipe: Recipe) -> list[str]:
     return sorted({p for p in (*mix, recipe.eval_file, recipe.test_file, recipe.general_data_file) if p})
 
 
-def file_hash(path: str) -> str:
-    """A local file's or folder's sha256; a hub dataset id hashes as its name (its revision is a recipe key)."""
-    return fingerprint(path) if Path(path).exists() else f"id:{path}"
+def file_hash(path: str, recipe: Recipe) -> str:
+    """A local file's or folder's sha256; a hub dataset's is datasets' own fingerprint of what it loaded (it follows
+    the data files' hashes/ETags), prefixed ``dataset:``."""
+    if Path(path).exists():
+        return fingerprint(path)
+    from adapters.data.readers import load_hub
+
+    return "dataset:" + load_hub(path, recipe.data_split, recipe.data_subset)._fingerprint
 
 
 def cache_key(recipe: Recipe, tok) -> dict[str, Any]:
     """Everything the key is made of, and the key (``key``)."""
     parts = {
         "version": ENCODING_VERSION,
-        "files": {p: file_hash(p) for p in data_files(recipe)},
+        "files": {p: file_hash(p, recipe) for p in data_files(recipe)},
         "tokenizer": tokenizer_sha256(tok),
         "chat_template": chat_template_sha256(tok),
         "keys": {k: getattr(recipe, k, None) for k in ENCODING_KEYS},

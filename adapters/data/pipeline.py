@@ -23,7 +23,7 @@ from adapters.data.rows import DataError, Row
 from adapters.data.validate import CheckResult, check, scan
 from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
 from adapters.utils.atomic import staged_dir, write_json
-from adapters.utils.hashing import chat_template_sha256, fingerprint
+from adapters.utils.hashing import chat_template_sha256
 
 
 def packing_guard(recipe: Recipe, say=print) -> bool:
@@ -54,7 +54,7 @@ def _read(path: str, recipe: Recipe, read: dict[str, list[Row]] | None = None) -
     """A source's valid rows: those validation kept (``read``), else a scan of it."""
     if read is not None and str(path) in read:
         return read[str(path)]
-    return scan(path, recipe.data_format, recipe.data_columns).rows
+    return scan(path, recipe.data_format, recipe.data_columns, split=recipe.data_split, subset=recipe.data_subset).rows
 
 
 def validate_sources(
@@ -65,7 +65,15 @@ def validate_sources(
     that gets each source's valid rows, so the stage reads its data once."""
     qpath = recipe.quarantine_file or (str(run_dir / "quarantine.jsonl") if run_dir else None)
     quarantine = qpath if recipe.skip_invalid and write else None
-    res = check(paths, recipe.data_format, recipe.data_columns, quarantine=quarantine, keep_rows=read is not None)
+    res = check(
+        paths,
+        recipe.data_format,
+        recipe.data_columns,
+        quarantine,
+        read is not None,
+        recipe.data_split,
+        recipe.data_subset,
+    )
     if read is not None:
         read.update(res.rows_by_source)
     _no_rows(res)
@@ -186,7 +194,9 @@ class _Rows:
         sources, train_rows, source_of = [], [], {}
         for path in mix:
             rows = _read(path, recipe, read)
-            sources.append({"file": path, "sha256": fingerprint(path), "weight": float(mix[path]), "rows": len(rows)})
+            sources.append(
+                {"file": path, "sha256": cache.file_hash(path, recipe), "weight": float(mix[path]), "rows": len(rows)}
+            )
             for r in rows:
                 source_of[id(r)] = path
             train_rows += rows
@@ -255,7 +265,7 @@ def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, 
         data.source_by_where.update({r.where: recipe.general_data_file for r in general_rows})
         aug["general_data"] = {
             "file": recipe.general_data_file,
-            "sha256": fingerprint(recipe.general_data_file),
+            "sha256": cache.file_hash(recipe.general_data_file, recipe),
             "share": recipe.general_data_share,
             "rows_added": added,
             "rows_available": len(general_rows),
@@ -303,11 +313,15 @@ def _encode_and_audit(recipe: Recipe, tok, data: _Rows, report: dict[str, Any], 
     if data.eval:
         report["eval"] = {
             "file": recipe.eval_file,
-            "sha256": fingerprint(recipe.eval_file) if recipe.eval_file else None,
+            "sha256": cache.file_hash(recipe.eval_file, recipe) if recipe.eval_file else None,
             **summaries["eval"],
         }
     if recipe.test_file:
-        report["test"] = {"file": recipe.test_file, "sha256": fingerprint(recipe.test_file), "rows": len(data.test)}
+        report["test"] = {
+            "file": recipe.test_file,
+            "sha256": cache.file_hash(recipe.test_file, recipe),
+            "rows": len(data.test),
+        }
     report["encoding"] = num_proc
     write_json(out / "audits.json", audits)
     write_json(out / "report.json", report)  # last: its presence marks the folder complete

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.data.formats import FORMATS, normalise
-from adapters.data.readers import iter_records, source_files
+from adapters.data.readers import is_dataset_source, iter_records, source_files
 from adapters.data.rows import DataError, Problem, Record, Row, Scan
 
 log = logging.getLogger("adapters.data")
@@ -21,19 +21,21 @@ def scan(
     columns: dict[str, str] | None = None,
     keep_rows: bool = True,
     progress: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
 ) -> Scan:
     """Read every row of a source; collect rows, every problem, and the bad records (for quarantine).
 
     ``keep_rows=False`` streams: only problems, bad records and counters are kept (``Scan.valid`` counts the
     rows), so validating 10^7 rows needs no more memory than validating 10. ``progress``: a tqdm bar with rows/s
-    under that name (shown once the scan takes over 2 s)."""
+    under that name (shown once the scan takes over 2 s). ``split``/``subset``: of a dataset source (readers.py)."""
 
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
     out = Scan()
     first_alias: dict[str, int] = {}
     seen: set[str] = set()
-    for rec in _progress(iter_records(path), progress):
+    for rec in _progress(iter_records(path, split, subset), progress):
         out.records += 1
         seen.add(rec.file)
         if rec.obj is not None:
@@ -50,7 +52,11 @@ def scan(
         if keep_rows:
             out.rows.append(Row(rec.file, rec.line, messages or [], text))
     # an empty file is a mistake (a failed export, the wrong path), not a valid source of nothing
-    out.problems += [Problem(str(f), None, None, "no rows") for f in source_files(path) if str(f) not in seen]
+    if is_dataset_source(path, split):
+        empty = [] if out.records else [path]
+    else:
+        empty = [f for f in source_files(path) if str(f) not in seen]
+    out.problems += [Problem(str(f), None, None, "no rows") for f in empty]
     for f, line in first_alias.items():
         log.warning(
             "%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
@@ -108,6 +114,8 @@ def check(
     columns: dict[str, str] | None = None,
     quarantine: str | Path | None = None,
     keep_rows: bool = False,
+    split: str | None = None,
+    subset: str | None = None,
 ) -> CheckResult:
     """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there. Streams (keeps
     no row) unless ``keep_rows``."""
@@ -116,7 +124,7 @@ def check(
     rows = valid = 0
     valid_by, invalid_by, kept = {}, {}, {}
     for p in paths:
-        s = scan(p, data_format, columns, keep_rows=keep_rows, progress=f"check {p}")
+        s = scan(p, data_format, columns, keep_rows, f"check {p}", split, subset)
         if keep_rows:
             kept[str(p)] = s.rows
         problems += s.problems
