@@ -82,9 +82,6 @@ class DataKeys:
     test_file (default 'train'), or a local dataset folder, which setting this key sends through load_dataset."""
     data_subset: str | None = None
     """Subset (configuration name) of such a dataset, load_dataset's ``name``."""
-    streaming: bool = False
-    """Read train_file as a datasets IterableDataset and encode it on the fly (sets larger than the disk): no
-    encoded cache, no dedup/split/mix, and the audit covers the first rows only (docs/data.md). Needs max_steps."""
     skip_invalid: bool = False
     """Invalid rows go to a quarantine file (count reported) instead of stopping the run."""
     quarantine_file: str | None = None

@@ -40,7 +40,6 @@ ENCODING_KEYS = (
     "max_length",
     "data_split",
     "data_subset",
-    "streaming",
 )
 
 

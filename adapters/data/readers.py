@@ -301,12 +301,12 @@ def is_dataset_source(path: str | Path, split: str | None = None) -> bool:
     return (split is not None and p.is_dir()) or (not p.exists() and p.suffix not in SUFFIXES)
 
 
-def load_hub(name: str, split: str | None, subset: str | None, streaming: bool = False):
+def load_hub(name: str, split: str | None, subset: str | None):
     """``datasets.load_dataset(name, subset, split=split or "train")``; any failure is a located data error."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, subset, split=split or "train", streaming=streaming)
+        return datasets.load_dataset(name, subset, split=split or "train")
     except Exception as e:  # noqa: BLE001 - offline, unknown id, unknown split: one line naming the source
         what = f"split {split or 'train'!r}" + (f", subset {subset!r}" if subset else "")
         raise DataError(f"{name}: cannot load this dataset ({what}): {type(e).__name__}: {e}") from None
