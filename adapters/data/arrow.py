@@ -8,7 +8,7 @@ turns only), with the template filled in (data/fill.py) and every string of a ba
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ def default_num_proc(rows: int, asked: int | None) -> int:
     return cores if rows >= PARALLEL_MIN_ROWS else 1
 
 
-def rows_dataset(rows: Sequence[Row], source_by_where: dict[str, str], folder: Path):
-    """Rows as an Arrow dataset, written to ``folder`` in chunks and memory-mapped (not held as Python objects)."""
+def rows_dataset(batches: Iterable[tuple[list[Row], list[str | None]]], folder: Path):
+    """Batches of (rows, source of each) as an Arrow dataset written to ``folder`` and memory-mapped."""
     import datasets
     import pyarrow as pa
 
@@ -47,15 +47,8 @@ def rows_dataset(rows: Sequence[Row], source_by_where: dict[str, str], folder: P
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "rows.arrow"
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for a in range(0, len(rows), 50_000):
-            chunk = rows[a : a + 50_000]
-            wheres = [r.where for r in chunk]
-            cols = [
-                [r.messages for r in chunk],
-                [r.text for r in chunk],
-                wheres,
-                [source_by_where.get(w) for w in wheres],
-            ]
+        for rows, sources in batches:
+            cols = [[r.messages for r in rows], [r.text for r in rows], [r.where for r in rows], sources]
             writer.write_batch(pa.record_batch([pa.array(c, type=f.type) for c, f in zip(cols, schema)], schema=schema))
     return datasets.Dataset.from_file(str(path))
 

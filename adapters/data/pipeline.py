@@ -10,16 +10,20 @@ import json
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from adapters.config import Recipe
 from adapters.data import cache
 from adapters.data.arrow import EncodedSet, default_num_proc, encode_dataset, figures, rows_dataset, tokens_by_source
 from adapters.data.audit import AuditError, format_audit, violations
-from adapters.data.clean import apply_templates, clean_rows, mix_general, remove_overlap, split_rows, weighted
+from adapters.data.clean import mix_general, weighted
 from adapters.data.rows import DataError, Row
+from adapters.data.table import BATCH, RowWriter, Table, clean_ids, overlap_ids, split_ids, template_ids, with_template
 from adapters.data.validate import CheckResult, check, scan
 from adapters.training.speed import ISOLATING_ATTENTION, isolates_samples
 from adapters.utils.atomic import staged_dir, write_json
@@ -58,11 +62,18 @@ def _read(path: str, recipe: Recipe, read: dict[str, list[Row]] | None = None) -
 
 
 def validate_sources(
-    recipe: Recipe, paths: list[str], run_dir: Path | None, say=print, write: bool = True, read: dict | None = None
+    recipe: Recipe,
+    paths: list[str],
+    run_dir: Path | None,
+    say=print,
+    write: bool = True,
+    read: dict | None = None,
+    writers: dict | None = None,
 ) -> dict[str, Any]:
     """The same validation as ``adapters data check``, before every train. Errors stop the run unless
     ``skip_invalid``; then the bad rows go to the quarantine file and their count is reported. ``read``: a dict
-    that gets each source's valid rows, so the stage reads its data once."""
+    that gets each source's valid rows, so the stage reads its data once; ``writers``: path -> RowWriter, for the
+    sources whose rows go to Arrow instead (the training sources)."""
     qpath = recipe.quarantine_file or (str(run_dir / "quarantine.jsonl") if run_dir else None)
     quarantine = qpath if recipe.skip_invalid and write else None
     res = check(
@@ -73,6 +84,7 @@ def validate_sources(
         read is not None,
         recipe.data_split,
         recipe.data_subset,
+        sinks={p: w.add for p, w in (writers or {}).items()},
     )
     if read is not None:
         read.update(res.rows_by_source)
@@ -165,70 +177,90 @@ def _build(recipe: Recipe, tok, run_dir: Path | None, say, write: bool, out: Pat
     mix.setdefault(recipe.train_file, 1.0)
     held = [p for p in (recipe.eval_file, recipe.test_file) if p]
     general = [recipe.general_data_file] if recipe.general_data_file else []
+    work = out / "work"
+    writers = {str(p): RowWriter(work / f"source{i}.arrow") for i, p in enumerate(mix)}
     read: dict[str, list[Row]] = {}
-    report: dict[str, Any] = {
-        "validation": validate_sources(recipe, list(mix) + held + general, run_dir, say, write, read)
-    }
+    paths = list(mix) + held + general
+    report: dict[str, Any] = {"validation": validate_sources(recipe, paths, run_dir, say, write, read, writers)}
     q = report["validation"]["quarantine"]
     if q and Path(q).is_file():
         shutil.copyfile(q, out / "quarantine.jsonl")
-    data = _Rows.read(recipe, mix, read)
+    data = _Rows.read(recipe, mix, read, writers)
     _clean_split_weigh(recipe, data, rng, report, say)
     _augment(recipe, data, rng, report, say, read)
     _encode_and_audit(recipe, tok, data, report, out)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass
 class _Rows:
-    """The rows of a run's data as they move through the stage, and the source each training row came from."""
+    """The run's data as it moves through the stage. Training rows stay in Arrow (``table``): ``train`` holds their
+    row numbers, ``tpl`` the augmentation template of each (-1: none); after the general-data mix, an entry
+    ``-(g + 1)`` is row g of ``general``."""
 
     sources: list[dict[str, Any]]
-    train: list[Row]
+    table: Table
+    train: np.ndarray
     eval: list[Row]
     test: list[Row]
-    source_of: dict[int, str] = field(default_factory=dict)  # id(row) -> source file
-    source_by_where: dict[str, str] = field(default_factory=dict)  # "file:line" -> source file
+    tpl: np.ndarray | None = None
+    general: list[Row] = field(default_factory=list)
 
     @classmethod
-    def read(cls, recipe: Recipe, mix: dict[str, float], read: dict[str, list[Row]]) -> _Rows:
-        sources, train_rows, source_of = [], [], {}
-        for path in mix:
-            rows = _read(path, recipe, read)
-            sources.append(
-                {"file": path, "sha256": cache.file_hash(path, recipe), "weight": float(mix[path]), "rows": len(rows)}
-            )
-            for r in rows:
-                source_of[id(r)] = path
-            train_rows += rows
+    def read(cls, recipe: Recipe, mix: dict[str, float], read: dict[str, list[Row]], writers: dict) -> _Rows:
+        sets = [writers[str(p)].close() for p in mix]
+        sources = [
+            {"file": p, "sha256": cache.file_hash(p, recipe), "weight": float(mix[p]), "rows": len(d)}
+            for p, d in zip(mix, sets)
+        ]
+        table = Table(sets, list(mix))
         eval_rows = _read(recipe.eval_file, recipe, read) if recipe.eval_file else []
         test_rows = _read(recipe.test_file, recipe, read) if recipe.test_file else []
-        return cls(sources, train_rows, eval_rows, test_rows, source_of)
+        return cls(sources, table, np.arange(len(table.all), dtype=np.int64), eval_rows, test_rows)
+
+    def batches(self, templates: list[str] | None) -> Iterator[tuple[list[Row], list[str]]]:
+        """The final training rows, in order, a batch at a time, with the source of each."""
+        gen_file = self.general and self.sources[-1]["file"]
+        for a in range(0, len(self.train), BATCH):
+            part = self.train[a : a + BATCH]
+            own = part[part >= 0]
+            rows = iter(next(self.table.rows(own), []))
+            names = iter(self.table.source(own))
+            tpl = self.tpl[a : a + BATCH] if self.tpl is not None else None
+            out, srcs = [], []
+            for k, i in enumerate(part):
+                if i < 0:
+                    out.append(self.general[-i - 1])
+                    srcs.append(gen_file)
+                    continue
+                r = next(rows)
+                out.append(with_template(r, templates[tpl[k]]) if tpl is not None and tpl[k] >= 0 else r)
+                srcs.append(self.table.names[next(names)])
+            yield out, srcs
 
 
 def _clean_split_weigh(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say) -> None:
     """Clean and split before weighting, so that duplicates are found across sources and no repeated row can cross
     the split; then each source's rows are weighted (repeated or subsampled)."""
-    data.train, steps = clean_rows(
-        data.train, recipe.dedup, recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
-    )
+    data.train, steps = clean_ids(data.table, data.train, recipe)
     if recipe.val_split:
         if recipe.eval_file:
             raise DataError(
                 f"val_split: set eval_file: null to split the training data, or val_split: 0 to use {recipe.eval_file}"
             )
-        data.train, data.eval = split_rows(data.train, recipe.val_split, recipe.seed)
+        data.train, data.eval = split_ids(data.table, data.train, recipe.val_split, recipe.seed)
         report["split"] = {"by": "fraction", "val_split": recipe.val_split, "seed": recipe.seed}
     else:
         report["split"] = {"by": "file", "eval_file": recipe.eval_file, "test_file": recipe.test_file}
     before = len(data.train)
-    data.train, leaked = remove_overlap(data.train, data.eval, data.test)
+    data.train, leaked, n_leaked = overlap_ids(data.table, data.train, data.eval, data.test)
     steps.append(
         {
             "step": "overlap_with_eval_or_test",
             "before": before,
-            "removed": len(leaked),
+            "removed": n_leaked,
             "after": len(data.train),
-            "examples": [r.where for r in leaked[:10]],
+            "examples": leaked,
         }
     )
     report["split"].update(train=len(data.train), eval=len(data.eval), test=len(data.test))
@@ -236,16 +268,13 @@ def _clean_split_weigh(recipe: Recipe, data: _Rows, rng: random.Random, report: 
         if s["removed"]:
             say(f"[data] clean {s['step']}: removed {s['removed']} of {s['before']} (first: {s['examples'][0]})")
     report["cleaning"] = steps
+    of = data.table.source(data.train)
     mixed = []
-    for src in data.sources:
-        rows = [r for r in data.train if data.source_of[id(r)] == src["file"]]
-        used = weighted(rows, src["weight"], rng)
+    for k, src in enumerate(data.sources):
+        used = weighted(data.train[of == k].tolist(), src["weight"], rng)  # row numbers: the same seeded draw
         src["rows_used"] = len(used)
-        for r in used:
-            data.source_of[id(r)] = src["file"]
         mixed += used
-    data.train = mixed
-    data.source_by_where = {r.where: data.source_of[id(r)] for r in data.train}
+    data.train = np.asarray(mixed, dtype=np.int64)
 
 
 def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say, read: dict) -> None:
@@ -253,29 +282,33 @@ def _augment(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, 
     aug: dict[str, Any] = {}
     if recipe.augment_prompt_templates:
         before = len(data.train)
-        data.train = apply_templates(data.train, recipe.augment_prompt_templates)
+        data.train, data.tpl = template_ids(data.table, data.train, recipe.augment_prompt_templates)
         aug["prompt_templates"] = {
             "templates": recipe.augment_prompt_templates,
             "rows_before": before,
             "rows_after": len(data.train),
         }
     if recipe.general_data_file and recipe.general_data_share:
-        general_rows = _read(recipe.general_data_file, recipe, read)
-        data.train, added = mix_general(data.train, general_rows, recipe.general_data_share, rng)
-        data.source_by_where.update({r.where: recipe.general_data_file for r in general_rows})
+        data.general = _read(recipe.general_data_file, recipe, read)
+        own = list(range(len(data.train)))  # positions; general rows as -(g + 1): mix_general only draws
+        mixed, added = mix_general(own, [-(g + 1) for g in range(len(data.general))], recipe.general_data_share, rng)
+        mixed = np.asarray(mixed, dtype=np.int64)
+        at = np.maximum(mixed, 0)
+        tpl = data.tpl[at] if data.tpl is not None else np.full(len(mixed), -1, dtype=np.int64)
+        data.train, data.tpl = np.where(mixed >= 0, data.train[at], mixed), np.where(mixed >= 0, tpl, -1)
         aug["general_data"] = {
             "file": recipe.general_data_file,
             "sha256": cache.file_hash(recipe.general_data_file, recipe),
             "share": recipe.general_data_share,
             "rows_added": added,
-            "rows_available": len(general_rows),
+            "rows_available": len(data.general),
         }
         data.sources.append(
             {
                 "file": recipe.general_data_file,
                 "sha256": aug["general_data"]["sha256"],
                 "weight": None,
-                "rows": len(general_rows),
+                "rows": len(data.general),
                 "rows_used": added,
             }
         )
@@ -289,21 +322,20 @@ def _encode_and_audit(recipe: Recipe, tok, data: _Rows, report: dict[str, Any], 
     from adapters.model.loading import stop_token_ids
 
     stop = stop_token_ids(tok)
-    rows = len(data.train) + len(data.eval)
-    num_proc = default_num_proc(rows, recipe.dataset_num_proc)
+    num_proc = default_num_proc(len(data.train) + len(data.eval), recipe.dataset_num_proc)
     audits, summaries = {}, {}
     work = out / "work"
-    for name, split in (("train", data.train), ("eval", data.eval)):
-        if name == "eval" and not split:
-            continue
-        ds = rows_dataset(split, data.source_by_where, work / name)
+    splits = {"train": data.batches(recipe.augment_prompt_templates)}
+    if data.eval:
+        splits["eval"] = iter([(data.eval, [None] * len(data.eval))])
+    for name, batches in splits.items():
+        ds = rows_dataset(batches, work / name)
         enc = encode_dataset(ds, tok, recipe.max_length, stop, num_proc, out / f"{name}.arrow", f"encode {name}")
         fig = figures(enc, recipe.max_length, stop)
         audits[name], summaries[name] = fig["audit"], fig["summary"]
         if name == "train":
             by_source = tokens_by_source(enc, fig["kept"])
         del ds, enc
-    shutil.rmtree(work, ignore_errors=True)
     for s in data.sources:
         s["tokens"] = by_source.get(s["file"], 0)
     report["sources"] = data.sources

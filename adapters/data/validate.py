@@ -23,12 +23,14 @@ def scan(
     progress: str | None = None,
     split: str | None = None,
     subset: str | None = None,
+    sink=None,
 ) -> Scan:
     """Read every row of a source; collect rows, every problem, and the bad records (for quarantine).
 
     ``keep_rows=False`` streams: only problems, bad records and counters are kept (``Scan.valid`` counts the
     rows), so validating 10^7 rows needs no more memory than validating 10. ``progress``: a tqdm bar with rows/s
-    under that name (shown once the scan takes over 2 s). ``split``/``subset``: of a dataset source (readers.py)."""
+    under that name (shown once the scan takes over 2 s). ``split``/``subset``: of a dataset source (readers.py).
+    ``sink``: called with each valid row instead of keeping it (e.g. to write it to Arrow)."""
 
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
@@ -49,7 +51,9 @@ def scan(
             out.bad.append(rec)
             continue
         out.valid += 1
-        if keep_rows:
+        if sink is not None:
+            sink(Row(rec.file, rec.line, messages or [], text))
+        elif keep_rows:
             out.rows.append(Row(rec.file, rec.line, messages or [], text))
     # an empty file is a mistake (a failed export, the wrong path), not a valid source of nothing
     if is_dataset_source(path, split):
@@ -116,16 +120,19 @@ def check(
     keep_rows: bool = False,
     split: str | None = None,
     subset: str | None = None,
+    sinks: dict | None = None,
 ) -> CheckResult:
     """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there. Streams (keeps
-    no row) unless ``keep_rows``."""
+    no row) unless ``keep_rows``; ``sinks``: path -> a function that gets that source's valid rows (once)."""
     problems: list[Problem] = []
     bad: list[Record] = []
     rows = valid = 0
     valid_by, invalid_by, kept = {}, {}, {}
+    sinks = dict(sinks or {})
     for p in paths:
-        s = scan(p, data_format, columns, keep_rows, f"check {p}", split, subset)
-        if keep_rows:
+        sink = sinks.pop(str(p), None)
+        s = scan(p, data_format, columns, keep_rows, f"check {p}", split, subset, sink)
+        if keep_rows and sink is None:
             kept[str(p)] = s.rows
         problems += s.problems
         bad += s.bad
