@@ -89,7 +89,7 @@ def _trl(recipe, tok, file: Path, root: Path) -> dict[str, Any]:
     args = SFTConfig(
         output_dir=str(root / "trl"),
         max_length=recipe.max_length,
-        dataset_num_proc=default_num_proc(n, recipe.dataset_num_proc),
+        dataset_num_proc=default_num_proc(n, recipe.dataset_num_proc, tok),
         report_to="none",
         use_cpu=True,
     )

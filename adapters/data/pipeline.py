@@ -322,7 +322,7 @@ def _encode_and_audit(recipe: Recipe, tok, data: _Rows, report: dict[str, Any], 
     from adapters.model.loading import stop_token_ids
 
     stop = stop_token_ids(tok)
-    num_proc = default_num_proc(len(data.train) + len(data.eval), recipe.dataset_num_proc)
+    num_proc = default_num_proc(len(data.train) + len(data.eval), recipe.dataset_num_proc, tok)
     audits, summaries = {}, {}
     work = out / "work"
     splits = {"train": data.batches(recipe.augment_prompt_templates)}
