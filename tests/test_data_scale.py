@@ -179,3 +179,43 @@ def test_bench_data_writes_its_json(tmp_path, tiny_models):
     assert set(saved["ours"]) >= {"rows_per_s", "peak_rss_mb", "cached_rerun_s"}
     assert set(saved["trl"]) >= {"rows_per_s", "peak_rss_mb"}
     assert saved["ours"]["kept"] == saved["trl"]["kept"] == 40 and saved["ours"]["cached_hit"] is True
+
+
+def test_row_number_steps_give_what_the_list_steps_give(tmp_path, tiny_data):
+    import random
+
+    import numpy as np
+
+    from adapters.data import clean, table
+
+    rows = read_rows(tiny_data["train"])
+    rows += [rows[0], clean.Row(rows[1].file, 99, [dict(m, content=m["content"].upper()) for m in rows[1].messages])]
+    rows += [clean.Row("x.jsonl", 7, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "..."}])]
+    w = table.RowWriter(tmp_path / "rows.arrow")
+    for r in rows:
+        w.add(r)
+    t = table.Table([w.close()], ["src"])
+    ids = np.arange(len(rows))
+    r = _recipe(tmp_path, tiny_data["train"], max_answer_chars=60)
+    kept_rows, steps = clean.clean_rows(rows, True, 1, 60, None)
+    kept_ids, id_steps = table.clean_ids(t, ids, r)
+    assert id_steps == steps and [rows[i].where for i in kept_ids] == [x.where for x in kept_rows]
+    tr, va = clean.split_rows(kept_rows, 0.25, 3)
+    tr_ids, va_rows = table.split_ids(t, kept_ids, 0.25, 3)
+    assert [rows[i].where for i in tr_ids] == [x.where for x in tr] and va_rows == va
+    a, b = random.Random(5), random.Random(5)
+    assert [rows[i].where for i in clean.weighted(list(tr_ids), 1.5, a)] == [
+        x.where for x in clean.weighted(tr, 1.5, b)
+    ]
+    tpls = ["Q: {prompt}", "{prompt}?"]
+    t_ids, t_no = table.template_ids(t, tr_ids, tpls)
+    made = [table.with_template(rows[i], tpls[k]) if k >= 0 else rows[i] for i, k in zip(t_ids, t_no)]
+    assert made == clean.apply_templates(tr, tpls)
+
+
+def test_default_num_proc():
+    from adapters.data.arrow import PARALLEL_MIN_ROWS, default_num_proc
+
+    assert default_num_proc(10, 3) == 3
+    assert default_num_proc(10**7, None, build_tokenizer()) == 1  # a Rust tokenizer already uses every core
+    assert default_num_proc(PARALLEL_MIN_ROWS - 1, None) == 1
