@@ -27,7 +27,7 @@ def _recipe(tmp_path: Path, train: Path, **over):
 
 def _prepare(recipe, tok=None):
     said: list[str] = []
-    enc, ev, _, rep = prepare_data(recipe, tok or build_tokenizer(), None, say=said.append, write=False)
+    enc, ev, _, rep = prepare_data(recipe, tok or build_tokenizer(), None, say=said.append)
     return enc, rep, said
 
 
@@ -58,6 +58,14 @@ def test_cache_hit_then_invalidated_by_file_key_and_template(tmp_path, tiny_data
     rep5 = _prepare(r, tok)[1]
     assert rep5["encoding"]["cache_hit"] is False and rep5["encoding"]["key"] != rep3["encoding"]["key"]
     assert _prepare(r)[1]["encoding"]["cache_hit"] is True  # the unchanged recipe still finds its own
+
+
+def test_a_process_that_must_not_write_leaves_no_cache(tmp_path, tiny_data):
+    r = _recipe(tmp_path, tiny_data["train"])
+    enc, _, _, rep = prepare_data(r, build_tokenizer(), None, say=lambda s: None, write=False)
+    assert len(enc) == 32 and rep["encoding"]["cache_hit"] is False
+    assert not (tmp_path / "out").exists()  # rank > 0 of a distributed run writes nothing under the outputs
+    assert _prepare(r)[1]["encoding"]["cache_hit"] is False  # the main process builds it
 
 
 def test_a_partial_cache_is_never_loaded(tmp_path, tiny_data, monkeypatch):

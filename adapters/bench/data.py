@@ -68,7 +68,7 @@ def _ours(recipe, tok) -> dict[str, Any]:
     from adapters.data.pipeline import prepare_data
 
     t = time.perf_counter()
-    train, _, _, report = prepare_data(recipe, tok, None, say=lambda s: None, write=False)
+    train, _, _, report = prepare_data(recipe, tok, None, say=lambda s: None)
     return {"seconds": time.perf_counter() - t, "kept": len(train), "cache_hit": report["encoding"]["cache_hit"]}
 
 

@@ -6,9 +6,11 @@ problem stops the run before anything expensive starts. Everything done is recor
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,13 +131,18 @@ def prepare_data(
 ) -> tuple[EncodedSet, EncodedSet | None, list[Row], dict[str, Any]]:
     """Returns (train_encoded, eval_encoded or None, test_rows, report). Writes run_dir/data_audit.json.
     ``packed``: the packing_guard decision (None: decide here). The encoded splits and the figures come from the
-    encoded-data cache (data/cache.py) when a run with the same data, tokenizer and keys built it before."""
+    encoded-data cache (data/cache.py) when a run with the same data, tokenizer and keys built it before; only a
+    process that may ``write`` adds to the cache."""
     key = cache.cache_key(recipe, tok)
     folder = cache.cache_dir(recipe, key["key"])
     hit = cache.complete(folder)
-    if not hit:
+    if not hit and write:
         with staged_dir(folder, unique=True) as tmp:
             _build(recipe, tok, run_dir, say, write, tmp)
+    elif not hit:  # a process that must not write (rank > 0): its own folder, outside the outputs, gone at exit
+        folder = Path(tempfile.mkdtemp(prefix="adapters-encoded-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _build(recipe, tok, run_dir, say, write, folder)
     else:
         say(f"[data] encoded cache hit: {folder}")
     report = json.loads((folder / "report.json").read_text())
