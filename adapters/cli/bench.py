@@ -29,6 +29,7 @@ def register(sub) -> None:
     for f in dataclasses.fields(BenchOptions):
         kw = {"type": _flag_type(hints[f.name]), **f.metadata}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+    p.add_argument("--data", type=int, default=None, metavar="N", help="data stage vs TRL's preparation on N rows")
     p.set_defaults(func=run, takes_rest=True)
 
 
@@ -37,6 +38,11 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from adapters.bench.throughput import passed
     from adapters.config import parse_overrides
 
+    if args.data:  # adapters bench --data N: adapters/bench/data.py
+        from adapters.bench.data import bench_data
+
+        bench_data(args.data, out=args.out)
+        return 0
     overrides = parse_overrides(rest)
     if args.recipe:
         result = _recipe_bench(args, overrides)

@@ -77,6 +77,11 @@ class DataKeys:
     guessed: it trains on every token)."""
     data_columns: dict[str, str] | None = None
     """Rename source columns to the format's names, e.g. {prompt: question, completion: answer}."""
+    data_split: str | None = None
+    """Split of a dataset read through datasets.load_dataset: a hub dataset id given as train_file/eval_file/
+    test_file (default 'train'), or a local dataset folder, which setting this key sends through load_dataset."""
+    data_subset: str | None = None
+    """Subset (configuration name) of such a dataset, load_dataset's ``name``."""
     skip_invalid: bool = False
     """Invalid rows go to a quarantine file (count reported) instead of stopping the run."""
     quarantine_file: str | None = None

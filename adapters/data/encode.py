@@ -128,11 +128,15 @@ def encode_rows(
     return out, report
 
 
-def to_dataset(encoded: list[Encoded], pack_length: int | None = None):
-    """A datasets.Dataset of input_ids/labels; with ``pack_length``, packed by TRL (best fit decreasing)."""
+def to_dataset(encoded, pack_length: int | None = None):
+    """A datasets.Dataset of input_ids/labels; with ``pack_length``, packed by TRL (best fit decreasing).
+    ``encoded``: a list of Encoded, or prepare_data's EncodedSet, whose Arrow dataset is passed on as it is."""
     from datasets import Dataset
 
-    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    if hasattr(encoded, "dataset"):
+        ds = encoded.dataset.select_columns(["input_ids", "labels"])
+    else:
+        ds = Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
     if pack_length:
         from trl import pack_dataset
 

@@ -294,9 +294,36 @@ def _iter_datasets(path: Path) -> Iterator[Record]:
         yield Record(str(path), i + 1, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
 
 
-def iter_records(path: str | Path) -> Iterator[Record]:
+def is_dataset_source(path: str | Path, split: str | None = None) -> bool:
+    """Read through ``datasets.load_dataset``: a name that is no local path (a hub dataset id), or a local folder
+    once a split is asked for (``data_split``: the folder then loads as datasets lays it out, splits by file name)."""
+    p = Path(path)
+    return (split is not None and p.is_dir()) or (not p.exists() and p.suffix not in SUFFIXES)
+
+
+def load_hub(name: str, split: str | None, subset: str | None):
+    """``datasets.load_dataset(name, subset, split=split or "train")``; any failure is a located data error."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, unknown split: one line naming the source
+        what = f"split {split or 'train'!r}" + (f", subset {subset!r}" if subset else "")
+        raise DataError(f"{name}: cannot load this dataset ({what}): {type(e).__name__}: {e}") from None
+
+
+def dataset_records(ds, where: str) -> Iterator[Record]:
+    """Rows of a loaded dataset, located as ``NAME[split]:N`` (N 1-based)."""
+    for i, obj in enumerate(ds):
+        yield Record(where, i + 1, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def iter_records(path: str | Path, split: str | None = None, subset: str | None = None) -> Iterator[Record]:
     """Every row of a source. A file with no rows yields nothing (a 0-byte one is not even parsed): the caller says
-    ``FILE: no rows``."""
+    ``FILE: no rows``. A dataset source (``is_dataset_source``) is loaded with ``load_dataset``."""
+    if is_dataset_source(path, split):
+        yield from dataset_records(load_hub(str(path), split, subset), f"{path}[{split or 'train'}]")
+        return
     for f in source_files(path):
         if f.is_file() and f.stat().st_size == 0:
             continue

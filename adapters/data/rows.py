@@ -70,3 +70,4 @@ class Scan:
     bad: list[Record] = field(default_factory=list)
     aliased: int = 0
     records: int = 0
+    valid: int = 0

@@ -9,21 +9,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.data.formats import FORMATS, normalise
-from adapters.data.readers import iter_records, source_files
+from adapters.data.readers import is_dataset_source, iter_records, source_files
 from adapters.data.rows import DataError, Problem, Record, Row, Scan
 
 log = logging.getLogger("adapters.data")
 
 
-def scan(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> Scan:
-    """Read every row of a source; collect rows, every problem, and the bad records (for quarantine)."""
+def scan(
+    path: str | Path,
+    data_format: str | None = None,
+    columns: dict[str, str] | None = None,
+    keep_rows: bool = True,
+    progress: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    sink=None,
+) -> Scan:
+    """Read every row of a source; collect rows, every problem, and the bad records (for quarantine).
+
+    ``keep_rows=False`` streams: only problems, bad records and counters are kept (``Scan.valid`` counts the
+    rows), so validating 10^7 rows needs no more memory than validating 10. ``progress``: a tqdm bar with rows/s
+    under that name (shown once the scan takes over 2 s). ``split``/``subset``: of a dataset source (readers.py).
+    ``sink``: called with each valid row instead of keeping it (e.g. to write it to Arrow)."""
 
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
     out = Scan()
     first_alias: dict[str, int] = {}
     seen: set[str] = set()
-    for rec in iter_records(path):
+    for rec in _progress(iter_records(path, split, subset), progress):
         out.records += 1
         seen.add(rec.file)
         if rec.obj is not None:
@@ -36,9 +50,17 @@ def scan(path: str | Path, data_format: str | None = None, columns: dict[str, st
             out.problems += rec.problems
             out.bad.append(rec)
             continue
-        out.rows.append(Row(rec.file, rec.line, messages or [], text))
+        out.valid += 1
+        if sink is not None:
+            sink(Row(rec.file, rec.line, messages or [], text))
+        elif keep_rows:
+            out.rows.append(Row(rec.file, rec.line, messages or [], text))
     # an empty file is a mistake (a failed export, the wrong path), not a valid source of nothing
-    out.problems += [Problem(str(f), None, None, "no rows") for f in source_files(path) if str(f) not in seen]
+    if is_dataset_source(path, split):
+        empty = [] if out.records else [path]
+    else:
+        empty = [f for f in source_files(path) if str(f) not in seen]
+    out.problems += [Problem(str(f), None, None, "no rows") for f in empty]
     for f, line in first_alias.items():
         log.warning(
             "%s:%d: role/field aliases (human/gpt/model, from/value) normalised to OpenAI roles "
@@ -48,6 +70,15 @@ def scan(path: str | Path, data_format: str | None = None, columns: dict[str, st
             out.aliased,
         )
     return out
+
+
+def _progress(records, name: str | None):
+    """A rows/s bar on stderr for scans that take more than a few seconds; nothing for quick ones."""
+    if name is None:
+        return records
+    from tqdm.auto import tqdm
+
+    return tqdm(records, desc=name, unit=" rows", delay=2, mininterval=1, leave=False)
 
 
 def write_quarantine(bad: list[Record], path: str | Path) -> Path:
@@ -77,6 +108,8 @@ class CheckResult:
     quarantine: Path | None = None
     valid_by_source: dict[str, int] = field(default_factory=dict)
     invalid_by_source: dict[str, int] = field(default_factory=dict)
+    rows_by_source: dict[str, list[Row]] = field(default_factory=dict)
+    """The valid rows of each source, only with ``check(keep_rows=True)`` (the run's one read of its data)."""
 
 
 def check(
@@ -84,21 +117,30 @@ def check(
     data_format: str | None = None,
     columns: dict[str, str] | None = None,
     quarantine: str | Path | None = None,
+    keep_rows: bool = False,
+    split: str | None = None,
+    subset: str | None = None,
+    sinks: dict | None = None,
 ) -> CheckResult:
-    """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there."""
+    """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there. Streams (keeps
+    no row) unless ``keep_rows``; ``sinks``: path -> a function that gets that source's valid rows (once)."""
     problems: list[Problem] = []
     bad: list[Record] = []
     rows = valid = 0
-    valid_by, invalid_by = {}, {}
+    valid_by, invalid_by, kept = {}, {}, {}
+    sinks = dict(sinks or {})
     for p in paths:
-        s = scan(p, data_format, columns)
+        sink = sinks.pop(str(p), None)
+        s = scan(p, data_format, columns, keep_rows, f"check {p}", split, subset, sink)
+        if keep_rows and sink is None:
+            kept[str(p)] = s.rows
         problems += s.problems
         bad += s.bad
         rows += s.records
-        valid += len(s.rows)
-        valid_by[str(p)], invalid_by[str(p)] = len(s.rows), len(s.bad)
+        valid += s.valid
+        valid_by[str(p)], invalid_by[str(p)] = s.valid, len(s.bad)
     q = write_quarantine(bad, quarantine) if quarantine and bad else None
-    return CheckResult(len(paths), rows, valid, problems, len(bad), q, valid_by, invalid_by)
+    return CheckResult(len(paths), rows, valid, problems, len(bad), q, valid_by, invalid_by, kept)
 
 
 def read_rows(path: str | Path, data_format: str | None = None, columns: dict[str, str] | None = None) -> list[Row]:

@@ -1,0 +1,197 @@
+"""The training rows of a run as Arrow files on disk, and the stage's steps on row numbers, not on Python rows.
+
+Validation writes each training source's valid rows to an Arrow file (``RowWriter``); cleaning, the split, the
+overlap removal, weighting, prompt-template augmentation and the general-data mix then work on arrays of row
+numbers (plus a template number per row), reading rows in batches where a step needs their text. Memory grows
+with 16-byte dedup digests and 8-byte row numbers, not with the rows. Every step gives what clean.py's list
+functions give on the same rows, in the same order and with the same seeded draws: ``random.sample`` and
+``random.shuffle`` only use the length of what they draw from, so drawing row numbers draws the same rows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.data.clean import answer, digest, exact_key, near_key, prompt
+from adapters.data.rows import DataError, Row
+
+BATCH = 20_000
+
+
+def _schema():
+    import pyarrow as pa
+
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema([("messages", pa.list_(turn)), ("text", pa.string()), ("where", pa.string())])
+
+
+class RowWriter:
+    """Rows appended one by one, written to an Arrow stream file in batches of ``BATCH``."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.rows = path, 0
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, _schema())
+        self._buf: list[Row] = []
+
+    def add(self, row: Row) -> None:
+        self._buf.append(row)
+        if len(self._buf) >= BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._buf:
+            b, schema = self._buf, _schema()
+            cols = [[r.messages for r in b], [r.text for r in b], [r.where for r in b]]
+            self._writer.write_batch(pa.record_batch([pa.array(c, f.type) for c, f in zip(cols, schema)], schema))
+            self.rows += len(b)
+            self._buf = []
+
+    def close(self):
+        """The written rows as a memory-mapped dataset."""
+        import datasets
+
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        return datasets.Dataset.from_file(str(self.path))
+
+
+def as_rows(batch: dict[str, list]) -> list[Row]:
+    """Rows of a column batch; ``Row.file``/``line`` come back from ``where`` (file:line)."""
+    out = []
+    for m, t, w in zip(batch["messages"], batch["text"], batch["where"]):
+        file, _, line = w.rpartition(":")
+        out.append(Row(file, int(line), m or [], t))
+    return out
+
+
+class Table:
+    """The training sources, one after another: row number g is row g - offset[s] of source s."""
+
+    def __init__(self, sets: list, names: list[str]) -> None:
+        import datasets
+
+        self.names = names
+        self.sizes = [len(d) for d in sets]
+        self.offsets = np.cumsum([0, *self.sizes])
+        self.all = datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
+
+    def source(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, ids, side="right") - 1
+
+    def rows(self, ids: np.ndarray) -> Iterator[list[Row]]:
+        """The rows of ``ids``, in order, a batch at a time."""
+        for a in range(0, len(ids), BATCH):
+            yield as_rows(self.all[ids[a : a + BATCH].tolist()])
+
+    def values(self, ids: np.ndarray, fn, desc: str | None = None) -> Iterator[Any]:
+        """``fn`` of each row of ``ids``; with ``desc``, a rows/s bar on stderr once the pass takes over 2 s."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(ids), desc=desc, unit=" rows", delay=2, leave=False, disable=desc is None) as bar:
+            for batch in self.rows(ids):
+                yield from map(fn, batch)
+                bar.update(len(batch))
+
+
+def _step(name: str, before: int, removed_where: list[str], removed: int) -> dict[str, Any]:
+    return {"step": name, "before": before, "removed": removed, "after": before - removed, "examples": removed_where}
+
+
+def _filter(t: Table, ids: np.ndarray, drop: np.ndarray, name: str, steps: list) -> np.ndarray:
+    where = [r.where for r in next(t.rows(ids[drop][:10]), [])]
+    steps.append(_step(name, len(ids), where, int(drop.sum())))
+    return ids[~drop]
+
+
+def _first_seen(t: Table, ids: np.ndarray, key) -> np.ndarray:
+    seen: set[bytes] = set()
+    drop = np.zeros(len(ids), dtype=bool)
+    for i, k in enumerate(t.values(ids, lambda r: digest(key(r)), f"dedup {key.__name__}")):
+        drop[i] = k in seen
+        seen.add(k)
+    return drop
+
+
+def clean_ids(t: Table, ids: np.ndarray, recipe) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """clean.clean_rows on row numbers: the same steps, counts and examples."""
+    steps: list[dict[str, Any]] = []
+    if recipe.dedup:
+        ids = _filter(t, ids, _first_seen(t, ids, exact_key), "exact_duplicates", steps)
+        ids = _filter(t, ids, _first_seen(t, ids, near_key), "near_duplicates", steps)
+    empty = np.fromiter(t.values(ids, lambda r: not any(c.isalnum() for c in answer(r)), "clean"), bool, len(ids))
+    ids = _filter(t, ids, empty, "empty_answers", steps)
+    lo, hi, hp = recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
+    if lo > 1 or hi or hp:
+
+        def bad(r: Row) -> bool:
+            n = len(answer(r))
+            return n < lo or (hi is not None and n > hi) or (hp is not None and len(prompt(r)) > hp)
+
+        ids = _filter(t, ids, np.fromiter(t.values(ids, bad), bool, len(ids)), "length_filter", steps)
+    return ids, steps
+
+
+def split_ids(t: Table, ids: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, list[Row]]:
+    """clean.split_rows: the same seeded choice of near-duplicate groups; the validation rows come back as rows."""
+    if not 0.0 < val_split < 1.0:
+        raise DataError(f"val_split: expected a fraction in (0, 1), got {val_split}")
+    keys = list(t.values(ids, near_key))
+    order = sorted(set(keys))
+    random.Random(seed).shuffle(order)
+    val_keys = set(order[: max(1, round(val_split * len(order)))])
+    is_val = np.fromiter((k in val_keys for k in keys), bool, len(keys))
+    return ids[~is_val], [r for batch in t.rows(ids[is_val]) for r in batch]
+
+
+def overlap_ids(t: Table, ids: np.ndarray, *held_out: list[Row]) -> tuple[np.ndarray, list[str], int]:
+    """clean.remove_overlap: (kept ids, first 10 removed locations, removed count)."""
+    keys = {digest(near_key(r)) for rows in held_out for r in rows}
+    leak = np.fromiter(t.values(ids, lambda r: digest(near_key(r)) in keys), bool, len(ids)) if keys else None
+    if leak is None or not leak.any():
+        return ids, [], 0
+    return ids[~leak], [r.where for r in next(t.rows(ids[leak][:10]))], int(leak.sum())
+
+
+def weighted_ids(ids: np.ndarray, weight: float, rng: random.Random) -> np.ndarray:
+    """clean.weighted on row numbers (the same seeded sample)."""
+    if weight < 0:
+        raise DataError(f"data_mix: weight must be >= 0, got {weight}")
+    whole, frac = int(weight), weight - int(weight)
+    out = [np.tile(ids, whole)]
+    if frac:
+        out.append(ids[rng.sample(range(len(ids)), round(frac * len(ids)))])
+    return np.concatenate(out) if out else ids[:0]
+
+
+def template_ids(t: Table, ids: np.ndarray, templates: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """clean.apply_templates as (row number, template number or -1) pairs, in the order it makes rows."""
+    for tpl in templates:
+        if "{prompt}" not in tpl:
+            raise DataError(f"augment_prompt_templates: template {tpl!r} has no {{prompt}} placeholder")
+    single = t.values(ids, lambda r: r.text is None and len([m for m in r.messages if m["role"] != "system"]) == 2)
+    reps = np.array([len(templates) if s else 1 for s in single], dtype=np.int64)
+    out_ids = np.repeat(ids, reps)
+    tpl = np.full(len(out_ids), -1, dtype=np.int64)
+    starts = np.cumsum(reps) - reps
+    for k in range(len(templates)):
+        tpl[starts[reps > 1] + k] = k
+    return out_ids, tpl
+
+
+def with_template(r: Row, template: str) -> Row:
+    msgs = [dict(m) for m in r.messages]
+    i = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    msgs[i]["content"] = template.replace("{prompt}", msgs[i]["content"])
+    return Row(r.file, r.line, msgs, None)
