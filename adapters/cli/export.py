@@ -31,7 +31,8 @@ def register(sub) -> None:
     )
     g.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp checkout: convert other families with its script")
     g.add_argument("--min-agreement", type=float, help="share of llama.cpp answers equal to the adapter's (0.95)")
-    g.add_argument("--probes", type=int, default=20, help="probe prompts from the eval split")
+    g.add_argument("--probes", type=int, default=20, help="number of probe prompts (first rows of the split)")
+    g.add_argument("--probe-split", choices=["eval", "test"], default="eval", help="where the probe prompts come from")
     p.set_defaults(func=run)
 
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             llama_cpp=args.llama_cpp,
             min_agreement=args.min_agreement,
             n_probes=args.probes,
+            probe_split=args.probe_split,
         )
         return 1 if report["verdict"] == "fail" else 0
     if not args.to:

@@ -242,12 +242,14 @@ def _llama_cpp_convert(run, peft_model, tok, staging: Path, outtype: str, llama_
     return path
 
 
-def _probes(run, n: int) -> tuple[list, list[str], str | None]:
-    """The first ``n`` rows of the eval split (else the test split): conversations and reference answers."""
+def _probes(run, n: int, split: str = "eval") -> tuple[list, list[str], str | None]:
+    """The first ``n`` rows of the eval split (else the test split; ``split="test"``: the other way round):
+    conversations and reference answers."""
     from adapters.data.encode import prompts_and_answers
     from adapters.data.validate import read_rows
 
-    for src in (run.recipe.eval_file, run.recipe.test_file):
+    files = (run.recipe.eval_file, run.recipe.test_file)
+    for src in files if split == "eval" else files[::-1]:
         if src and Path(src).is_file():
             convs, refs = prompts_and_answers(read_rows(src)[:n])
             return convs, refs, src
@@ -269,6 +271,7 @@ def export_gguf(
     llama_cpp: str | Path | None = None,
     min_agreement: float | None = None,
     n_probes: int = 20,
+    probe_split: str = "eval",
     log=print,
 ) -> dict[str, Any]:
     """Write GGUF files, a Modelfile and export_report.json; verify with llama.cpp when it is importable."""
@@ -294,7 +297,7 @@ def export_gguf(
     cfg = _base_config(run)
     if cfg.model_type not in gx.ARCHS and (llama_cpp is None or mode == "lora"):
         gx.gguf_arch(cfg)  # raises, naming --llama-cpp
-    convs, refs, probe_file = _probes(run, n_probes)
+    convs, refs, probe_file = _probes(run, n_probes, probe_split)
     peft_model = _adapter_model(run)
     budget = _budget(run, tok, refs) if refs else 0
     hf = (
