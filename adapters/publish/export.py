@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapters.publish.rundir import load_run_tokenizer, open_run
+from adapters.publish.rundir import load_run_tokenizer
 from adapters.training.checkpoints import validate_adapter_dir
 from adapters.utils.atomic import fresh_staging, promote, write_json
 from adapters.utils.errors import PathExistsError
@@ -82,7 +82,9 @@ def model_card(run, adapter_cfg: dict[str, Any]) -> str:
 
 
 def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=print) -> Path:
-    run = open_run(run_dir)
+    from adapters.publish.hub import resolve_adapter
+
+    run = resolve_adapter(run_dir)  # a run directory, an adapter folder or a hub id
     tok = load_run_tokenizer(run)  # the chat template must be the one trained with
     validate_adapter_dir(run.adapter_dir)
     to = Path(to)
@@ -256,12 +258,6 @@ def _probes(run, n: int, split: str = "eval") -> tuple[list, list[str], str | No
     return [], [], None
 
 
-def _default_out(run_dir: str | Path, run) -> Path:
-    if Path(run_dir).exists():
-        return run.path / "gguf"
-    return Path("outputs") / str(run_dir).replace("/", "--") / "gguf"  # a hub id: never inside the hub cache
-
-
 def export_gguf(
     run_dir: str | Path,
     mode: str = "lora",
@@ -291,7 +287,7 @@ def export_gguf(
     if not tok.chat_template:
         raise gx.GGUFExportError(f"{run.adapter_dir}: the tokenizer has no chat template to write into the GGUF")
     _check_outtype(outtype, mode, force)
-    out = Path(to) if to else _default_out(run_dir, run)
+    out = Path(to) if to else run.path / "gguf"  # a hub id's run.path is its copy under outputs/
     if to and out.exists() and any(out.iterdir()) and not force:
         raise PathExistsError(f"{out}: already exists; choose another --to or pass --force")
     cfg = _base_config(run)
