@@ -416,10 +416,16 @@ def resolve_adapter(
             return open_run(p)
         if (p / "adapter_config.json").is_file():
             return run_from_adapter_dir(p, base)
-        raise HubError(f"{p}: neither a run directory (manifest.json) nor an adapter (adapter_config.json)")
+        raise HubError(
+            f"{p / 'manifest.json'}: missing; {p} is not a run directory (outputs/<run_name>/) and has no "
+            "adapter_config.json: neither a run directory (manifest.json) nor an adapter (adapter_config.json)"
+        )
     rid = str(id_or_path)
-    if rid.count("/") != 1 or rid.startswith((".", "/")):
-        raise HubError(f"{rid}: no such directory, and not a hub id (ORG/NAME)")
+    if rid.count("/") != 1 or rid.startswith((".", "/")) or Path(rid).parent.is_dir():  # outputs/typo: a path
+        raise HubError(
+            f"{p / 'manifest.json'}: missing; {p} is not a run directory (no such directory), and not a hub id "
+            "(ORG/NAME)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
