@@ -337,9 +337,8 @@ def _finish_export(
     from adapters.publish.gguf_verify import INSTALL_HINT, verify
     from adapters.publish.modelfile import modelfile
 
-    text, fmt = modelfile(
-        model.name, adapter.name if adapter else None, tok.chat_template, run.recipe.max_length or 2048
-    )
+    num_ctx = max(run.recipe.max_length or 0, 2048)  # max_length bounds one training row, not a conversation
+    text, fmt = modelfile(model.name, adapter.name if adapter else None, tok.chat_template, num_ctx)
     (staging / "Modelfile").write_text(text)
     report["modelfile_chat_format"] = fmt
     report["files"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
