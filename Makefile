@@ -11,7 +11,7 @@ REPO    ?=
 # Where there is no NVIDIA GPU, install the CPU build of torch (a plain `torch` requirement pulls several GB of CUDA).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
 
-.PHONY: install train merge eval export sweep generate push test test-all lint format bench data clean help
+.PHONY: install train merge eval export sweep generate push test test-all test-gguf lint format bench data clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,8 +54,9 @@ eval:  ## score a run again: make eval RUN=outputs/<run>
 	$(BIN)/adapters eval $(RUN) $(ARGS)
 
 TRIALS  ?= 3
-export:  ## write a run's adapter, tokenizer and card to a folder: make export RUN=outputs/<run> ARGS="--to DIR"
-	$(BIN)/adapters export $(RUN) $(ARGS)
+FORMAT  ?=
+export:  ## a run's adapter to a folder (ARGS="--to DIR"), or FORMAT=gguf: llama.cpp/Ollama files in <run>/gguf
+	$(BIN)/adapters export $(RUN) $(if $(filter gguf,$(FORMAT)),--gguf) $(ARGS)
 
 generate:  ## answer prompts with a run's model: make generate RUN=outputs/<run> ARGS="--prompt '...'"
 	$(BIN)/adapters generate $(RUN) $(ARGS)
@@ -77,6 +78,11 @@ test:  ## the fast test suite (CPU, no downloads)
 
 test-all:  ## also the slow tests (real embedded model)
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# GGML_NATIVE=OFF: a native build on a CPU with AMX crashed (SIGSEGV) on Q4_K/Q8_0 tensors in its AMX buffer here
+test-gguf:  ## llama.cpp answers the exported demo run (installs the gguf-check extra: builds llama-cpp-python)
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF}" $(BIN)/pip install -e ".[gguf-check]"
+	$(BIN)/python -m pytest -q -s -m gguf tests/test_gguf_llama_cpp.py
 
 lint:
 	$(BIN)/ruff check adapters scripts tests

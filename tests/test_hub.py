@@ -318,3 +318,88 @@ def test_default_demo_dry_run_card(tmp_path, tiny_data, monkeypatch):
     assert card.data.base_model == "google/gemma-3-270m" and card.data.library_name == "peft"
     assert card.data.license == "gemma" and "| tuned |" in card.text
     assert not [p for p in run.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+
+
+# ---------------------------------------------------------------------------------------------------- hub id in every verb
+@pytest.fixture
+def pulled_cwd(run_dir, hub, tiny_models, tiny_data, tmp_path, monkeypatch):
+    """me/pull on the fake hub; the cwd holds the base under its canonical name and the splits under the names the
+    public manifest keeps (file names only), as a user who pulls an adapter would have them."""
+    push(run_dir, "me/pull", endpoint=hub.url, backoff=0.01, log=_quiet)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # what HF_ENDPOINT sets at import, for every verb
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "llama").symlink_to(tiny_models["llama"])
+    for p in tiny_data.values():
+        shutil.copy(p, work / p.name)
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_every_verb_takes_a_hub_id(pulled_cwd, monkeypatch, capsys):
+    import sys
+
+    from adapters.cli import main
+
+    pulled = pulled_cwd / "outputs" / "hub--me--pull"
+    assert main(["eval", "me/pull", "--no-base", "--limit", "2"]) == 0
+    assert (pulled / "eval.json").is_file() and (pulled / "adapter_model.safetensors").is_file()
+    assert not (pulled / "eval.json").is_symlink()
+    assert main(["generate", "me/pull", "--prompt", "Format: a b", "--max-new-tokens", "3"]) == 0
+    assert main(["merge", "me/pull", "--probes", "2"]) == 0
+    assert (pulled / "merged" / "config.json").is_file() and (pulled / "merge_report.json").is_file()
+    assert main(["export", "me/pull", "--to", str(pulled_cwd / "peft")]) == 0
+    assert (pulled_cwd / "peft" / "adapter_model.safetensors").is_file()
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert main(["export", "me/pull", "--gguf", "--mode", "lora"]) == 0
+    assert {"adapter.gguf", "base.gguf", "Modelfile", "export_report.json"} <= {
+        p.name for p in (pulled / "gguf").iterdir()
+    }
+    assert "UNVERIFIED" in capsys.readouterr().out
+
+
+def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _continue(tiny_models, tiny_data, out, **extra):
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(tiny_models["llama"], tiny_data, out, max_steps=1, save_steps=1, eval_steps=1, **extra),
+    )
+    return train(recipe, path)
+
+
+def test_init_adapter_continues_a_run_and_a_hub_id(trained, pulled_cwd, tiny_models, tiny_data, tmp_path):
+    before = _adapter_weights(trained / "adapter")
+    for i, source in enumerate((str(trained), "me/pull")):
+        run = _continue(tiny_models, tiny_data, tmp_path, run_name=f"c{i}", init_adapter=source, learning_rate=1e-12)
+        after = _adapter_weights(run / "adapter")
+        assert after.keys() == before.keys()
+        for k in before:  # one step at a learning rate of 1e-12: the adapter it started from, not a new LoRA
+            torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=1e-6)
+        assert json.loads((run / "manifest.json").read_text())["config"]["init_adapter"] == source
+    fresh = _adapter_weights(
+        _continue(tiny_models, tiny_data, tmp_path / "f", run_name="f", learning_rate=1e-12) / "adapter"
+    )
+    assert any(not torch.allclose(fresh[k], before[k]) for k in before)
+
+
+def test_init_adapter_refuses_another_lora_config_or_base(trained, tiny_models, tiny_data, tmp_path):
+    from adapters.model.lora import InitAdapterError
+
+    with pytest.raises(InitAdapterError, match=r"r: adapter \d+, recipe 4"):
+        _continue(tiny_models, tiny_data, tmp_path / "a", run_name="a", init_adapter=str(trained), r=4)
+    other = build_model_dir(tmp_path / "other", "llama", seed=1)
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(other, tiny_data, tmp_path / "b", run_name="b", max_steps=1, init_adapter=str(trained)),
+    )
+    with pytest.raises(RunError, match="base_fingerprint"):
+        train(recipe, path)

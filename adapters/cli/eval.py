@@ -11,7 +11,7 @@ def register(sub) -> None:
         help="base vs tuned on the held-out split, forgetting probe, flags -> eval.json, report.md",
         epilog="example: adapters eval outputs/gemma3-270m-demo-20260101-120000 --limit 20",
     )
-    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
+    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>) or a hub id ORG/NAME")
     p.add_argument("--no-base", action="store_true", help="score the tuned model only")
     p.add_argument("--limit", type=int, default=None, help="score at most N held-out rows")
     p.add_argument("--strict", action="store_true", help="exit 1 when the negative-transfer flag is raised")

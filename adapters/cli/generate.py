@@ -11,7 +11,7 @@ def register(sub) -> None:
         help="answer prompts with a run's model and chat template (stdin lines if no --prompt)",
         epilog="example: adapters generate outputs/<run> --prompt 'Format: ...'",
     )
-    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>)")
+    p.add_argument("run_dir", help="a finished run directory (outputs/<run_name>) or a hub id ORG/NAME")
     p.add_argument("--prompt", default=None, help="one prompt; without it, each stdin line is a prompt")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--merged", action="store_true", help="use RUN_DIR/merged (from 'adapters merge')")

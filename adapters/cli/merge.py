@@ -14,7 +14,11 @@ def register(sub) -> None:
         epilog="examples: adapters merge outputs/<run>; adapters merge --adapters outputs/a outputs/b "
         "--method ties --weights 1 1 --density 0.5 --out outputs/a+b --merged",
     )
-    p.add_argument("run_dir", nargs="?", help="outputs/<run>: writes <run>/merged/ and <run>/merge_report.json")
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        help="outputs/<run> (or a hub id ORG/NAME): writes <run>/merged/ and <run>/merge_report.json",
+    )
     p.add_argument(
         "--max-kl",
         type=float,

@@ -46,6 +46,9 @@ class ModelKeys:
     adapter_dtype: str = "auto"
     """Dtype the LoRA weights train in and are stored in (checkpoints and adapter, resumed or not): float32,
     bfloat16, float16, or auto (the recipe's dtype; float32 when that is auto)."""
+    init_adapter: str | None = None
+    """Continue training an existing adapter instead of a new LoRA: a run directory, an adapter folder or a hub id
+    ORG/NAME. Its base must be this recipe's (fingerprint) and its LoRA config the recipe's (r, alpha, targets)."""
     attn_implementation: str | None = "sdpa"
     """Attention kernel: sdpa, eager, flex_attention, … (None lets transformers choose)."""
     chat_template: str | None = None

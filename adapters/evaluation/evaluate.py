@@ -105,9 +105,10 @@ def evaluate_run(
     """
     import dataclasses
 
-    from adapters.publish.rundir import load_tuned, open_run
+    from adapters.publish.hub import resolve_adapter
+    from adapters.publish.rundir import load_tuned
 
-    run = open_run(run_dir)
+    run = resolve_adapter(run_dir)  # a run directory, an adapter folder or a hub id
     recipe = run.recipe if probe_file is None else dataclasses.replace(run.recipe, forgetting_probe=probe_file)
     if probe_file is not None:
         from adapters.evaluation.forgetting import probe_passages

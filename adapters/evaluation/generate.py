@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from adapters.publish.rundir import RunError, load_run_tokenizer, load_tuned, open_run
+from adapters.publish.rundir import RunError, load_run_tokenizer, load_tuned
 
 
 def load_for_generation(run_dir: str | Path, which: str = "tuned"):
     """(model, tokenizer, run) for which in {"tuned", "merged", "base"}."""
     from adapters.model.loading import load_model
+    from adapters.publish.hub import resolve_adapter
 
-    run = open_run(run_dir)
+    run = resolve_adapter(run_dir)  # a run directory, an adapter folder or a hub id
     if which == "tuned":
         model, tok = load_tuned(run, quantize=True)
         return model, tok, run

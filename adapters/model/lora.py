@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from adapters.config import Recipe
+from adapters.utils.errors import AdaptersError
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,56 @@ def attach_lora(model, recipe: Recipe):
     elif recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if recipe.init_adapter:
+        return load_init_adapter(model, recipe)
     return get_peft_model(model, lora_config(recipe))
+
+
+LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "bias", "modules_to_save")
+
+
+class InitAdapterError(AdaptersError, ValueError):
+    """--init_adapter names an adapter that does not fit this recipe or this base."""
+
+
+def load_init_adapter(model, recipe: Recipe):
+    """The adapter named by ``init_adapter``, trainable, on ``model``: checked against the base (fingerprint) and
+    against the recipe's LoRA config, so continued training means the recipe it says."""
+    from peft import PeftConfig, PeftModel
+
+    from adapters.publish.hub import resolve_adapter
+    from adapters.publish.rundir import check_base
+
+    src = resolve_adapter(recipe.init_adapter)
+    check_base(src, model)  # RunError names the fingerprint when the adapter belongs to another base
+    have, want = PeftConfig.from_pretrained(str(src.adapter_dir)), lora_config(recipe)
+    diff = [f"{k}: adapter {getattr(have, k, None)!r}, recipe {getattr(want, k, None)!r}" for k in LORA_KEYS]
+    diff = [d for k, d in zip(LORA_KEYS, diff) if getattr(have, k, None) != getattr(want, k, None)]
+    if not isinstance(want.target_modules, str) and set(have.target_modules) != set(want.target_modules):
+        diff.append(f"target_modules: adapter {sorted(have.target_modules)}, recipe {sorted(want.target_modules)}")
+    peft_model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=True)
+    if isinstance(want.target_modules, str) and (missed := _linears_without_lora(peft_model)):
+        diff.append(f"target_modules: the recipe's {want.target_modules!r} also covers {sorted(missed)}")
+    if diff:
+        raise InitAdapterError(
+            f"init_adapter {recipe.init_adapter}: its LoRA config differs from the recipe's ({'; '.join(diff)}); "
+            "set the recipe's keys to the adapter's to continue training it"
+        )
+    return peft_model
+
+
+def _linears_without_lora(peft_model) -> set[str]:
+    """Linear layer names (last part) of the base that carry no LoRA: what 'all-linear' would have added."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    wrapped, linear = set(), set()
+    for name, m in peft_model.named_modules():
+        if isinstance(m, LoraLayer):
+            wrapped.add(name.rsplit(".", 1)[-1])
+        elif isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith(("lm_head", "base_layer")):
+            linear.add(name.rsplit(".", 1)[-1])
+    return linear - wrapped
 
 
 def adapter_dtype(recipe: Recipe) -> torch.dtype:

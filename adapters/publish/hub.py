@@ -380,13 +380,35 @@ def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     return HubRun(path, manifest, recipe, ref)
 
 
+def pulled_dir(repo_id: str, output_root: str | Path = "outputs") -> Path:
+    """Where a pulled adapter is copied: verbs write their reports (eval.json, merged/, gguf/) next to it, never
+    into the hub cache, whose files are shared read-only blobs."""
+    return Path(output_root) / f"hub--{repo_id.replace('/', '--')}"
+
+
+def _materialize(snapshot: Path, repo_id: str, revision: str | None, output_root: str | Path) -> Path:
+    import shutil
+
+    dest = pulled_dir(repo_id, output_root)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in snapshot.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            shutil.copyfile(p, dest / p.name)  # follows the cache's symlinks to the blobs
+    write_json(dest / "pulled.json", {"repo_id": repo_id, "revision": revision or "main", "snapshot": str(snapshot)})
+    return dest
+
+
 def resolve_adapter(
-    id_or_path: str | Path, revision: str | None = None, endpoint: str | None = None, base: str | None = None
+    id_or_path: str | Path,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    base: str | None = None,
+    output_root: str | Path = "outputs",
 ) -> Run:
     """A run directory, an adapter folder or a hub id (``org/name``) -> a Run that ``rundir.load_tuned`` accepts.
 
-    A hub id is downloaded with ``snapshot_download`` (cached); ``load_tuned`` then refuses a base whose fingerprint
-    differs from the one in training_manifest.json.
+    A hub id is downloaded with ``snapshot_download`` (cached) and copied to ``outputs/hub--org--name/``;
+    ``load_tuned`` then refuses a base whose fingerprint differs from the one in training_manifest.json.
     """
     p = Path(id_or_path)
     if p.exists():
@@ -394,14 +416,20 @@ def resolve_adapter(
             return open_run(p)
         if (p / "adapter_config.json").is_file():
             return run_from_adapter_dir(p, base)
-        raise HubError(f"{p}: neither a run directory (manifest.json) nor an adapter (adapter_config.json)")
+        raise HubError(
+            f"{p / 'manifest.json'}: missing; {p} is not a run directory (outputs/<run_name>/) and has no "
+            "adapter_config.json: neither a run directory (manifest.json) nor an adapter (adapter_config.json)"
+        )
     rid = str(id_or_path)
-    if rid.count("/") != 1 or rid.startswith((".", "/")):
-        raise HubError(f"{rid}: no such directory, and not a hub id (ORG/NAME)")
+    if rid.count("/") != 1 or rid.startswith((".", "/")) or Path(rid).parent.is_dir():  # outputs/typo: a path
+        raise HubError(
+            f"{p / 'manifest.json'}: missing; {p} is not a run directory (no such directory), and not a hub id "
+            "(ORG/NAME)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
         local = snapshot_download(rid, revision=revision, endpoint=endpoint)
     except Exception as e:
         raise HubError(redact(f"{rid}: cannot download: {type(e).__name__}: {e}".splitlines()[0])) from None
-    return run_from_adapter_dir(Path(local), base)
+    return run_from_adapter_dir(_materialize(Path(local), rid, revision, output_root), base)

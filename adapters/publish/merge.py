@@ -34,7 +34,7 @@ from adapters.data.validate import read_rows
 from adapters.evaluation.generation import answer_budget, exact_match, generate_answers
 from adapters.model.loading import load_model
 from adapters.model.quantization import model_memory_mb
-from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, open_run
+from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer
 from adapters.utils.atomic import clear, discard, promote, staging_path, write_json
 from adapters.utils.dtypes import torch_dtype
 from adapters.utils.errors import AdaptersError
@@ -246,8 +246,10 @@ def merge_run(
     log=print,
 ) -> dict[str, Any]:
     """Merge, save and verify; returns the report (also written to ``RUN_DIR/merge_report.json``)."""
+    from adapters.publish.hub import resolve_adapter
+
     t0 = time.time()
-    run = open_run(run_dir)
+    run = resolve_adapter(run_dir)  # a run directory, an adapter folder or a hub id
     _refuse_stored_quantized(run)
     recipe, dtype = _dtype_recipe(run, dtype)
     tok = load_run_tokenizer(run)
