@@ -21,6 +21,9 @@ from adapters.data.rows import IGNORE_INDEX, DataError, Encoded, Row
 # Without a Rust tokenizer, the tokenization is Python's and a second process pays from this many rows on (starting
 # one and handing it the tokenizer takes seconds).
 PARALLEL_MIN_ROWS = 50_000
+# Rows per map batch: the Rust tokenizer spreads one batch call over the cores, and on 2 cores (Gemma tokenizer,
+# ~130-character strings) 10,000 strings a call ran at 39k strings/s against 21k at 1,000 a call.
+ENCODE_BATCH = 10_000
 
 
 def default_num_proc(rows: int, asked: int | None, tok=None) -> int:
@@ -110,7 +113,7 @@ class _Encoder:
         out["labels"].append([] if drop else labels)
         out["length"].append(len(ids))
         out["trained"].append(trained)
-        out["eos"].append(drop is None and any(t in self.stop for t in _last_span(ids, labels)))
+        out["eos"].append(drop is None and not self.stop.isdisjoint(_last_span(ids, labels)))
         out["first"].append(drop is None and bool(labels) and labels[0] != IGNORE_INDEX)
         out["drop"].append(drop)
 
@@ -170,7 +173,7 @@ def encode_dataset(ds, tok, max_length: int, stop_ids: list[int], num_proc: int,
     return ds.map(
         _Encoder(tok, max_length, stop_ids),
         batched=True,
-        batch_size=1000,
+        batch_size=ENCODE_BATCH,
         num_proc=num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None,
         remove_columns=["messages", "text"],
         cache_file_name=str(cache_file),

@@ -109,38 +109,50 @@ def _step(name: str, before: int, removed_where: list[str], removed: int) -> dic
     return {"step": name, "before": before, "removed": removed, "after": before - removed, "examples": removed_where}
 
 
-def _filter(t: Table, ids: np.ndarray, drop: np.ndarray, name: str, steps: list) -> np.ndarray:
-    where = [r.where for r in next(t.rows(ids[drop][:10]), [])]
-    steps.append(_step(name, len(ids), where, int(drop.sum())))
-    return ids[~drop]
-
-
-def _first_seen(t: Table, ids: np.ndarray, key) -> np.ndarray:
+def _first_seen(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Over the rows where ``among`` holds, in order: True for a key seen before (the later copies)."""
     seen: set[bytes] = set()
-    drop = np.zeros(len(ids), dtype=bool)
-    for i, k in enumerate(t.values(ids, lambda r: digest(key(r)), f"dedup {key.__name__}")):
+    drop = np.zeros(len(keys), dtype=bool)
+    for i in np.flatnonzero(among):
+        k = keys[i]
         drop[i] = k in seen
         seen.add(k)
     return drop
 
 
+def _row_figures(r: Row, lo: int, hi: int | None, hp: int | None) -> tuple[bytes, bytes, bool, bool]:
+    """Every figure the cleaning steps need of one row, so the rows are read once for all of them."""
+    a = answer(r)
+    n = len(a)
+    bad = n < lo or (hi is not None and n > hi) or (hp is not None and len(prompt(r)) > hp)
+    return digest(exact_key(r)), digest(near_key(r)), not any(c.isalnum() for c in a), bad
+
+
+def _drop(t: Table, ids: np.ndarray, alive: np.ndarray, drop: np.ndarray, name: str, steps: list) -> None:
+    """One cleaning step on the rows still ``alive``: its record (count, first 10 locations), then ``alive`` -= drop."""
+    drop &= alive
+    where = [r.where for r in next(t.rows(ids[drop][:10]), [])]
+    steps.append(_step(name, int(alive.sum()), where, int(drop.sum())))
+    alive &= ~drop
+
+
 def clean_ids(t: Table, ids: np.ndarray, recipe) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """clean.clean_rows on row numbers: the same steps, counts and examples."""
+    """clean.clean_rows on row numbers: the same steps, counts and examples, from one read of the rows."""
     steps: list[dict[str, Any]] = []
-    if recipe.dedup:
-        ids = _filter(t, ids, _first_seen(t, ids, exact_key), "exact_duplicates", steps)
-        ids = _filter(t, ids, _first_seen(t, ids, near_key), "near_duplicates", steps)
-    empty = np.fromiter(t.values(ids, lambda r: not any(c.isalnum() for c in answer(r)), "clean"), bool, len(ids))
-    ids = _filter(t, ids, empty, "empty_answers", steps)
     lo, hi, hp = recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
+    n = len(ids)
+    exact, near = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    empty, bad = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for i, (e, k, m, b) in enumerate(t.values(ids, lambda r: _row_figures(r, lo, hi, hp), "clean")):
+        exact[i], near[i], empty[i], bad[i] = e, k, m, b
+    alive = np.ones(n, dtype=bool)
+    if recipe.dedup:
+        _drop(t, ids, alive, _first_seen(exact, alive), "exact_duplicates", steps)
+        _drop(t, ids, alive, _first_seen(near, alive), "near_duplicates", steps)
+    _drop(t, ids, alive, empty, "empty_answers", steps)
     if lo > 1 or hi or hp:
-
-        def bad(r: Row) -> bool:
-            n = len(answer(r))
-            return n < lo or (hi is not None and n > hi) or (hp is not None and len(prompt(r)) > hp)
-
-        ids = _filter(t, ids, np.fromiter(t.values(ids, bad), bool, len(ids)), "length_filter", steps)
-    return ids, steps
+        _drop(t, ids, alive, bad, "length_filter", steps)
+    return ids[alive], steps
 
 
 def split_ids(t: Table, ids: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, list[Row]]:
