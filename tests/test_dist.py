@@ -43,6 +43,7 @@ def ddp_run(tiny_models, tiny_data, tmp_path_factory):
         # the forgetting guard runs under DDP (unwrapped base forward, hooks), but with a weight too small to move
         # the loss: its sampled positions differ between 2 x 4 and 1 x 8, and the test below compares losses
         base_kl_weight=1e-9,
+        base_kl_every=1,  # on every step, so every logged step carries base_kl (the demo applies it every 2nd)
     )
     env = dict(
         os.environ,
@@ -342,7 +343,8 @@ def make_train_line(node_rank: int, port: int, overrides: dict) -> list[str]:
     import shlex
 
     dry = subprocess.run(
-        ["make", "-n", "train", "NPROC=2", "ACCELERATE_CONFIG=multi-node", f"NODE_RANK={node_rank}"]
+        ["make", "-n", "--no-print-directory", "train", "NPROC=2", "ACCELERATE_CONFIG=multi-node"]
+        + [f"NODE_RANK={node_rank}"]
         + ["MAIN_ADDR=127.0.0.1", f"MAIN_PORT={port}", "ARGS=" + shlex.join(_cli_args(overrides))],
         cwd=REPO,
         capture_output=True,

@@ -184,6 +184,7 @@ def _train_and_probe(model_dir, tiny_data, tmp_path, **extra):
             max_steps=8,
             learning_rate=2e-2,
             lr_scheduler_type="constant",
+            base_kl_every=1,  # the guard's weight as given on every step (the demo applies it every 2nd, x2)
             eval_strategy="no",
             save_steps=1000,
             forgetting_probe_tokens=512,
