@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from adapters.bench.throughput import BenchError, _clock, gate, peak_memory
+from adapters.bench.throughput import BenchError, _clock, gate, peak_memory, write_result
 
 PLAIN, OFF, GUARD = "plain TRL", "recipe", "recipe+guard"
 
@@ -212,7 +212,6 @@ def _comparison(scenario: str, plain: dict[str, Any], ours: dict[str, Any], off:
 
 def bench_recipe(opts: RecipeBenchOptions, log=print) -> dict[str, Any]:
     """Plain TRL, our path with the guard off, our path as the recipe says; bench.json and bench.md under opts.out."""
-    from adapters.utils.atomic import write_json
     from adapters.utils.provenance import hardware, versions
 
     out = Path(opts.out)
@@ -250,12 +249,7 @@ def bench_recipe(opts: RecipeBenchOptions, log=print) -> dict[str, Any]:
         "rows": rows,
         "comparisons": [_comparison(r["path"], plain, r, off) for r in rows[1:]],
     }
-    result["table"] = table(result)
-    write_json(out / "bench.json", result)
-    (out / "bench.md").write_text(result["table"] + "\n", encoding="utf-8")
-    log(result["table"])
-    log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return result
+    return write_result(out, result, table(result), log)
 
 
 def table(result: dict[str, Any]) -> str:

@@ -534,7 +534,6 @@ def bench(options: BenchOptions | None = None, overrides: dict[str, Any] | None 
     out.mkdir(parents=True, exist_ok=True)
     # one thread on CPU: on a shared CPU, more threads than free cores make every timing noise
     with _torch_threads(None if cuda else opts.threads):
-        from adapters.utils.atomic import write_json
         from adapters.utils.provenance import hardware, versions
 
         peak = matmul_peak_tflops(cuda)
@@ -560,12 +559,19 @@ def bench(options: BenchOptions | None = None, overrides: dict[str, Any] | None 
                 rows, comparison = _compare(opts, scenario, ctx, overrides, log)
                 result["rows"] += rows
                 result["comparisons"].append(comparison)
-        result["table"] = table(result)
-        write_json(out / "bench.json", result)
-        (out / "bench.md").write_text(result["table"] + "\n", encoding="utf-8")
-        log(result["table"])
-        log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
-        return result
+        return write_result(out, result, table(result), log)
+
+
+def write_result(out: Path, result: dict[str, Any], text: str, log=print) -> dict[str, Any]:
+    """result["table"] = text; bench.json and bench.md under ``out``; the table printed. Returns ``result``."""
+    from adapters.utils.atomic import write_json
+
+    result["table"] = text
+    write_json(out / "bench.json", result)
+    (out / "bench.md").write_text(text + "\n", encoding="utf-8")
+    log(text)
+    log(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return result
 
 
 def passed(result: dict[str, Any]) -> bool:

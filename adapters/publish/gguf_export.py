@@ -278,7 +278,14 @@ def write_model(
     else:
         write_vocab(w, tok, config)
     w.add_chat_template(chat_template)
-    for gname, t in model_tensors(state, config):
+    return _write_tensors(w, model_tensors(state, config), outtype, path)
+
+
+def _write_tensors(w, tensors, outtype: str, path: Path) -> Path:
+    """The (GGUF name, tensor) pairs in ``outtype``, the file type, then the file written (``_finish``)."""
+    import gguf
+
+    for gname, t in tensors:
         arr, raw = encode(t, outtype)
         w.add_tensor(gname, arr, raw_dtype=raw)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -365,10 +372,4 @@ def write_lora(
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_alpha(adapter_cfg))
     w.add_name(name)
-    for gname, t in lora_tensors(adapter_state, config):
-        arr, raw = encode(t, outtype)
-        w.add_tensor(gname, arr, raw_dtype=raw)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_file_type(file_type(outtype))
-    _finish(w, path)
-    return path
+    return _write_tensors(w, lora_tensors(adapter_state, config), outtype, path)
