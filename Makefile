@@ -81,7 +81,10 @@ test-all:  ## also the slow tests (real embedded model)
 
 # GGML_NATIVE=OFF: a native build on a CPU with AMX crashed (SIGSEGV) on Q4_K/Q8_0 tensors in its AMX buffer here
 test-gguf:  ## llama.cpp answers the exported demo run (installs the gguf-check extra: builds llama-cpp-python)
-	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF}" $(BIN)/pip install -e ".[gguf-check]"
+	# Built from the sdist with these flags, never from pip's wheel cache: a cached wheel may have been built with
+	# other flags (a native AMX build segfaults on Q8_0/Q4_K GGUFs on these CPUs).
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF}" $(BIN)/pip install --no-cache-dir \
+		--no-binary llama-cpp-python -e ".[gguf-check]"
 	$(BIN)/python -m pytest -q -s -m gguf tests/test_gguf_llama_cpp.py
 
 lint:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = (
-    'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install -e ".[gguf-check]"  (builds llama-cpp-python '
+    'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install --no-cache-dir --no-binary llama-cpp-python -e ".[gguf-check]"  (builds llama-cpp-python '
     "from its sdist, minutes; a native build crashed on AMX CPUs with quantized GGUFs)"
 )
 DEFAULT_MIN_AGREEMENT = 0.95
