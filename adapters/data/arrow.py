@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from adapters.data.encode import encode_text
+from adapters.data.encode import assistant_labels, encode_text
 from adapters.data.fill import TemplateFill
-from adapters.data.rows import IGNORE_INDEX, DataError, Encoded, Row
+from adapters.data.rows import IGNORE_INDEX, Encoded, Row
 
 # Without a Rust tokenizer, the tokenization is Python's and a second process pays from this many rows on (starting
 # one and handing it the tokenizer takes seconds).
@@ -130,22 +130,9 @@ def _last_span(ids: list[int], labels: list[int]) -> list[int]:
 
 
 def _labels(ids: list[list[int]], messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
-    """``encode_messages`` on pre-tokenized strings: the same prefix checks, the same labels."""
+    """``encode_messages`` on pre-tokenized strings (the full rendering, then start and end per answer)."""
     full = ids[0]
-    labels = [IGNORE_INDEX] * len(full)
-    k = 1
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        start, end = ids[k], ids[k + 1]
-        k += 2
-        if full[: len(start)] != start or full[: len(end)] != end or len(end) <= len(start):
-            raise DataError(
-                f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
-                "conversation, so the assistant-only loss mask cannot be built"
-            )
-        labels[len(start) : len(end)] = full[len(start) : len(end)]
-    return full, labels
+    return full, assistant_labels(full, zip(ids[1::2], ids[2::2]), messages, where)
 
 
 def _features():

@@ -63,19 +63,28 @@ def encode_messages(tok, messages: list[dict[str, str]], where: str = "?") -> tu
     cannot produce a loss mask and we refuse the row rather than guess.
     """
     full = _ids(tok, render(tok, messages))
+    spans = (
+        (_ids(tok, render(tok, messages[:i], add_generation_prompt=True)), _ids(tok, render(tok, messages[: i + 1])))
+        for i, turn in enumerate(messages)
+        if turn["role"] == "assistant"
+    )
+    return full, assistant_labels(full, spans, messages, where)
+
+
+def assistant_labels(full: list[int], spans, messages: list[dict[str, str]], where: str) -> list[int]:
+    """Labels of ``full`` that train the assistant turns only. ``spans``: per assistant turn, in order, the ids of the
+    rendering up to the turn (with a generation prompt) and up to and including it; each must be a token prefix of
+    ``full``."""
     labels = [IGNORE_INDEX] * len(full)
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        start = _ids(tok, render(tok, messages[:i], add_generation_prompt=True))
-        end = _ids(tok, render(tok, messages[: i + 1]))
+    turns = (i for i, turn in enumerate(messages) if turn["role"] == "assistant")
+    for i, (start, end) in zip(turns, spans):
         if full[: len(start)] != start or full[: len(end)] != end or len(end) <= len(start):
             raise DataError(
                 f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
                 "conversation, so the assistant-only loss mask cannot be built"
             )
         labels[len(start) : len(end)] = full[len(start) : len(end)]
-    return full, labels
+    return labels
 
 
 def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
