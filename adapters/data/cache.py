@@ -17,7 +17,7 @@ from typing import Any
 from adapters.config import Recipe
 from adapters.utils.hashing import chat_template_sha256, fingerprint
 
-ENCODING_VERSION = 1  # bump when the encoded columns or their meaning change: old caches are then never read
+ENCODING_VERSION = 2  # bump when the encoded columns or their meaning change: old caches are then never read
 
 # The recipe keys whose value changes the encoded rows or the figures recorded with them.
 ENCODING_KEYS = (

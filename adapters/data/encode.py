@@ -8,6 +8,7 @@ EOS / end-of-turn token that closes each answer is supervised even when the pad 
 from __future__ import annotations
 
 import statistics
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,10 +59,15 @@ def _ids(tok, text: str) -> list[int]:
 def encode_messages(tok, messages: list[dict[str, str]], where: str = "?") -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation, and labels that train the assistant turns only.
 
-    Each assistant turn's span is found by rendering the conversation up to the turn with a generation prompt,
-    then up to and including the turn; that prefix must be a token prefix of the full rendering, or the template
-    cannot produce a loss mask and we refuse the row rather than guess.
+    Each assistant turn's span is found by rendering the conversation up to the turn with a generation prompt, then
+    up to and including the turn; both must be text prefixes of the full rendering, or the template cannot produce a
+    loss mask and we refuse the row rather than guess. Where the tokenizer joins pieces cleanly (``joins_cleanly``),
+    the rendering is tokenized piece by piece at those cuts: the prompt exactly as generation will tokenize it, each
+    answer on its own, every string once. Otherwise each rendering is tokenized whole and must be a token prefix.
     """
+    if joins_cleanly(tok):
+        parts = pieces(*turn_cuts(lambda m, agp=False: render(tok, m, agp), messages, where))
+        return piece_labels([_ids(tok, text) for text, _ in parts], [trained for _, trained in parts])
     full = _ids(tok, render(tok, messages))
     spans = (
         (_ids(tok, render(tok, messages[:i], add_generation_prompt=True)), _ids(tok, render(tok, messages[: i + 1])))
@@ -79,12 +85,94 @@ def assistant_labels(full: list[int], spans, messages: list[dict[str, str]], whe
     turns = (i for i, turn in enumerate(messages) if turn["role"] == "assistant")
     for i, (start, end) in zip(turns, spans):
         if full[: len(start)] != start or full[: len(end)] != end or len(end) <= len(start):
-            raise DataError(
-                f"{where}: messages[{i}]: the chat template does not render this turn as a token prefix of the "
-                "conversation, so the assistant-only loss mask cannot be built"
-            )
+            raise _no_mask(where, i, "token")
         labels[len(start) : len(end)] = full[len(start) : len(end)]
     return labels
+
+
+def _no_mask(where: str, i: int, what: str) -> DataError:
+    return DataError(
+        f"{where}: messages[{i}]: the chat template does not render this turn as a {what} prefix of the "
+        "conversation, so the assistant-only loss mask cannot be built"
+    )
+
+
+def turn_cuts(render_fn, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and, per assistant turn, the character span of its answer: from the end of the rendering up
+    to the turn with a generation prompt to the end of the rendering up to and with the turn. Both renderings must be
+    prefixes of the full one, and the spans in order. ``render_fn(messages, add_generation_prompt=False)``."""
+    full = render_fn(messages)
+    cuts: list[tuple[int, int]] = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start, end = render_fn(messages[:i], True), render_fn(messages[: i + 1])
+        if not (full.startswith(start) and full.startswith(end)) or len(end) <= len(start):
+            raise _no_mask(where, i, "text")
+        if cuts and len(start) < cuts[-1][1]:
+            raise _no_mask(where, i, "text")
+        cuts.append((len(start), len(end)))
+    return full, cuts
+
+
+def pieces(full: str, cuts: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+    """``full`` cut at the answers' spans: (text, trained) pieces, in order, none empty."""
+    out, at = [], 0
+    for a, b in cuts:
+        out += [(full[at:a], False), (full[a:b], True)]
+        at = b
+    out.append((full[at:], False))
+    return [(text, trained) for text, trained in out if text]
+
+
+def piece_labels(ids: list[list[int]], trained: list[bool]) -> tuple[list[int], list[int]]:
+    """The pieces' ids joined, and labels that train the trained pieces' tokens."""
+    full: list[int] = []
+    labels: list[int] = []
+    for part, t in zip(ids, trained):
+        full += part
+        labels += part if t else [IGNORE_INDEX] * len(part)
+    return full, labels
+
+
+# Conversations on which a tokenizer must give, piece by piece, the ids it gives the whole rendering.
+_PROBES = (
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue, of course"},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Red 42"},
+    ],
+)
+_JOINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def joins_cleanly(tok) -> bool:
+    """Whether tokenizing a rendering at its answer cuts gives the ids of tokenizing it whole, on probe
+    conversations with this tokenizer's template. Not so, e.g., where a tokenizer prefixes every string it gets with
+    a space marker (SentencePiece's add_dummy_prefix) or merges across the cut: those rows keep whole-string
+    tokenization and the token-prefix check."""
+    if not getattr(tok, "chat_template", None):
+        return False
+    known = _JOINS.setdefault(tok, {})
+    if tok.chat_template not in known:
+        known[tok.chat_template] = _probe_joins(tok)
+    return known[tok.chat_template]
+
+
+def _probe_joins(tok) -> bool:
+    tried = 0
+    for conv in _PROBES:
+        try:
+            full, cuts = turn_cuts(lambda m, agp=False: render(tok, m, agp), conv, "probe")
+        except Exception:  # noqa: BLE001 - a template that cannot render or mask this probe: the next one, or none
+            continue
+        parts = pieces(full, cuts)
+        if piece_labels([_ids(tok, t) for t, _ in parts], [x for _, x in parts])[0] != _ids(tok, full):
+            return False
+        tried += 1
+    return tried > 0
 
 
 def encode_text(tok, text: str) -> tuple[list[int], list[int]]:

@@ -52,6 +52,8 @@ class TemplateFill:
         self.tok = tok
         self.enabled = bool(tok.chat_template)
         self.guarded = guarded_strings(tok.chat_template or "")
+        # one search, in C, for a marker character or any guarded string
+        self._steer = re.compile("|".join(re.escape(g) for g in sorted({_OPEN, _CLOSE, *self.guarded}, key=len)[::-1]))
         self._shapes: dict[tuple[tuple[str, ...], bool], list[str] | None] = {}
 
     def _pieces(self, roles: tuple[str, ...], agp: bool) -> list[str] | None:
@@ -75,7 +77,9 @@ class TemplateFill:
         return found[0] if found[0] == found[1] else None
 
     def _plain(self, s: str) -> bool:
-        return s == s.strip() and _OPEN not in s and _CLOSE not in s and not any(g in s for g in self.guarded)
+        """No surrounding whitespace (``s == s.strip()``: str.strip removes what isspace holds), no marker, no
+        guarded string."""
+        return not (s[:1].isspace() or s[-1:].isspace()) and self._steer.search(s) is None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         pieces = self._pieces(tuple(m["role"] for m in messages), add_generation_prompt) if self.enabled else None

@@ -225,25 +225,31 @@ class _Rows:
         test_rows = _read(recipe.test_file, recipe, read) if recipe.test_file else []
         return cls(sources, table, np.arange(len(table.all), dtype=np.int64), eval_rows, test_rows)
 
-    def batches(self, templates: list[str] | None) -> Iterator[tuple[list[Row], list[str]]]:
-        """The final training rows, in order, a batch at a time, with the source of each."""
-        gen_file = self.general and self.sources[-1]["file"]
+    def dataset(self, templates: list[str] | None, folder: Path):
+        """The final training rows, in order, as an Arrow dataset: a selection of the sources' files as they are, or,
+        with prompt templates or general rows, those rows written to ``folder``."""
+        if self.tpl is None and not self.general:
+            return self.table.all.select_columns(["messages", "text", "where"]).select(self.train)
+        return rows_dataset(self.batches(templates), folder)
+
+    def source_index(self) -> np.ndarray:
+        """Each final training row's number in ``sources`` (general rows: the last one)."""
+        return np.where(self.train >= 0, self.table.source(np.maximum(self.train, 0)), len(self.sources) - 1)
+
+    def batches(self, templates: list[str] | None) -> Iterator[list[Row]]:
+        """The final training rows, in order, a batch at a time."""
         for a in range(0, len(self.train), BATCH):
             part = self.train[a : a + BATCH]
-            own = part[part >= 0]
-            rows = iter(next(self.table.rows(own), []))
-            names = iter(self.table.source(own))
+            rows = iter(next(self.table.rows(part[part >= 0]), []))
             tpl = self.tpl[a : a + BATCH] if self.tpl is not None else None
-            out, srcs = [], []
+            out = []
             for k, i in enumerate(part):
                 if i < 0:
                     out.append(self.general[-i - 1])
-                    srcs.append(gen_file)
                     continue
                 r = next(rows)
                 out.append(with_template(r, templates[tpl[k]]) if tpl is not None and tpl[k] >= 0 else r)
-                srcs.append(self.table.names[next(names)])
-            yield out, srcs
+            yield out
 
 
 def _clean_split_weigh(recipe: Recipe, data: _Rows, rng: random.Random, report: dict[str, Any], say) -> None:
@@ -329,22 +335,22 @@ def _encode_and_audit(recipe: Recipe, tok, data: _Rows, report: dict[str, Any], 
     from adapters.model.loading import stop_token_ids
 
     stop = stop_token_ids(tok)
-    num_proc = default_num_proc(len(data.train) + len(data.eval), recipe.dataset_num_proc, tok)
+    num_proc = default_num_proc(len(data.train) + len(data.eval), recipe.dataset_num_proc)
     audits, summaries = {}, {}
     work = out / "work"
-    splits = {"train": data.batches(recipe.augment_prompt_templates)}
+    splits = {"train": lambda: data.dataset(recipe.augment_prompt_templates, work / "train")}
     if data.eval:
-        splits["eval"] = iter([(data.eval, [None] * len(data.eval))])
-    for name, batches in splits.items():
-        ds = rows_dataset(batches, work / name)
+        splits["eval"] = lambda: rows_dataset([data.eval], work / "eval")
+    for name, dataset in splits.items():
+        ds = dataset()
         enc = encode_dataset(ds, tok, recipe.max_length, stop, num_proc, out / f"{name}.arrow", f"encode {name}")
         fig = figures(enc, recipe.max_length, stop)
         audits[name], summaries[name] = fig["audit"], fig["summary"]
         if name == "train":
-            by_source = tokens_by_source(enc, fig["kept"])
+            by_source = tokens_by_source(enc, fig["kept"], data.source_index(), len(data.sources))
         del ds, enc
-    for s in data.sources:
-        s["tokens"] = by_source.get(s["file"], 0)
+    for s, tokens in zip(data.sources, by_source):
+        s["tokens"] = tokens
     report["sources"] = data.sources
     # the spine's per-split summary (file, sha256, rows, kept, tokens, trained_share, length)
     train_sha = next(s["sha256"] for s in data.sources if s["file"] == recipe.train_file)

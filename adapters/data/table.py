@@ -11,6 +11,7 @@ functions give on the same rows, in the same order and with the same seeded draw
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,29 @@ def _schema():
     import pyarrow as pa
 
     turn = pa.struct([("role", pa.string()), ("content", pa.string())])
-    return pa.schema([("messages", pa.list_(turn)), ("text", pa.string()), ("where", pa.string())])
+    fields = [("messages", pa.list_(turn)), ("text", pa.string()), ("where", pa.string())]
+    # what cleaning and augmentation need of a row, computed as it is written, so no step reads the rows again
+    digest16 = pa.binary(16)
+    fields += [("exact", digest16), ("near", digest16), ("answer_chars", pa.int32()), ("prompt_chars", pa.int32())]
+    fields += [("no_alnum", pa.bool_()), ("single", pa.bool_())]
+    return pa.schema(fields)
+
+
+_ALNUM = re.compile(r"[^\W_]")  # str.isalnum's characters: re's \w is isalnum() plus "_"
+
+
+def figures_of(r: Row) -> tuple[bytes, bytes, int, int, bool, bool]:
+    """Every figure the stage's steps need of one row: the dedup digests (exact, near), the answer's and the
+    prompt's length in characters, whether the answer has no letter or digit, whether it is single-turn chat."""
+    a = answer(r)
+    single = r.text is None and sum(m["role"] != "system" for m in r.messages) == 2
+    near = digest(near_key(r))
+    return digest(exact_key(r)), near, len(a), len(prompt(r)), _ALNUM.search(a) is None, single
 
 
 class RowWriter:
-    """Rows appended one by one, written to an Arrow stream file in batches of ``BATCH``."""
+    """Rows appended one by one, with their figures (``figures_of``), written to an Arrow stream file in batches of
+    ``BATCH``."""
 
     def __init__(self, path: Path) -> None:
         import pyarrow as pa
@@ -53,6 +72,7 @@ class RowWriter:
         if self._buf:
             b, schema = self._buf, _schema()
             cols = [[r.messages for r in b], [r.text for r in b], [r.where for r in b]]
+            cols += [list(c) for c in zip(*map(figures_of, b))]
             self._writer.write_batch(pa.record_batch([pa.array(c, f.type) for c, f in zip(cols, schema)], schema))
             self.rows += len(b)
             self._buf = []
@@ -87,6 +107,17 @@ class Table:
         self.offsets = np.cumsum([0, *self.sizes])
         self.all = datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
 
+    def column(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """A figure column (table._schema) at ``ids``, as numpy; digests as 16-byte strings (dtype S16)."""
+        import pyarrow as pa
+
+        col = self.all.data.column(name)
+        if pa.types.is_fixed_size_binary(col.type):
+            values = np.concatenate([_fixed16(c) for c in col.chunks]) if col.num_chunks else np.empty(0, "S16")
+        else:
+            values = col.to_numpy(zero_copy_only=False)
+        return values[ids]
+
     def source(self, ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.offsets, ids, side="right") - 1
 
@@ -105,27 +136,24 @@ class Table:
                 bar.update(len(batch))
 
 
+def _fixed16(chunk) -> np.ndarray:
+    """A FixedSizeBinary(16) chunk without nulls as an S16 array over its buffer (no Python bytes per row)."""
+    data = chunk.buffers()[1]
+    return np.frombuffer(data, dtype="S16", count=len(chunk), offset=chunk.offset * 16)
+
+
 def _step(name: str, before: int, removed_where: list[str], removed: int) -> dict[str, Any]:
     return {"step": name, "before": before, "removed": removed, "after": before - removed, "examples": removed_where}
 
 
 def _first_seen(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
     """Over the rows where ``among`` holds, in order: True for a key seen before (the later copies)."""
-    seen: set[bytes] = set()
+    at = np.flatnonzero(among)
+    _, first = np.unique(keys[at], return_index=True)  # the first occurrence of each key
     drop = np.zeros(len(keys), dtype=bool)
-    for i in np.flatnonzero(among):
-        k = keys[i]
-        drop[i] = k in seen
-        seen.add(k)
+    drop[at] = True
+    drop[at[first]] = False
     return drop
-
-
-def _row_figures(r: Row, lo: int, hi: int | None, hp: int | None) -> tuple[bytes, bytes, bool, bool]:
-    """Every figure the cleaning steps need of one row, so the rows are read once for all of them."""
-    a = answer(r)
-    n = len(a)
-    bad = n < lo or (hi is not None and n > hi) or (hp is not None and len(prompt(r)) > hp)
-    return digest(exact_key(r)), digest(near_key(r)), not any(c.isalnum() for c in a), bad
 
 
 def _drop(t: Table, ids: np.ndarray, alive: np.ndarray, drop: np.ndarray, name: str, steps: list) -> None:
@@ -137,21 +165,19 @@ def _drop(t: Table, ids: np.ndarray, alive: np.ndarray, drop: np.ndarray, name: 
 
 
 def clean_ids(t: Table, ids: np.ndarray, recipe) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """clean.clean_rows on row numbers: the same steps, counts and examples, from one read of the rows."""
+    """clean.clean_rows on row numbers: the same steps, counts and examples, from the figures written with the rows."""
     steps: list[dict[str, Any]] = []
     lo, hi, hp = recipe.min_answer_chars, recipe.max_answer_chars, recipe.max_prompt_chars
-    n = len(ids)
-    exact, near = np.empty(n, dtype=object), np.empty(n, dtype=object)
-    empty, bad = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    for i, (e, k, m, b) in enumerate(t.values(ids, lambda r: _row_figures(r, lo, hi, hp), "clean")):
-        exact[i], near[i], empty[i], bad[i] = e, k, m, b
-    alive = np.ones(n, dtype=bool)
+    alive = np.ones(len(ids), dtype=bool)
     if recipe.dedup:
-        _drop(t, ids, alive, _first_seen(exact, alive), "exact_duplicates", steps)
-        _drop(t, ids, alive, _first_seen(near, alive), "near_duplicates", steps)
-    _drop(t, ids, alive, empty, "empty_answers", steps)
+        _drop(t, ids, alive, _first_seen(t.column("exact", ids), alive), "exact_duplicates", steps)
+        _drop(t, ids, alive, _first_seen(t.column("near", ids), alive), "near_duplicates", steps)
+    _drop(t, ids, alive, t.column("no_alnum", ids).astype(bool), "empty_answers", steps)
     if lo > 1 or hi or hp:
-        _drop(t, ids, alive, bad, "length_filter", steps)
+        n = t.column("answer_chars", ids)
+        bad = (n < lo) | ((n > hi) if hi is not None else False)
+        bad |= (t.column("prompt_chars", ids) > hp) if hp is not None else False
+        _drop(t, ids, alive, np.asarray(bad, dtype=bool), "length_filter", steps)
     return ids[alive], steps
 
 
@@ -170,7 +196,7 @@ def split_ids(t: Table, ids: np.ndarray, val_split: float, seed: int) -> tuple[n
 def overlap_ids(t: Table, ids: np.ndarray, *held_out: list[Row]) -> tuple[np.ndarray, list[str], int]:
     """clean.remove_overlap: (kept ids, first 10 removed locations, removed count)."""
     keys = {digest(near_key(r)) for rows in held_out for r in rows}
-    leak = np.fromiter(t.values(ids, lambda r: digest(near_key(r)) in keys), bool, len(ids)) if keys else None
+    leak = np.isin(t.column("near", ids), np.array(sorted(keys), dtype="S16")) if keys else None
     if leak is None or not leak.any():
         return ids, [], 0
     return ids[~leak], [r.where for r in next(t.rows(ids[leak][:10]))], int(leak.sum())
@@ -192,8 +218,7 @@ def template_ids(t: Table, ids: np.ndarray, templates: list[str]) -> tuple[np.nd
     for tpl in templates:
         if "{prompt}" not in tpl:
             raise DataError(f"augment_prompt_templates: template {tpl!r} has no {{prompt}} placeholder")
-    single = t.values(ids, lambda r: r.text is None and len([m for m in r.messages if m["role"] != "system"]) == 2)
-    reps = np.array([len(templates) if s else 1 for s in single], dtype=np.int64)
+    reps = np.where(t.column("single", ids).astype(bool), len(templates), 1).astype(np.int64)
     out_ids = np.repeat(ids, reps)
     tpl = np.full(len(out_ids), -1, dtype=np.int64)
     starts = np.cumsum(reps) - reps
