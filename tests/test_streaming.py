@@ -150,3 +150,52 @@ def test_streaming_run_trains_for_max_steps(tiny_models, tiny_data, tmp_path):
     assert s["passes"] >= 2 and s["rows_read"] == 32 and s["kept"] == 32  # TRL also opens it once for a peek
     assert any("eval_loss" in e for e in m["log_history"])  # eval_file still read whole and evaluated
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_read_different_rows(tiny_models, tiny_data, tmp_path):
+    """A world of 2 on gloo (accelerate launch --multi_gpu on CPU): each rank reads the stream and keeps its own
+    batches (dispatch_batches off, trainer.py); together the ranks train on the 32 rows once."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.test_dist import _cli_args, free_port, trace_env
+
+    ov = tiny_overrides(tiny_models["llama"], tiny_data, tmp_path / "out", run_name="s2", max_steps=4, streaming=True)
+    ov.update(eval_after_train=False, quant_probe=False, eval_strategy="no", save_steps=100, test_file="null")
+    ov.update(per_device_train_batch_size=4, streaming_audit_rows=8)
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port()), str(REPO / "tests" / "_dist_entry.py")]
+    cmd = [*launch, "train", "gemma3-270m-demo", *_cli_args(ov)]
+    env = trace_env(tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    traces = {r: json.loads((tmp_path / "trace" / f"rank{r}.json").read_text()) for r in (0, 1)}
+    t0, t1 = traces[0]["samples"], traces[1]["samples"]
+    assert len(t0) == len(t1) == 4 * 4  # 4 steps x micro-batch 4 on each rank
+    assert not set(t0) & set(t1), "the two ranks trained on the same rows"
+    assert len(set(t0) | set(t1)) == 32
+    m = json.loads((tmp_path / "out" / "s2" / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["world_size"] == 2 and m["data"]["streaming"] is True
+    assert os.path.isfile(tmp_path / "out" / "s2" / "adapter" / "adapter_model.safetensors")
+
+
+def test_streaming_turns_batch_dispatch_off(tmp_path, tiny_data):
+    """On a GPU accelerate's default for an IterableDataset has rank 0 read and torch.cat every rank's batch, which
+    fails on batches padded to different lengths (TRL's DPOTrainer turns it off for the same reason)."""
+    from adapters.training.trainer import _streaming_kwargs
+
+    on = _streaming_kwargs(_recipe(tmp_path, tiny_data["train"], accelerator_config={"split_batches": False}))
+    assert on == {"accelerator_config": {"split_batches": False, "dispatch_batches": False}}
+    assert _streaming_kwargs(_recipe(tmp_path, tiny_data["train"], streaming=False)) == {}
+
+
+def test_packed_stream_keeps_every_token(tmp_path, tiny_data):
+    train = _stream(_recipe(tmp_path, tiny_data["train"]))[0]
+    rows = _pairs(train.dataset)
+    packed = list(train.trainer_dataset(pack_length=128))
+    assert len(packed) < len(rows) and all(len(p["input_ids"]) <= 128 for p in packed)
+    tokens = sum(len(ids) for ids, _ in rows)
+    assert sum(len(p["input_ids"]) for p in packed) == tokens == sum(sum(p["seq_lengths"]) for p in packed)
