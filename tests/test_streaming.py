@@ -199,3 +199,21 @@ def test_packed_stream_keeps_every_token(tmp_path, tiny_data):
     assert len(packed) < len(rows) and all(len(p["input_ids"]) <= 128 for p in packed)
     tokens = sum(len(ids) for ids, _ in rows)
     assert sum(len(p["input_ids"]) for p in packed) == tokens == sum(sum(p["seq_lengths"]) for p in packed)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_csv_and_parquet_stream_through_the_builders(tmp_path, tiny_data, suffix):
+    import datasets
+
+    objs = [json.loads(line) for line in tiny_data["train"].read_text().splitlines()]
+    qa = [{"prompt": o["messages"][0]["content"], "completion": o["messages"][1]["content"]} for o in objs]
+    path = tmp_path / f"train{suffix}"
+    ds = datasets.Dataset.from_list(qa + [{"prompt": "q", "completion": " "}])  # the last row is invalid
+    ds.to_csv(str(path), index=False) if suffix == ".csv" else ds.to_parquet(str(path))
+    tok = build_tokenizer()
+    train = _stream(_recipe(tmp_path, path, streaming_audit_rows=4, skip_invalid=True), tok=tok)[0]
+    whole = prepare_data(_recipe(tmp_path, path, streaming=False, skip_invalid=True), tok, None, say=lambda s: 0)[0]
+    assert _pairs(train.dataset) == [(e.input_ids, e.labels) for e in whole] and len(whole) == 32
+    line = 34 if suffix == ".csv" else 33  # CSV: the header is line 1
+    with pytest.raises(DataError, match=rf"^{path}:{line}: completion: missing or empty"):
+        list(_stream(_recipe(tmp_path, path, streaming_audit_rows=4), tok=tok)[0].dataset)
