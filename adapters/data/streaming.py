@@ -307,7 +307,7 @@ def prepare_stream(
     _check(recipe, audits, run_dir, report, say, write)
     if not head:
         raise DataError(f"{recipe.train_file}: no usable training rows in the first {fig['audit']['rows']}")
-    say(f"[data] streaming {recipe.train_file}: {audits['not_audited']}")
+    say(f"[data] {recipe.train_file}: {audits['not_audited']}")
     test = read.get(str(recipe.test_file), []) if recipe.test_file else []
     if recipe.test_file:
         report["test"] = {"file": recipe.test_file, "sha256": _sha(recipe.test_file), "rows": len(test)}
