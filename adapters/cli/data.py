@@ -27,7 +27,8 @@ def register(sub) -> None:
     c.set_defaults(func=check)
     c = dsub.add_parser(
         "audit",
-        help="validate, clean, split and audit a recipe's data with its tokenizer (no model)",
+        help="validate, clean, split and audit a recipe's data with its tokenizer (no model); with --streaming true, "
+        "the first streaming_audit_rows rows",
         epilog="example: adapters data audit gemma3-270m-demo --max_length 64",
     )
     c.add_argument("recipe", help="a recipe YAML path or a shipped recipe name; --key value overrides follow")
@@ -67,6 +68,12 @@ def audit(args: argparse.Namespace, rest: list[str]) -> int:
 
     recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
     tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
-    prepare_data(recipe, tok, Path(args.out))  # decides packing itself
+    if recipe.streaming:  # the audit of the first streaming_audit_rows rows (data/streaming.py)
+        from adapters.data.pipeline import packing_guard
+        from adapters.data.streaming import prepare_stream
+
+        prepare_stream(recipe, tok, Path(args.out), packed=packing_guard(recipe), training=False)
+    else:
+        prepare_data(recipe, tok, Path(args.out))  # decides packing itself
     print(f"audit -> {Path(args.out) / 'data_audit.json'}")
     return 0

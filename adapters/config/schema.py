@@ -114,6 +114,13 @@ class DataKeys:
     """Stop when fewer than this share of training tokens carry a label."""
     audit_require_eos: bool = True
     """Stop unless every kept row trains the EOS/end-of-turn token that closes its answer."""
+    streaming: bool = False
+    """Read, validate and encode train_file as training asks for rows (a datasets.IterableDataset), for sets that do
+    not fit on disk: no encoded cache, no dedup/filters/split/mix/augmentation (they need every row), max_steps
+    required; the audit covers the first streaming_audit_rows rows only (docs/data.md)."""
+    streaming_audit_rows: int = 1000
+    """With streaming: how many leading training rows are encoded and audited (thresholds checked) before the model
+    loads; later rows are validated as they stream, never audited."""
 
 
 @dataclass
@@ -254,6 +261,8 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"adapter_dtype: expected float32, bfloat16, float16 or auto, got {self.adapter_dtype!r}")
         if self.max_length <= 0:
             raise RecipeError(f"max_length: must be > 0, got {self.max_length}")
+        if self.streaming_audit_rows <= 0:
+            raise RecipeError(f"streaming_audit_rows: must be > 0, got {self.streaming_audit_rows}")
         from adapters.training.speed import EXTRA_SWITCHES, SWITCHES, FastPathError, check_switch
 
         for name in SWITCHES + EXTRA_SWITCHES:

@@ -120,9 +120,16 @@ def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life,
     before_train(recipe, ref.path)  # known-bad recipe / launcher / model combinations fail here, naming the fix
     tok = load_tokenizer(ref, recipe)
     packed = packing_guard(recipe, say=log)  # packing only where the attention keeps samples apart
-    train_enc, eval_enc, _, data_report = prepare_data(
-        recipe, tok, run, say=log, write=state.is_main_process, packed=packed
-    )
+    if recipe.streaming:  # train_file read as the trainer asks for rows (adapters/data/streaming.py)
+        from adapters.data.streaming import prepare_stream
+
+        train_enc, eval_enc, _, data_report = prepare_stream(
+            recipe, tok, run, say=log, write=state.is_main_process, packed=packed
+        )
+    else:
+        train_enc, eval_enc, _, data_report = prepare_data(
+            recipe, tok, run, say=log, write=state.is_main_process, packed=packed
+        )
     previous = claim["previous"]
     if previous:
         lifecycle.data_changes(previous.get("data"), data_report)  # same files, but not the same contents?
@@ -238,15 +245,18 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
     model = attach_lora(model, recipe)
     manifest["parameters"] = p = parameter_counts(model)
     log(f"[lora] trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)")
+    pack_length = recipe.max_length if packed else None
+    streamed = hasattr(train_enc, "trainer_dataset")
     trainer, guard = build_trainer(
         model,
         tok,
         recipe,
         run,
-        to_dataset(train_enc, pack_length=recipe.max_length if packed else None),
+        train_enc.trainer_dataset(pack_length) if streamed else to_dataset(train_enc, pack_length=pack_length),
         to_dataset(eval_enc) if eval_enc else None,
         packed=packed,
         callbacks=callbacks,
+        length_sample=to_dataset(train_enc.head) if streamed else None,
     )
     manifest["fast_path"] = trainer.fast_path
     trainer.add_callback(life.callback(guard))
@@ -289,9 +299,12 @@ def _finish(
     from adapters.evaluation.plots import plot_curves
 
     plot_curves(trainer.state.log_history, run / "loss_curve.png", title=run.name)
-    tokens_seen = sum(len(e.input_ids) for e in train_enc) * (
-        result.global_step * manifest["effective_batch_size"] / max(len(train_enc), 1)
-    )
+    rows_trained = result.global_step * manifest["effective_batch_size"]
+    if hasattr(train_enc, "stream"):  # a stream has no length: the audited head's mean length stands for the rows
+        tokens_seen = train_enc.mean_tokens() * rows_trained
+        manifest["data"]["stream"] = train_enc.stream.counts()
+    else:
+        tokens_seen = sum(len(e.input_ids) for e in train_enc) * rows_trained / max(len(train_enc), 1)
     manifest.update(
         {
             "status": "complete",

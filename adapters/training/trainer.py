@@ -79,6 +79,16 @@ def sft_config(recipe: Recipe, **owned: Any):
     return SFTConfig(**{**recipe.library_kwargs("training"), **owned})
 
 
+def _streaming_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """A streamed train set under several processes: each rank reads the stream and keeps its own batches
+    (accelerate's IterableDatasetShard). accelerate's default for an IterableDataset, dispatch_batches, has rank 0
+    read every rank's batch and torch.cat them, which fails on batches padded to different lengths."""
+    given = recipe.accelerator_config
+    if not recipe.streaming or not (given is None or isinstance(given, dict)):  # a config file given: it decides
+        return {}
+    return {"accelerator_config": {**(given or {}), "dispatch_batches": False}}
+
+
 def _log_tensorboard_to(trainer, log_dir: Path) -> None:
     """Give the Trainer's TensorBoard logger a writer for this run's folder. Its only other way to learn a folder is
     the process-wide TENSORBOARD_LOGGING_DIR, which a second run in the same process would inherit."""
@@ -95,10 +105,20 @@ def _log_tensorboard_to(trainer, log_dir: Path) -> None:
 
 
 def build_trainer(
-    model, tok, recipe: Recipe, run: Path, train_ds, eval_ds, *, packed: bool = False, callbacks: Sequence[Any] = ()
+    model,
+    tok,
+    recipe: Recipe,
+    run: Path,
+    train_ds,
+    eval_ds,
+    *,
+    packed: bool = False,
+    callbacks: Sequence[Any] = (),
+    length_sample=None,
 ):
     """``packed``: the decision of data.pipeline.packing_guard; ``callbacks``: extra TrainerCallbacks (the sweep's
-    pruner). Returns (trainer, the non-finite-loss guard)."""
+    pruner); ``length_sample``: the rows whose lengths stand for a streamed ``train_ds`` (which cannot be read twice
+    for free). Returns (trainer, the non-finite-loss guard)."""
     from trl import SFTTrainer
 
     from adapters.model.lora import adapter_dtype as dtype_of
@@ -114,7 +134,9 @@ def build_trainer(
     trainctl.check_report_to(recipe.report_to)
     use_cpu = not torch.cuda.is_available()
     has_eval = eval_ds is not None and recipe.eval_strategy != "no"
-    fast = for_recipe(recipe, train_ds, packing=packed)  # padding_free / liger / compile, auto or set by the recipe
+    fast = for_recipe(
+        recipe, train_ds if length_sample is None else length_sample, packing=packed
+    )  # padding_free / liger / compile, auto or set by the recipe
     from trl import SFTConfig
 
     args = sft_config(
@@ -136,6 +158,7 @@ def build_trainer(
         **{_ckpt_flag(SFTConfig): False},
         **trainctl.config_fields(recipe, has_eval),  # early stopping
         **fast.sft_kwargs(),
+        **_streaming_kwargs(recipe),
     )
     guard = make_callbacks()
     trainer = Trainer(
