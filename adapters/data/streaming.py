@@ -342,7 +342,7 @@ def _encode_held(rows: list, tok, max_length: int, stop: list[int]):
     """eval rows through the Arrow path (they are read whole, as without streaming), in a folder gone at exit."""
     folder = Path(tempfile.mkdtemp(prefix="adapters-stream-eval-"))
     atexit.register(shutil.rmtree, folder, True)
-    ds = rows_dataset(iter([(rows, [None] * len(rows))]), folder / "rows")
+    ds = rows_dataset([rows], folder / "rows")
     enc = encode_dataset(ds, tok, max_length, stop, 1, folder / "eval.arrow", "encode eval")
     fig = figures(enc, max_length, stop)
     return EncodedSet(enc.select(np.flatnonzero(fig["kept"]))), fig
