@@ -229,3 +229,85 @@ def test_default_num_proc():
     assert default_num_proc(PARALLEL_MIN_ROWS - 1, None) == 1
     cores = len(os.sched_getaffinity(0))
     assert default_num_proc(PARALLEL_MIN_ROWS, None) == cores
+
+
+def _messy_jsonl(tmp_path: Path, tiny_data) -> Path:
+    """Good rows with bad ones (invalid JSON, a duplicate key, a wrong type), aliases, blank lines and a BOM."""
+    good = tiny_data["train"].read_text().splitlines()
+    bad = ['{"prompt": "a" "completion": "b"}', '{"prompt": "p", "completion": 4}', '{"prompt": "p", "prompt": "q"}']
+    alias = json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    lines = []
+    for i, row in enumerate(good * 3):
+        lines.append(row)
+        if i % 7 == 3:
+            lines += [bad[i % 3], "", alias]
+    f = tmp_path / "messy.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+    return f
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_parallel_read_finds_what_one_process_finds(tmp_path, tiny_data, monkeypatch, parts):
+    from adapters.data import parallel
+
+    f = _messy_jsonl(tmp_path, tiny_data)
+    one = check([f], quarantine=tmp_path / "q1.jsonl")
+    cuts = parallel.split_lines(f, parts)
+    assert len(cuts) == parts and cuts[0][:1] == (0,) and cuts[-1][1] == f.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))  # contiguous, cut after a newline
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "cores", lambda: parts)
+    many = check([f], quarantine=tmp_path / "q2.jsonl")
+    assert [str(p) for p in many.problems] == [str(p) for p in one.problems] and len(one.problems) >= 6
+    assert (many.rows, many.valid, many.bad_rows) == (one.rows, one.valid, one.bad_rows)
+    assert (tmp_path / "q2.jsonl").read_text() == (tmp_path / "q1.jsonl").read_text()
+
+
+def test_parallel_read_writes_the_rows_in_file_order(tmp_path, tiny_data, monkeypatch):
+    from adapters.data import parallel
+
+    f = _messy_jsonl(tmp_path, tiny_data)
+    r = _recipe(tmp_path, f, skip_invalid=True, dedup=False, output_root=str(tmp_path / "one"))
+    one, rep1, _ = _prepare(r)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "cores", lambda: 3)
+    r = _recipe(tmp_path, f, skip_invalid=True, dedup=False, output_root=str(tmp_path / "three"))
+    three, rep3, _ = _prepare(r)
+    assert [e.where for e in three] == [e.where for e in one] and _ids(three) == _ids(one)
+    assert rep3["validation"]["invalid"] == rep1["validation"]["invalid"] > 0
+
+
+def test_a_dead_reading_process_stops_the_read(tmp_path, tiny_data, monkeypatch):
+    from adapters.data import parallel
+
+    f = _messy_jsonl(tmp_path, tiny_data)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "_child", lambda *a: os._exit(3))  # killed, as by the OOM killer
+    with pytest.raises(DataError, match=r"messy.jsonl: the process reading bytes \d+-\d+ .*died \(exit code 3\)"):
+        check([f])
+
+
+def test_answers_are_tokenized_in_pieces_where_that_equals_the_whole():
+    from adapters.data.encode import _ids, encode_messages, joins_cleanly
+
+    tok = build_tokenizer()
+    assert joins_cleanly(tok)
+    conv = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ada, 1843."}]
+    ids, labels = encode_messages(tok, conv)
+    assert ids == _ids(tok, render(tok, conv))  # here the pieces join to the whole rendering's ids
+    prompt = _ids(tok, render(tok, conv[:1], True))
+    assert ids[: len(prompt)] == prompt and set(labels[: len(prompt)]) == {-100}
+    assert labels[len(prompt) :] == ids[len(prompt) :]
+
+
+def test_a_tokenizer_that_does_not_join_pieces_keeps_whole_string_tokenization():
+    from tokenizers import normalizers
+
+    from adapters.data.encode import _ids, encode_messages, joins_cleanly
+
+    tok = build_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Prepend("@")  # like SentencePiece's dummy prefix
+    assert not joins_cleanly(tok)
+    conv = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ada, 1843."}]
+    ids, _ = encode_messages(tok, conv)
+    assert ids == _ids(tok, render(tok, conv))

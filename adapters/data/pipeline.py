@@ -86,7 +86,7 @@ def validate_sources(
         read is not None,
         recipe.data_split,
         recipe.data_subset,
-        sinks={p: w.add for p, w in (writers or {}).items()},
+        sinks=writers,
     )
     if read is not None:
         read.update(res.rows_by_source)

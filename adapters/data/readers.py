@@ -147,21 +147,26 @@ def _decode(raw: bytes, file: str, lineno: int, offset: int) -> tuple[str | None
         )
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset in the file, bytes) of each line. A leading UTF-8 BOM is dropped from line 1, so
+def _raw_lines(path: Path, start: int = 0, end: int | None = None, line: int = 1) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset in the file, bytes) of each line; with ``start``/``end`` only the lines that start
+    in that byte range, ``line`` being the number of the first. A leading UTF-8 BOM is dropped from line 1, so
     columns are the ones an editor shows, and still counted in the offsets."""
-    offset = 0
+    offset = start
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
+        f.seek(start)
+        for lineno, raw in enumerate(f, start=line):
+            if end is not None and offset >= end:
+                return
+            begin, offset = offset, offset + len(raw)
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
-            yield lineno, start, raw
+                raw, begin = raw[len(codecs.BOM_UTF8) :], begin + len(codecs.BOM_UTF8)
+            yield lineno, begin, raw
 
 
-def _iter_jsonl(path: Path) -> Iterator[Record]:
+def iter_jsonl(path: Path, start: int = 0, end: int | None = None, line: int = 1) -> Iterator[Record]:
+    """The rows of a JSON Lines file, or of the lines starting in bytes [start, end), the first being ``line``."""
     strict = StrictJSON()
-    for lineno, offset, raw in _raw_lines(path):
+    for lineno, offset, raw in _raw_lines(path, start, end, line):
         text, bad = _decode(raw, str(path), lineno, offset)
         if bad:
             yield Record(str(path), lineno, None, raw.decode("utf-8", "backslashreplace").rstrip("\n"), [bad])
@@ -195,7 +200,7 @@ def _iter_json(path: Path) -> Iterator[Record]:
         return
     text = path.read_text(encoding="utf-8-sig")
     if not text.lstrip().startswith("["):
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
         return
     strict = StrictJSON()
     i = text.index("[") + 1
@@ -332,7 +337,7 @@ def iter_records(path: str | Path, split: str | None = None, subset: str | None 
         elif f.suffix == ".json":
             yield from _iter_json(f)
         else:
-            yield from _iter_jsonl(f)
+            yield from iter_jsonl(f)
 
 
 # ---------------------------------------------------------------------------------------------------- formats

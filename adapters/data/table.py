@@ -60,6 +60,7 @@ class RowWriter:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, _schema())
         self._buf: list[Row] = []
+        self._parts: list[Path] = []
 
     def add(self, row: Row) -> None:
         self._buf.append(row)
@@ -77,14 +78,24 @@ class RowWriter:
             self.rows += len(b)
             self._buf = []
 
-    def close(self):
-        """The written rows as a memory-mapped dataset."""
-        import datasets
+    def adopt(self, part: Path, rows: int) -> None:
+        """Rows another writer wrote to ``part`` (a finished file with this schema) come after this one's."""
+        self._parts.append(part)
+        self.rows += rows
 
+    def finish(self) -> None:
+        """The file complete on disk."""
         self._flush()
         self._writer.close()
         self._sink.close()
-        return datasets.Dataset.from_file(str(self.path))
+
+    def close(self):
+        """The written rows (this file's, then the adopted parts') as one memory-mapped dataset."""
+        import datasets
+
+        self.finish()
+        sets = [datasets.Dataset.from_file(str(p)) for p in (self.path, *self._parts)]
+        return datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
 
 
 def as_rows(batch: dict[str, list]) -> list[Row]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.data.formats import FORMATS, normalise
+from adapters.data.parallel import scan_parts, split_lines
 from adapters.data.readers import is_dataset_source, iter_records, source_files
 from adapters.data.rows import DataError, Problem, Record, Row, Scan
 
@@ -30,31 +31,18 @@ def scan(
     ``keep_rows=False`` streams: only problems, bad records and counters are kept (``Scan.valid`` counts the
     rows), so validating 10^7 rows needs no more memory than validating 10. ``progress``: a tqdm bar with rows/s
     under that name (shown once the scan takes over 2 s). ``split``/``subset``: of a dataset source (readers.py).
-    ``sink``: called with each valid row instead of keeping it (e.g. to write it to Arrow)."""
+    ``sink``: a ``table.RowWriter`` that gets each valid row instead of keeping it. A large JSON Lines file is read by
+    every core (parallel.py), each part's rows written to a part file the sink adopts, in order."""
 
     if data_format is not None and data_format not in FORMATS:
         raise DataError(f"data_format: unknown format {data_format!r} (expected one of {', '.join(FORMATS)})")
-    out = Scan()
-    first_alias: dict[str, int] = {}
-    seen: set[str] = set()
-    for rec in _progress(iter_records(path, split, subset), progress):
-        out.records += 1
-        seen.add(rec.file)
-        if rec.obj is not None:
-            messages, text, probs, aliased = normalise(rec.obj, data_format, columns)
-            rec.problems += [Problem(rec.file, rec.line, f, m) for f, m in probs]
-            if aliased and not probs:
-                out.aliased += 1
-                first_alias.setdefault(rec.file, rec.line)
-        if rec.problems:
-            out.problems += rec.problems
-            out.bad.append(rec)
-            continue
-        out.valid += 1
-        if sink is not None:
-            sink(Row(rec.file, rec.line, messages or [], text))
-        elif keep_rows:
-            out.rows.append(Row(rec.file, rec.line, messages or [], text))
+    parts = [] if keep_rows and sink is None else split_lines(path)
+    if len(parts) > 1:
+        out, first_alias, seen = scan_parts(path, parts, data_format, columns, sink, progress)
+    else:
+        out, first_alias, seen = Scan(), {}, set()
+        bar = _progress(iter_records(path, split, subset), progress)
+        _scan_records(bar, data_format, columns, keep_rows, sink, out, first_alias, seen)
     # an empty file is a mistake (a failed export, the wrong path), not a valid source of nothing
     if is_dataset_source(path, split):
         empty = [] if out.records else [path]
@@ -70,6 +58,28 @@ def scan(
             out.aliased,
         )
     return out
+
+
+def _scan_records(records, data_format, columns, keep_rows: bool, sink, out: Scan, first_alias: dict, seen: set):
+    """The rows of ``records`` into ``out``: problems and bad records kept, valid rows to ``sink`` (or kept)."""
+    for rec in records:
+        out.records += 1
+        seen.add(rec.file)
+        if rec.obj is not None:
+            messages, text, probs, aliased = normalise(rec.obj, data_format, columns)
+            rec.problems += [Problem(rec.file, rec.line, f, m) for f, m in probs]
+            if aliased and not probs:
+                out.aliased += 1
+                first_alias.setdefault(rec.file, rec.line)
+        if rec.problems:
+            out.problems += rec.problems
+            out.bad.append(rec)
+            continue
+        out.valid += 1
+        if sink is not None:
+            sink.add(Row(rec.file, rec.line, messages or [], text))
+        elif keep_rows:
+            out.rows.append(Row(rec.file, rec.line, messages or [], text))
 
 
 def _progress(records, name: str | None):
@@ -123,7 +133,7 @@ def check(
     sinks: dict | None = None,
 ) -> CheckResult:
     """Validate sources; every problem is listed. With ``quarantine``, bad rows are written there. Streams (keeps
-    no row) unless ``keep_rows``; ``sinks``: path -> a function that gets that source's valid rows (once)."""
+    no row) unless ``keep_rows``; ``sinks``: path -> a ``table.RowWriter`` that gets that source's valid rows (once)."""
     problems: list[Problem] = []
     bad: list[Record] = []
     rows = valid = 0
