@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from adapters.config import load_recipe
 from adapters.data.audit import AuditError
@@ -17,14 +16,7 @@ from adapters.data.rows import DataError
 from adapters.data.streaming import prepare_stream
 
 from .conftest import build_tokenizer, tiny_overrides
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .test_eval_training import one_thread  # noqa: F401 - the module's autouse fixture: one torch thread
 
 
 def _recipe(tmp_path: Path, train, **over):

@@ -373,6 +373,8 @@ def _encode_and_audit(recipe: Recipe, tok, data: _Rows, report: dict[str, Any], 
 
 
 def _check_audit(recipe: Recipe, audits: dict[str, Any], run_dir: Path | None, report: dict[str, Any], say, write):
+    """The audit thresholds on the audited rows (a streamed run's: its head, ``audits["audited_rows"]``); the audit
+    printed, written to data_audit.json and summed up in ``report["audit"]``."""
     problems = violations(
         audits["train"], recipe.audit_max_dropped_share, recipe.audit_min_trained_share, recipe.audit_require_eos
     )
@@ -392,5 +394,9 @@ def _check_audit(recipe: Recipe, audits: dict[str, Any], run_dir: Path | None, r
         k: {kk: v for kk, v in audits[k].items() if not kk.endswith("_rows")} for k in ("train", "eval") if k in audits
     }
     report["audit"]["problems"] = problems
+    head = "audited_rows" in audits
+    if head:
+        report["audit"].update(streaming=True, audited_rows=audits["audited_rows"], not_audited=audits["not_audited"])
     if problems:
-        raise AuditError("data audit failed (see data_audit.json): " + "; ".join(problems))
+        what = " on the streamed head" if head else ""
+        raise AuditError(f"data audit failed{what} (see data_audit.json): " + "; ".join(problems))

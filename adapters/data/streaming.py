@@ -27,12 +27,10 @@ import numpy as np
 
 from adapters.config import Recipe
 from adapters.data.arrow import EncodedSet, _Encoder, encode_dataset, figures, rows_dataset
-from adapters.data.audit import AuditError, format_audit, violations
 from adapters.data.formats import normalise
 from adapters.data.readers import dataset_records, is_dataset_source, iter_records, source_files
 from adapters.data.rows import DataError, Encoded, Problem, Record
 from adapters.data.validate import write_quarantine
-from adapters.utils.atomic import write_json
 from adapters.utils.hashing import chat_template_sha256, fingerprint
 
 # Keys whose work needs every row before the first step; each is refused with streaming, naming why.
@@ -349,26 +347,8 @@ def _encode_held(rows: list, tok, max_length: int, stop: list[int]):
 
 
 def _check(recipe: Recipe, audits: dict[str, Any], run_dir: Path | None, report: dict, say, write: bool) -> None:
-    """The audit thresholds on the head (and eval), as pipeline._check_audit does on the whole set."""
-    problems = violations(
-        audits["train"], recipe.audit_max_dropped_share, recipe.audit_min_trained_share, recipe.audit_require_eos
-    )
-    audits["thresholds"] = {
-        "audit_max_dropped_share": recipe.audit_max_dropped_share,
-        "audit_min_trained_share": recipe.audit_min_trained_share,
-        "audit_require_eos": recipe.audit_require_eos,
-    }
-    audits["problems"] = problems
-    for name in ("train", "eval"):
-        for line in format_audit(name, audits[name]) if name in audits else ():
-            say(line)
-    if write and run_dir is not None:
-        write_json(Path(run_dir) / "data_audit.json", audits)
-    report["audit"] = {
-        k: {kk: v for kk, v in audits[k].items() if not kk.endswith("_rows")} for k in ("train", "eval") if k in audits
-    }
-    report["audit"].update(problems=problems, streaming=True, audited_rows=audits["audited_rows"])
-    report["audit"]["not_audited"] = audits["not_audited"]
-    if problems:
-        raise AuditError("data audit failed on the streamed head (see data_audit.json): " + "; ".join(problems))
+    """The audit thresholds on the head (and eval), as on the whole set without streaming."""
+    from adapters.data.pipeline import _check_audit
+
+    _check_audit(recipe, audits, run_dir, report, say, write)
     say("[audit] no problems")
