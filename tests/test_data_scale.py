@@ -231,6 +231,18 @@ def test_default_num_proc():
     assert default_num_proc(PARALLEL_MIN_ROWS, None) == cores
 
 
+def test_ranks_on_one_machine_share_its_cores(monkeypatch):
+    from adapters.data import parallel
+    from adapters.data.arrow import PARALLEL_MIN_ROWS, default_num_proc
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert parallel.cores() == 8 and default_num_proc(PARALLEL_MIN_ROWS, None) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # set by torchrun / accelerate launch for each rank
+    assert parallel.cores() == 2 and default_num_proc(PARALLEL_MIN_ROWS, None) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert parallel.cores() == 1
+
+
 def _messy_jsonl(tmp_path: Path, tiny_data) -> Path:
     """Good rows with bad ones (invalid JSON, a duplicate key, a wrong type), aliases, blank lines and a BOM."""
     good = tiny_data["train"].read_text().splitlines()

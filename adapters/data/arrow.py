@@ -28,14 +28,15 @@ ENCODE_BATCH = 10_000
 
 
 def default_num_proc(rows: int, asked: int | None) -> int:
-    """SFTConfig's ``dataset_num_proc`` when set; else every core this process may use, from PARALLEL_MIN_ROWS rows
-    on. With a Rust tokenizer one process already tokenizes on every core, but the rest of the encoding (template,
+    """SFTConfig's ``dataset_num_proc`` when set; else every core this process may use (its share under a launcher:
+    ``parallel.cores``), from PARALLEL_MIN_ROWS rows on. With a Rust tokenizer one process already tokenizes on every core, but the rest of the encoding (template,
     labels, figures, Arrow) is Python on one: measured on 200k rows (2 cores, Gemma tokenizer) 2 processes took 13.0 s
     where 1 took 16.3 s, and the parent's memory stayed flat (the workers read the rows)."""
     if asked:
         return max(1, int(asked))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if rows >= PARALLEL_MIN_ROWS else 1
+    from adapters.data.parallel import cores
+
+    return cores() if rows >= PARALLEL_MIN_ROWS else 1
 
 
 def rows_dataset(batches: Iterable[list[Row]], folder: Path):

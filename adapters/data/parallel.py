@@ -23,7 +23,11 @@ _TICK = 5_000  # rows between two updates of the shared progress counter
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may use, shared with the other ranks on this machine: under a launcher each of the
+    LOCAL_WORLD_SIZE processes runs the data stage at once, so one rank's share is cores / that many."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, n // max(1, int(ranks) if ranks.isdigit() else 1))
 
 
 def split_lines(path: str | Path, parts: int | None = None) -> list[tuple[int, int, int]]:
