@@ -323,3 +323,15 @@ def test_a_tokenizer_that_does_not_join_pieces_keeps_whole_string_tokenization()
     conv = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ada, 1843."}]
     ids, _ = encode_messages(tok, conv)
     assert ids == _ids(tok, render(tok, conv))
+
+
+def test_num_proc_2_over_a_selection_with_rows_removed(tmp_path, tiny_data):
+    """The map reads the sources' file through the row numbers cleaning left (duplicates and bad rows gone)."""
+    f = _messy_jsonl(tmp_path, tiny_data)
+    one = _prepare(_recipe(tmp_path / "a", f, skip_invalid=True, dataset_num_proc=1))
+    two = _prepare(_recipe(tmp_path / "b", f, skip_invalid=True, dataset_num_proc=2))
+    removed = {s["step"]: s["removed"] for s in two[1]["cleaning"]}
+    assert removed["exact_duplicates"] > 0 and len(two[0]) < two[1]["validation"]["valid"]
+    assert [e.where for e in two[0]] == [e.where for e in one[0]] and _ids(two[0]) == _ids(one[0])
+    texts = [tuple(e.input_ids) for e in two[0]]
+    assert len(set(texts)) == len(texts)  # no duplicate left
