@@ -9,6 +9,7 @@ process dies or fails stops the read with its byte range named: no part is ever 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def split_lines(path: str | Path, parts: int | None = None) -> list[tuple[int, i
     empty list where one process reads it (not a .jsonl file, under PARALLEL_MIN_BYTES, one core, no fork)."""
     p = Path(path)
     k = parts or cores()
-    if k < 2 or p.suffix != ".jsonl" or not p.is_file() or "fork" not in _start_methods():
+    if k < 2 or p.suffix != ".jsonl" or not p.is_file() or "fork" not in multiprocessing.get_all_start_methods():
         return []
     size = p.stat().st_size
     if size < PARALLEL_MIN_BYTES and parts is None:
@@ -49,12 +50,6 @@ def split_lines(path: str | Path, parts: int | None = None) -> list[tuple[int, i
     cuts.append(size)
     lines = _lines_before(p, cuts)
     return [(a, b, n) for a, b, n in zip(cuts, cuts[1:], lines) if b > a]
-
-
-def _start_methods() -> list[str]:
-    import multiprocessing
-
-    return multiprocessing.get_all_start_methods()
 
 
 def _lines_before(path: Path, cuts: list[int]) -> list[int]:
@@ -72,8 +67,6 @@ def _lines_before(path: Path, cuts: list[int]) -> list[int]:
 
 def scan_parts(path, parts, data_format, columns, sink, progress: str | None) -> tuple[Scan, dict[str, int], set]:
     """``validate.scan`` of one JSON Lines file over ``parts`` (``split_lines``), one process per part."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context("fork")
     done = ctx.Value("q", 0)
     workers = []

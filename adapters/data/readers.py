@@ -249,11 +249,12 @@ def _csv_header(path: Path) -> tuple[list[str] | None, bool]:
             return header, True
 
 
-def _load_csv(path: Path) -> Iterator[Record]:
-    """A CSV file's rows, every cell as the text it is (CSV has no types: "4" is an answer, "NA" too)."""
+def load_csv(path: Path, streaming: bool = False) -> Iterator[Record]:
+    """A CSV file's rows, every cell as the text it is (CSV has no types: "4" is an answer, "NA" too); with
+    ``streaming``, read as they are asked for (and without the whole-file UTF-8 pass first)."""
     import datasets
 
-    problems = _utf8_problems(path)
+    problems = [] if streaming else _utf8_problems(path)
     if problems:
         for p in problems:
             yield Record(p.file, p.line, None, "", [p])
@@ -268,10 +269,15 @@ def _load_csv(path: Path) -> Iterator[Record]:
         return
     text = {i: str for i in range(len(header))}
     ds = datasets.load_dataset(
-        "csv", data_files=str(path), split="train", encoding="utf-8-sig", converters=text, na_filter=False
+        "csv",
+        data_files=str(path),
+        split="train",
+        encoding="utf-8-sig",
+        converters=text,
+        na_filter=False,
+        streaming=streaming,
     )
-    for i, obj in enumerate(ds):  # line 1 is the header
-        yield Record(str(path), i + 2, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
+    yield from dataset_records(ds, str(path), first=2)  # line 1 is the header
 
 
 def _iter_datasets(path: Path) -> Iterator[Record]:
@@ -280,7 +286,7 @@ def _iter_datasets(path: Path) -> Iterator[Record]:
 
     try:
         if path.suffix == ".csv":
-            yield from _load_csv(path)
+            yield from load_csv(path)
             return
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -295,8 +301,7 @@ def _iter_datasets(path: Path) -> Iterator[Record]:
     except Exception as e:  # noqa: BLE001 - any reader failure becomes a located data error
         yield Record(str(path), 0, None, "", [Problem(str(path), 0, None, f"cannot read: {e}")])
         return
-    for i, obj in enumerate(ds):
-        yield Record(str(path), i + 1, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
+    yield from dataset_records(ds, str(path))
 
 
 def is_dataset_source(path: str | Path, split: str | None = None) -> bool:
@@ -317,10 +322,11 @@ def load_hub(name: str, split: str | None, subset: str | None):
         raise DataError(f"{name}: cannot load this dataset ({what}): {type(e).__name__}: {e}") from None
 
 
-def dataset_records(ds, where: str) -> Iterator[Record]:
-    """Rows of a loaded dataset, located as ``NAME[split]:N`` (N 1-based)."""
+def dataset_records(ds, where: str, first: int = 1) -> Iterator[Record]:
+    """Rows of a loaded (or streamed) dataset, located as ``WHERE:N``, N counted from ``first`` (a hub set's
+    ``NAME[split]:N`` is 1-based; a CSV's first row is line 2)."""
     for i, obj in enumerate(ds):
-        yield Record(where, i + 1, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
+        yield Record(where, i + first, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
 
 
 def iter_records(path: str | Path, split: str | None = None, subset: str | None = None) -> Iterator[Record]:

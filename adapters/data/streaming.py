@@ -28,7 +28,7 @@ import numpy as np
 from adapters.config import Recipe
 from adapters.data.arrow import EncodedSet, _Encoder, encode_dataset, figures, rows_dataset
 from adapters.data.formats import normalise
-from adapters.data.readers import dataset_records, is_dataset_source, iter_records, source_files
+from adapters.data.readers import dataset_records, is_dataset_source, iter_records, load_csv, source_files
 from adapters.data.rows import DataError, Encoded, Problem, Record
 from adapters.data.validate import write_quarantine
 from adapters.utils.hashing import chat_template_sha256, fingerprint
@@ -83,42 +83,14 @@ def _records(path: str, split: str | None, subset: str | None) -> Iterator[Recor
         if f.is_dir():  # a save_to_disk folder: already Arrow on disk, read in order
             ds = datasets.load_from_disk(str(f))
             ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-            yield from _located(ds.to_iterable_dataset(), f, 1)
+            yield from dataset_records(ds.to_iterable_dataset(), str(f))
         elif f.suffix == ".csv":
-            yield from _csv(f)
+            yield from load_csv(f, streaming=True)
         elif f.suffix == ".parquet":
-            yield from _located(
-                datasets.load_dataset("parquet", data_files=str(f), split="train", streaming=True), f, 1
-            )
+            ds = datasets.load_dataset("parquet", data_files=str(f), split="train", streaming=True)
+            yield from dataset_records(ds, str(f))
         else:
             yield from iter_records(f)
-
-
-def _csv(f: Path) -> Iterator[Record]:
-    """Every cell as text, as the non-streaming reader does (readers._load_csv); line N+1 is row N (header line 1)."""
-    import datasets
-
-    from adapters.data.readers import _csv_header
-
-    header, has_rows = _csv_header(f)
-    twice = [k for k in dict.fromkeys(header or ()) if header.count(k) > 1]
-    if twice:
-        yield Record(str(f), 1, None, ",".join(header), [Problem(str(f), 1, None, f'duplicate column "{twice[0]}"')])
-        return
-    if not has_rows:
-        return
-    text = {i: str for i in range(len(header))}
-    ds = datasets.load_dataset(
-        "csv", data_files=str(f), split="train", streaming=True, encoding="utf-8-sig", converters=text, na_filter=False
-    )
-    yield from _located(ds, f, 2)
-
-
-def _located(ds, f: Path, first: int) -> Iterator[Record]:
-    import json
-
-    for i, obj in enumerate(ds):
-        yield Record(str(f), i + first, dict(obj), json.dumps(obj, ensure_ascii=False, default=str))
 
 
 class RowStream:
@@ -156,7 +128,7 @@ class RowStream:
             return
         self.invalid += 1
         if self.quarantine is not None:  # one line per bad row, appended and flushed as the stream goes
-            write_quarantine([rec], self.quarantine) if self._mode == "w" else _append(rec, self.quarantine)
+            write_quarantine([rec], self.quarantine, append=self._mode == "a")
             self._mode = "a"
 
     def keep(self, batch: dict[str, list]) -> list[bool]:
@@ -183,14 +155,6 @@ class RowStream:
             "passes": self.passes,
             "quarantine": str(self.quarantine) if self.invalid and self.quarantine else None,
         }
-
-
-def _append(rec: Record, path: Path) -> None:
-    import json
-
-    line = {"where": f"{rec.file}:{rec.line}", "problems": [str(p) for p in rec.problems], "raw": rec.raw}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def _row_features():

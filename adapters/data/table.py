@@ -44,8 +44,7 @@ def figures_of(r: Row) -> tuple[bytes, bytes, int, int, bool, bool]:
     prompt's length in characters, whether the answer has no letter or digit, whether it is single-turn chat."""
     a = answer(r)
     single = r.text is None and sum(m["role"] != "system" for m in r.messages) == 2
-    near = digest(near_key(r))
-    return digest(exact_key(r)), near, len(a), len(prompt(r)), _ALNUM.search(a) is None, single
+    return digest(exact_key(r)), digest(near_key(r)), len(a), len(prompt(r)), _ALNUM.search(a) is None, single
 
 
 class RowWriter:
@@ -124,7 +123,7 @@ class Table:
 
         col = self.all.data.column(name)
         if pa.types.is_fixed_size_binary(col.type):
-            values = np.concatenate([_fixed16(c) for c in col.chunks]) if col.num_chunks else np.empty(0, "S16")
+            values = np.concatenate([np.empty(0, "S16")] + [_fixed16(c) for c in col.chunks if len(c)])
         else:
             values = col.to_numpy(zero_copy_only=False)
         return values[ids]

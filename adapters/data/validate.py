@@ -91,11 +91,12 @@ def _progress(records, name: str | None):
     return tqdm(records, desc=name, unit=" rows", delay=2, mininterval=1, leave=False)
 
 
-def write_quarantine(bad: list[Record], path: str | Path) -> Path:
-    """Write the bad rows, each with its location and problems, to a JSONL quarantine file."""
+def write_quarantine(bad: list[Record], path: str | Path, append: bool = False) -> Path:
+    """Write the bad rows, each with its location and problems, to a JSONL quarantine file (``append``: after what
+    it holds, as a stream finds them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
         for rec in bad:
             f.write(
                 json.dumps(
