@@ -1,6 +1,6 @@
-"""Write the demo dataset to data/demo/ (train, val and test splits as chat JSONL).
+"""Write the demo datasets: data/demo/ (catalogue lines) and data/region/ (a one-word, 3-class short-answer task).
 
-    python scripts/make_demo_data.py          # rewrites data/demo/*.jsonl deterministically
+    python scripts/make_demo_data.py          # rewrites data/demo/*.jsonl and data/region/*.jsonl deterministically
 
 The task: turn a loosely written person record, whose fields come in any order and with varying
 separators, into one fixed catalogue line, "Surname, Given (City, Year)". A base model cannot guess
@@ -63,6 +63,56 @@ def build(seed: int, n_train: int, n_val: int, n_test: int) -> dict[str, list[di
     }
 
 
+# The short-answer task (issue 24): the same kind of record, classified by the part of Europe its city lies in.
+# One-word answers, 3 balanced classes, 8 cities each; test records share no (given, surname) pair with train.
+REGIONS = {
+    "north": "Bergen Tartu Malmo Riga Aarhus Oulu Tromso Uppsala".split(),
+    "south": "Seville Porto Genoa Split Naples Valencia Palermo Malaga".split(),
+    "central": "Graz Leipzig Basel Brno Linz Krakow Dresden Salzburg".split(),
+}
+QUESTIONS = [
+    "Which part of Europe does this person live in: north, south or central?",
+    "Region of the home city (north, south or central)?",
+    "Classify the record by region: north, south or central.",
+]
+
+
+def make_region_example(rng: random.Random, given: str, surname: str, region: str) -> tuple[str, str]:
+    year, city = rng.randint(1931, 2009), rng.choice(REGIONS[region])
+    parts = [rng.choice(FIELD_FORMS[f]).format(g=given, s=surname, y=year, c=city) for f in FIELD_FORMS]
+    rng.shuffle(parts)
+    return f"{rng.choice(QUESTIONS)}\n{rng.choice(SEPARATORS).join(parts)}\nAnswer:", region
+
+
+def build_region(seed: int, n_train: int, n_test: int) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, answer) rows per split; classes balanced (round robin, then shuffled)."""
+    rng = random.Random(seed)
+    pairs = [(g, s) for g in GIVEN for s in SURNAME]
+    rng.shuffle(pairs)
+    pools = {"test": pairs[:n_test], "train": pairs[n_test:]}
+    labels = list(REGIONS)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [make_region_example(rng, *pools[split][i % len(pools[split])], labels[i % 3]) for i in range(n)]
+        rng.shuffle(rows)
+        out[split] = rows
+    return out
+
+
+def write_region(out: Path, seed: int, n_train: int, n_test: int) -> None:
+    """The same rows twice: chat (``messages``) and TRL's plain ``prompt``/``completion`` (completion with its
+    leading space, as raw text concatenates them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in build_region(seed, n_train, n_test).items():
+        chat = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p, a in rows]
+        plain = [{"prompt": p, "completion": f" {a}"} for p, a in rows]
+        for name, data in ((f"{split}.jsonl", chat), (f"{split}_pc.jsonl", plain)):
+            with open(out / name, "w", encoding="utf-8") as f:
+                for row in data:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            print(f"wrote {len(data):4d} rows to {out / name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "demo"))
@@ -70,7 +120,11 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=480)
     ap.add_argument("--val", type=int, default=40)
     ap.add_argument("--test", type=int, default=40)
+    ap.add_argument("--region-out", default=str(Path(__file__).resolve().parents[1] / "data" / "region"))
+    ap.add_argument("--region-train", type=int, default=405)
+    ap.add_argument("--region-test", type=int, default=90)
     args = ap.parse_args()
+    write_region(Path(args.region_out), args.seed, args.region_train, args.region_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in build(args.seed, args.train, args.val, args.test).items():

@@ -54,6 +54,11 @@ class ModelKeys:
     chat_template: str | None = None
     """None: the tokenizer's own template, else a built-in name (e.g. 'gemma') or a path to a .jinja file.
     Models that ship no template fall back to the built-in one for their family."""
+    template: str = "auto"
+    """How rows become text: chat (the chat template above), raw (prompt + completion as plain text, EOS trained,
+    loss on the completion only: what TRL does with non-conversational prompt/completion rows) or auto: raw for
+    rows that are not conversational (string prompt/completion, alpaca) on a model whose tokenizer has no chat
+    template of its own, chat otherwise. The manifest's config.template holds the resolved chat or raw."""
     device_map: str | None = None
     """None: one whole model per process, on the local rank's GPU (the only valid choice under several processes).
     'auto': spread one model over every visible GPU (single process only; adapters plan refuses it otherwise)."""
@@ -137,6 +142,10 @@ class TrainingKeys:
     base_kl_every: int = 1
     """Apply the base_kl_weight term on every k-th optimizer step only, weighted by k (same expected pull, 1/k of
     its cost)."""
+    base_kl_source: str = "general"
+    """Where base_kl_weight's positions come from: general (built-in general text appended to each guarded
+    micro-batch, adapters/training/forgetting_guard.py), rows (the training rows' unlabelled positions), or a path
+    to a text file of passages separated by blank lines."""
     save_on_interrupt: bool = True
     """On Ctrl-C or SIGTERM, finish the current step and save a checkpoint before stopping, so --resume continues
     from there."""
@@ -237,6 +246,8 @@ class Recipe(_RecipeFields):
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
+        if self.template not in ("chat", "raw", "auto"):
+            raise RecipeError(f"template: expected chat, raw or auto, got {self.template!r}")
         if self.load_in_4bit and self.load_in_8bit:
             raise RecipeError("load_in_4bit and load_in_8bit are exclusive: choose one")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
@@ -251,6 +262,10 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"base_kl_weight: must be >= 0, got {self.base_kl_weight}")
         if self.base_kl_positions < 0:
             raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")
+        if self.base_kl_source not in ("general", "rows") and not self.base_kl_source.endswith((".txt", ".md")):
+            raise RecipeError(
+                f"base_kl_source: expected general, rows or a .txt/.md file of passages, got {self.base_kl_source!r}"
+            )
         if self.base_kl_every < 1:
             raise RecipeError(f"base_kl_every: must be >= 1, got {self.base_kl_every}")
         if self.bf16 and self.fp16:

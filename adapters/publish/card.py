@@ -114,6 +114,7 @@ def manifest_section(m: dict[str, Any]) -> str:
     if base.get("sha256"):
         rows.append(("base file sha256", base["sha256"]))
     rows.append(("base fingerprint", m.get("base_fingerprint")))
+    rows.append(("template", (m.get("config") or {}).get("template")))
     rows.append(("chat template sha256", m.get("chat_template_sha256")))
     t = m.get("train", {})
     for k in ("global_step", "train_loss", "seconds", "approx_tokens_per_s"):
@@ -167,7 +168,9 @@ def data_section(m: dict[str, Any], datasets: list[str]) -> str:
     return body + _table(rows, ("split", "file", "rows", "tokens", "sha256 (first 16)"))
 
 
-def usage_section(repo_id: str, base: str, merged: bool) -> str:
+def usage_section(repo_id: str, base: str, merged: bool, raw: bool = False) -> str:
+    if raw:  # template: raw - no chat template: the prompt is plain text, as in training
+        return _raw_usage(repo_id, base, merged)
     peft = f"""```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,6 +212,31 @@ model = AutoModelForCausalLM.from_pretrained("merged")
 With this toolkit, the hub id works wherever a run directory does: `adapters eval {repo_id}`,
 `adapters merge {repo_id}`; the base is read from `adapter_config.json` and checked against the recorded
 fingerprint in `training_manifest.json`."""
+
+
+def _raw_usage(repo_id: str, base: str, merged: bool) -> str:
+    load = (
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")'
+        if merged
+        else f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")'
+    )
+    imports = "" if merged else "from peft import PeftModel\n"
+    return f"""## Usage
+
+This model was trained on plain text (`template: raw`): prompt and answer joined as they are, no chat template.
+Give it the prompt exactly as the training rows wrote it; it continues with the answer and then EOS.
+
+```python
+{imports}from transformers import AutoModelForCausalLM, AutoTokenizer
+
+{load}
+tok = AutoTokenizer.from_pretrained("{repo_id}")
+ids = tok("...", return_tensors="pt").input_ids  # the prompt text; the tokenizer adds BOS
+print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_special_tokens=True))
+```
+
+With this toolkit: `adapters eval {repo_id}` or `adapters generate {repo_id}` (both use the run's raw prompts)."""
 
 
 def build_card(
@@ -260,7 +288,7 @@ def build_card(
             "## Training hyperparameters\n\n" + _table(hp, ("key", "value")),
             data_section(manifest, datasets),
             manifest_section(manifest),
-            usage_section(repo_id, base["canonical_name"], merged),
+            usage_section(repo_id, base["canonical_name"], merged, raw=cfg.get("template") == "raw"),
         ]
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")

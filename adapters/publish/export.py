@@ -184,13 +184,13 @@ def _write_lora_mode(run, tok, staging: Path, outtype: str, report: dict) -> tup
     adapter = gx.write_lora(staging / "adapter.gguf", state, acfg, cfg, adapter_type, name)
     src = _source_gguf(run)
     if src is not None:  # the exact weights the adapter was trained on, plus the run's template
-        base = gx.copy_with_template(src, staging / "base.gguf", tok.chat_template)
+        base = gx.copy_with_template(src, staging / "base.gguf", gguf_template(tok))
         report["base_gguf"] = {"from": str(src), "types": "as the source GGUF"}
     else:
         from transformers import AutoModelForCausalLM
 
         m = AutoModelForCausalLM.from_pretrained(run.ref.path, dtype="float32")
-        base = gx.write_model(staging / "base.gguf", m.state_dict(), cfg, tok, outtype, tok.chat_template, name)
+        base = gx.write_model(staging / "base.gguf", m.state_dict(), cfg, tok, outtype, gguf_template(tok), name)
         report["base_gguf"] = {"from": run.ref.path, "types": outtype}
     report["adapter_gguf"] = {"types": adapter_type, "lora_alpha": gx.lora_alpha(acfg), "r": acfg.get("r")}
     return base, adapter
@@ -208,7 +208,7 @@ def _write_merged_mode(run, peft_model, tok, staging: Path, outtype: str, report
         merged.config,
         tok,
         outtype,
-        tok.chat_template,
+        gguf_template(tok),
         name,
         source_gguf=_source_gguf(run),  # its tokenizer metadata (sentencepiece-style for Gemma)
     )
@@ -239,9 +239,17 @@ def _llama_cpp_convert(run, peft_model, tok, staging: Path, outtype: str, llama_
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
             raise gx.GGUFExportError(f"{script} failed (exit {done.returncode}): {' '.join(tail)}")
-        path = gx.copy_with_template(raw, staging / "model.gguf", tok.chat_template)
+        path = gx.copy_with_template(raw, staging / "model.gguf", gguf_template(tok))
     report["model_gguf"] = {"types": outtype, "converter": str(script)}
     return path
+
+
+def gguf_template(tok) -> str | None:
+    """The chat template a GGUF carries: the run's, or none for a run trained raw (template: raw), whose prompts
+    llama.cpp and Ollama must pass as plain text."""
+    from adapters.model.loading import template_of
+
+    return None if template_of(tok) == "raw" else tok.chat_template
 
 
 def _probes(run, n: int, split: str = "eval") -> tuple[list, list[str], str | None]:
@@ -338,7 +346,7 @@ def _finish_export(
     from adapters.publish.modelfile import modelfile
 
     num_ctx = max(run.recipe.max_length or 0, 2048)  # max_length bounds one training row, not a conversation
-    text, fmt = modelfile(model.name, adapter.name if adapter else None, tok.chat_template, num_ctx)
+    text, fmt = modelfile(model.name, adapter.name if adapter else None, gguf_template(tok), num_ctx)
     (staging / "Modelfile").write_text(text)
     report["modelfile_chat_format"] = fmt
     report["files"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}

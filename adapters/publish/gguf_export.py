@@ -261,12 +261,12 @@ def write_model(
     config,
     tok,
     outtype: str,
-    chat_template: str,
+    chat_template: str | None,
     name: str,
     source_gguf: Path | None = None,
 ) -> Path:
-    """A full model GGUF: hyperparameters, vocabulary (the source GGUF's when there is one), the chat template,
-    and every tensor in ``outtype``."""
+    """A full model GGUF: hyperparameters, vocabulary (the source GGUF's when there is one), the chat template
+    (none for a run trained raw), and every tensor in ``outtype``."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), gguf_arch(config))
@@ -277,7 +277,8 @@ def write_model(
         copy_fields(w, gguf.GGUFReader(str(source_gguf)), "tokenizer.", skip=("tokenizer.chat_template",))
     else:
         write_vocab(w, tok, config)
-    w.add_chat_template(chat_template)
+    if chat_template:
+        w.add_chat_template(chat_template)
     return _write_tensors(w, model_tensors(state, config), outtype, path)
 
 
@@ -294,15 +295,17 @@ def _write_tensors(w, tensors, outtype: str, path: Path) -> Path:
     return path
 
 
-def copy_with_template(src: Path, dst: Path, chat_template: str) -> Path:
-    """The source GGUF, byte-for-byte tensors and metadata, with ``tokenizer.chat_template`` set to the run's."""
+def copy_with_template(src: Path, dst: Path, chat_template: str | None) -> Path:
+    """The source GGUF, byte-for-byte tensors and metadata, with ``tokenizer.chat_template`` set to the run's (or
+    none, for a run trained raw: its prompts are plain text)."""
     import gguf
 
     r = gguf.GGUFReader(str(src))
     arch = r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(str(dst), arch)
     copy_fields(w, r, skip=("general.architecture", "tokenizer.chat_template"))
-    w.add_chat_template(chat_template)
+    if chat_template:
+        w.add_chat_template(chat_template)
     for t in r.tensors:  # raw bytes and type: nothing is re-quantized
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     _finish(w, dst)

@@ -29,9 +29,15 @@ def llama_cpp_available() -> bool:
 
 
 def llama_answers(
-    model_path: Path, lora_path: Path | None, convs: list, max_new_tokens: int, n_ctx: int = 2048
+    model_path: Path,
+    lora_path: Path | None,
+    convs: list,
+    max_new_tokens: int,
+    n_ctx: int = 2048,
+    prompts: list[str] | None = None,
 ) -> tuple[list[str], Any]:
-    """Greedy answers of llama.cpp with the GGUF's own chat template; returns (answers, the Llama object)."""
+    """Greedy answers of llama.cpp with the GGUF's own chat template, or (``prompts``: a run trained raw) to the
+    plain prompt texts, BOS added by llama.cpp; returns (answers, the Llama object)."""
     import os
 
     from llama_cpp import Llama
@@ -45,7 +51,10 @@ def llama_answers(
         verbose=False,
     )
     out = []
-    for conv in convs:
+    for text in prompts or []:
+        r = llm.create_completion(prompt=text, temperature=0.0, top_k=1, max_tokens=max_new_tokens, seed=0)
+        out.append(r["choices"][0]["text"] or "")
+    for conv in [] if prompts is not None else convs:
         r = llm.create_chat_completion(messages=conv, temperature=0.0, top_k=1, max_tokens=max_new_tokens, seed=0)
         out.append(r["choices"][0]["message"]["content"] or "")
     return out, llm
@@ -92,11 +101,18 @@ def verify(
 
     if not llama_cpp_available():
         return {"verified": "unverified", "reason": "llama_cpp is not importable", "install": INSTALL_HINT}
-    cpp, llm = llama_answers(model_path, lora_path, convs, max_new_tokens)
-    res = compare_answers(hf_answers, cpp, refs)
+    from adapters.model.loading import template_of
+
     texts = [render(tok, c, add_generation_prompt=True) for c in convs]
+    raw = template_of(tok) == "raw"
+    bos = tok.bos_token or ""
+    prompts = [t[len(bos) :] if bos and t.startswith(bos) else t for t in texts] if raw else None
+    cpp, llm = llama_answers(model_path, lora_path, convs, max_new_tokens, prompts=prompts)
+    res = compare_answers(hf_answers, cpp, refs)
     res["tokenization_agreement"] = tokenization_agreement(llm, tok, texts + refs)
-    res["gguf_chat_template_is_runs"] = llm.metadata.get("tokenizer.chat_template") == tok.chat_template
+    res["gguf_chat_template_is_runs"] = llm.metadata.get("tokenizer.chat_template") == (
+        None if raw else tok.chat_template
+    )
     import llama_cpp
 
     res["llama_cpp_python"] = llama_cpp.__version__

@@ -72,7 +72,11 @@ def modelfile(model: str, adapter: str | None, jinja: str | None, num_ctx: int) 
     if adapter:
         lines.append(f"ADAPTER ./{adapter}")
     fmt = chat_format(jinja)
-    if fmt is None:
+    if jinja is None:  # a run trained raw (template: raw): the prompt is the text the model continues
+        lines.append("# no chat template: this model was trained on plain prompt + completion text (template: raw)")
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+        fmt = ("raw", "", [])
+    elif fmt is None:
         lines.append("# no TEMPLATE: the run's chat template is not Gemma, Llama 3 or ChatML; Ollama falls back")
         lines.append("# to the template it detects from the GGUF's tokenizer.chat_template")
     else:

@@ -69,10 +69,25 @@ def load_run_tokenizer(run: Run):
             f"{run.adapter_dir}: chat template hash {chat_template_sha256(tok)[:12]} differs from the one "
             f"trained with ({want[:12]}, manifest.json); the tokenizer or template changed after training"
         )
+    check_template(run, tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def check_template(run: Run, tok) -> None:
+    """A run trained raw must be used raw, and a chat run with a chat template (manifest ``config.template``)."""
+    from adapters.model.loading import template_of
+
+    want = (run.manifest.get("config") or {}).get("template")
+    have = template_of(tok)
+    if want in ("chat", "raw") and have != want:
+        how = "as plain text (template: raw)" if want == "raw" else "with a chat template (template: chat)"
+        raise RunError(
+            f"{run.adapter_dir}: this run was trained {how}, but the tokenizer saved with it renders "
+            f"{'a chat template' if have == 'chat' else 'raw text'}; using it otherwise would score another model"
+        )
 
 
 def check_base(run: Run, base_model) -> None:

@@ -15,6 +15,22 @@ gradient) for the tuned model: the vocabulary projection is the expensive part o
 sampled rather than all used. ``base_kl_every: k`` applies the term on every k-th step only, weighted by k, so its
 expected contribution over a run is the same at 1/k of the cost.
 
+Where the positions come from (``base_kl_source``):
+
+- ``rows``: the unlabelled positions of the training rows themselves (prompt, template), as above. On a task whose
+  rows train a few tokens each (a one-word answer: 3 trained tokens, ~7% of a row) this fights the task: the answer
+  can only be learnt by changing the representations of the prompt it is predicted from, and those are exactly the
+  positions held to the base, through the same LoRA weights. It cost accuracy there and still forgot (the
+  prompts are in-domain text, the forgetting is on everything else).
+- ``general`` (default): general text that is not the task's, appended to the micro-batch as extra rows with no
+  labels, so one forward (and, under DDP, one backward) still covers both. It holds the model to its base where
+  forgetting is measured - text the task has nothing to say about - and leaves the task's prompts free to move.
+  The built-in text is the docstrings of Python standard-library modules that the default forgetting probe does
+  not read (``GUARD_MODULES``; any paragraph the probe also holds is dropped), cut into ``GENERAL_LENGTH``-token
+  windows; a path to a text file (passages separated by blank lines) replaces it. Each guarded step appends
+  enough windows for ``base_kl_positions`` positions per training row (two windows of 64 tokens for batch 8).
+  Measured against ``rows`` in docs/training.md#forgetting-guard.
+
 The KL term is a training regulariser only: evaluation loss stays the plain task loss, so early stopping, sweeps
 and reports compare like with like. Its value is logged as ``base_kl``.
 """
@@ -117,13 +133,154 @@ def kl_to_base(model, inputs: dict[str, Any], hidden: torch.Tensor, per_row: int
     return F.kl_div(logp_tuned, logp_base, log_target=True, reduction="batchmean")
 
 
+# Prose-heavy standard-library modules that the default forgetting probe (evaluation/forgetting.py) does not read.
+GUARD_MODULES = (
+    "asyncio",
+    "configparser",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "email.message",
+    "enum",
+    "fractions",
+    "ftplib",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "mailbox",
+    "os",
+    "pickle",
+    "re",
+    "sqlite3",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "typing",
+)
+GENERAL_LENGTH = 64  # tokens per general-text window (BOS + 63)
+
+
+def general_passages(source: str = "general") -> list[str]:
+    """The guard's general text: ``general`` (built-in, see GUARD_MODULES) or a text file's passages."""
+    import importlib
+    import inspect
+
+    from adapters.evaluation.forgetting import probe_passages, prose_paragraphs, stdlib_passages
+
+    if source != "general":
+        return probe_passages(source)[1]  # a user's file: the same reader (and errors) as a probe file
+    seen = set(stdlib_passages())  # the default probe's paragraphs are never trained on
+    out: list[str] = []
+    for name in GUARD_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        for attr in sorted(a for a in vars(mod) if not a.startswith("_")):
+            obj = getattr(mod, attr)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+                docs.append(inspect.getdoc(obj) or "")
+        for d in docs:
+            out += prose_paragraphs(d, seen)
+    return out
+
+
+def general_windows(tok, passages: list[str], length: int = GENERAL_LENGTH) -> torch.Tensor:
+    """[N, length] token windows: the passages' ids joined by blank lines, cut in order, each after a BOS."""
+    stream: list[int] = []
+    sep = tok("\n\n", add_special_tokens=False)["input_ids"]
+    for text in passages:
+        stream += tok(text, add_special_tokens=False)["input_ids"] + sep
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    step = length - len(bos)
+    rows = [bos + stream[i : i + step] for i in range(0, len(stream) - step + 1, step)]
+    if not rows:
+        raise ValueError("base_kl_source: the general text is shorter than one window")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def append_general(inputs: dict[str, Any], windows: torch.Tensor, pad_id: int) -> tuple[dict[str, Any], Any]:
+    """``inputs`` with ``windows`` ([G, L], no labels) appended as extra samples of the micro-batch; returns the new
+    inputs and the flat indices, into the body's hidden states viewed as [-1, H], of each window's first L-1
+    positions in order (each predicts the window's next token). A padded batch gets G more rows (both padded to
+    the longer length); a padding-free one (``position_ids``, no attention mask) G more samples in its one row.
+    None instead of the indices when the batch has a layout this does not know (then the rows are used)."""
+    ids = inputs["input_ids"]
+    g, length = windows.shape
+    windows = windows.to(ids.device)
+    known = {"input_ids", "labels", "attention_mask", "position_ids"}
+    if any(isinstance(v, torch.Tensor) for k, v in inputs.items() if k not in known) or ids.dim() != 2:
+        return inputs, None
+    out = dict(inputs)
+    if "attention_mask" in inputs:
+        b, t = ids.shape
+        width = max(t, length)
+
+        def grow(x: torch.Tensor, fill: int, rows: torch.Tensor) -> torch.Tensor:
+            x = F.pad(x, (0, width - t), value=fill)
+            return torch.cat([x, F.pad(rows.to(x.dtype), (0, width - length), value=fill)], 0)
+
+        out["input_ids"] = grow(ids, pad_id, windows)
+        out["attention_mask"] = grow(inputs["attention_mask"], 0, torch.ones_like(windows))
+        out["labels"] = grow(inputs["labels"], -100, torch.full_like(windows, -100))
+        if "position_ids" in inputs:
+            out["position_ids"] = grow(inputs["position_ids"], 0, torch.arange(length).expand(g, length))
+        r = torch.arange(b, b + g).repeat_interleave(length - 1)
+        c = torch.arange(length - 1).repeat(g)
+        return out, (r * width + c).to(ids.device)
+    if "position_ids" not in inputs or ids.shape[0] != 1:
+        return inputs, None
+    n = ids.shape[1]
+    out["input_ids"] = torch.cat([ids, windows.reshape(1, -1)], 1)
+    out["labels"] = torch.cat([inputs["labels"], torch.full((1, g * length), -100, device=ids.device)], 1)
+    pos = torch.arange(length, device=ids.device).repeat(g).reshape(1, -1)
+    out["position_ids"] = torch.cat([inputs["position_ids"], pos.to(inputs["position_ids"].dtype)], 1)
+    starts = n + torch.arange(g) * length
+    flat = (starts.unsqueeze(1) + torch.arange(length - 1)).reshape(-1)
+    return out, flat.to(ids.device)
+
+
+def kl_on_general(model, windows: torch.Tensor, hidden: torch.Tensor, flat: torch.Tensor, k: int, generator=None):
+    """KL(p_base || p_tuned) at up to ``k`` sampled positions of the appended windows; ``hidden``: the tuned body's
+    output for the whole micro-batch, ``flat``: append_general's indices (window order)."""
+    pick = torch.randperm(flat.numel(), generator=generator)[:k] if 0 < k < flat.numel() else torch.arange(flat.numel())
+    length = windows.shape[1]
+    rows, cols = pick // (length - 1), pick % (length - 1)
+    width = int(cols.max()) + 1
+    with torch.no_grad(), model.disable_adapter():
+        hb = _hidden(_body(model)(input_ids=windows[:, :width].to(hidden.device), use_cache=False))
+        logp_base = F.log_softmax(_logits(model, hb[rows.to(hb.device), cols.to(hb.device)]), dim=-1)
+    ht = hidden.reshape(-1, hidden.shape[-1])[flat[pick.to(flat.device)]]
+    logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)
+    return F.kl_div(logp_tuned, logp_base, log_target=True, reduction="batchmean")
+
+
+def _n_rows(inputs: dict[str, Any]) -> int:
+    """Training samples in a micro-batch (a padding-free row holds several: count the position resets)."""
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        return int((inputs["position_ids"] == 0).sum())
+    return int(inputs["input_ids"].shape[0])
+
+
 class BaseKLMixin:
     """Trainer mixin: adds ``base_kl_weight * KL(base || tuned)`` on unlabelled positions to the training loss."""
 
     base_kl_weight: float = 0.0
     base_kl_positions: int = 16
     base_kl_every: int = 1
+    base_kl_source: str = "general"
     last_task_loss: float | None = None  # the task loss of the last training micro-batch, without the KL term
+    _general: torch.Tensor | None = None
+
+    def _windows(self, n_rows: int, generator) -> torch.Tensor:
+        """Enough general-text windows for base_kl_positions per training row, drawn from (seed, step)."""
+        if self._general is None:
+            self._general = general_windows(self.processing_class, general_passages(self.base_kl_source))
+        want = max(1, -(-n_rows * max(1, self.base_kl_positions) // (self._general.shape[1] - 1)))
+        pick = torch.randperm(self._general.shape[0], generator=generator)[: min(want, self._general.shape[0])]
+        return self._general[pick]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         every = max(1, int(self.base_kl_every))
@@ -134,6 +291,17 @@ class BaseKLMixin:
         captured: dict[str, torch.Tensor] = {}
         inner = self.accelerator.unwrap_model(model)  # DDP/FSDP wrappers have no disable_adapter()
         body = _body(inner)
+        # positions drawn from (seed, step, micro-batch): a resumed run samples exactly what an unbroken one did
+        step = self.state.global_step
+        micro = self._kl_micro[1] + 1 if getattr(self, "_kl_micro", (None, 0))[0] == step else 0
+        self._kl_micro = (step, micro)
+        gen = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + step * 1009 + micro)
+        flat = None
+        if self.base_kl_source != "rows":
+            n_rows = _n_rows(inputs)
+            windows = self._windows(n_rows, gen)
+            pad = self.processing_class.pad_token_id
+            inputs, flat = append_general(inputs, windows, pad if pad is not None else 0)
         handle = body.register_forward_hook(lambda _m, _a, out: captured.__setitem__("h", _hidden(out)))
         try:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -142,12 +310,11 @@ class BaseKLMixin:
         if "h" not in captured:
             raise RuntimeError("base_kl_weight: the decoder body did not run in the training forward")
         self.last_task_loss = float((out[0] if return_outputs else out).detach())
-        # positions drawn from (seed, step, micro-batch): a resumed run samples exactly what an unbroken one did
-        step = self.state.global_step
-        micro = self._kl_micro[1] + 1 if getattr(self, "_kl_micro", (None, 0))[0] == step else 0
-        self._kl_micro = (step, micro)
-        gen = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + step * 1009 + micro)
-        kl = kl_to_base(inner, inputs, captured["h"], self.base_kl_positions, gen)
+        if flat is not None:
+            k = n_rows * self.base_kl_positions if self.base_kl_positions else 0
+            kl = kl_on_general(inner, windows, captured["h"], flat, k, gen)
+        else:
+            kl = kl_to_base(inner, inputs, captured["h"], self.base_kl_positions, gen)
         log_metric(self, "base_kl", float(kl.detach()))  # averaged into the next log line
         term = self.base_kl_weight * every * kl  # every k-th step, k times the weight: the same on average
         # the task loss was normalised over the whole accumulated batch (num_items_in_batch); match that

@@ -309,7 +309,7 @@ def resume_changes(run_config: dict[str, Any], recipe) -> dict[str, list[Any]]:
     allowed, refused = {}, []
     for key in dict.fromkeys([*then_cfg, *now_cfg]):
         old, new = _value(then_cfg, defaults, key), _value(now_cfg, recipe, key)
-        if old == new:
+        if old == new or (key == "template" and "auto" in (old, new)):  # auto resolves again, from the same data
             continue
         why = _safe(key, old, new, early)
         if why is None:

@@ -129,6 +129,7 @@ def build_trainer(
         base_kl_weight = recipe.base_kl_weight
         base_kl_positions = recipe.base_kl_positions
         base_kl_every = recipe.base_kl_every
+        base_kl_source = recipe.base_kl_source
         adapter_dtype = dtype_of(recipe)
 
     trainctl.check_report_to(recipe.report_to)
