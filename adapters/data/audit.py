@@ -93,6 +93,28 @@ def violations(a: dict[str, Any], max_dropped_share: float, min_trained_share: f
     return out
 
 
+FEW_TRAINED_SHARE = 0.10
+
+
+def few_trained_tokens(a: dict[str, Any], threshold: float = FEW_TRAINED_SHARE) -> dict[str, Any] | None:
+    """The ``few_trained_tokens`` warning (a flag in eval.json): under ``threshold`` of the tokens carry a label,
+    e.g. one-word answers after long prompts. Not an error: such a task trains, but on little signal per step."""
+    if not a.get("kept") or a["trained_share"] >= threshold:
+        return None
+    per_row = a["trained_tokens"] / a["kept"]
+    return {
+        "name": "few_trained_tokens",
+        "trained_share": a["trained_share"],
+        "trained_tokens_per_row": round(per_row, 2),
+        "threshold": threshold,
+        "message": f"only {a['trained_share']:.1%} of training tokens are trained ({per_row:.1f} per row, "
+        f"< {threshold:.0%}): each step learns from about {per_row:.0f} tokens a row while paying for the whole "
+        "row, so a short-answer task needs more steps (or rows) than its row count suggests before its answers "
+        "are reliable; and a forgetting guard on the rows' own prompts would outweigh those few tokens "
+        "(base_kl_source: general, the default, holds the model to its base on general text instead)",
+    }
+
+
 def format_audit(name: str, a: dict[str, Any]) -> list[str]:
     ln = a["length"]
     lines = [

@@ -22,7 +22,7 @@ import numpy as np
 from adapters.config import Recipe
 from adapters.data import cache
 from adapters.data.arrow import EncodedSet, default_num_proc, encode_dataset, figures, rows_dataset, tokens_by_source
-from adapters.data.audit import AuditError, format_audit, violations
+from adapters.data.audit import AuditError, few_trained_tokens, format_audit, violations
 from adapters.data.clean import mix_general, weighted
 from adapters.data.rows import DataError, Row
 from adapters.data.table import BATCH, RowWriter, Table, clean_ids, overlap_ids, split_ids, template_ids, with_template
@@ -394,6 +394,10 @@ def _check_audit(recipe: Recipe, audits: dict[str, Any], run_dir: Path | None, r
         k: {kk: v for kk, v in audits[k].items() if not kk.endswith("_rows")} for k in ("train", "eval") if k in audits
     }
     report["audit"]["problems"] = problems
+    few = few_trained_tokens(audits["train"])
+    report["audit"]["warnings"] = [few] if few else []
+    if few:
+        say(f"[warn] few_trained_tokens: {few['message']}")
     head = "audited_rows" in audits
     if head:
         report["audit"].update(streaming=True, audited_rows=audits["audited_rows"], not_audited=audits["not_audited"])

@@ -36,6 +36,9 @@ def evaluate_model(
     if limit is not None:
         rows = rows[:limit]
     conversations, references = prompts_and_answers(rows)
+    labels = recipe.labels or M.answer_classes(references)  # few distinct answers: a classification report too
+    if labels:
+        evaluation["labels"] = {"classes": list(labels), "from": "labels key" if recipe.labels else "held-out answers"}
     preds: dict[str, list[str]] = {}
     if references:
         budget = recipe.eval_max_new_tokens or answer_budget(tok, references)
@@ -48,7 +51,7 @@ def evaluate_model(
                 preds[side] = generate_answers(
                     model, tok, conversations, budget, recipe.eval_generation_batch_size, f"{side} model", one_line
                 )
-            scores = M.task_scores(preds[side], references, recipe.labels, recipe.rouge_l)
+            scores = M.task_scores(preds[side], references, labels, recipe.rouge_l)
             scores["samples"] = [{"expected": r, "got": p} for p, r in list(zip(preds[side], references))[:5]]
             evaluation[side] = scores
             log(
@@ -69,6 +72,8 @@ def evaluate_model(
         M.negative_transfer(evaluation.get("base"), evaluation.get("tuned"), M.primary_metric(recipe.labels)),
         M.overfitting(log_history or [], recipe.overfit_window),
         M.forgetting_flag(evaluation["forgetting"], recipe.forgetting_threshold),
+        M.collapse(preds["tuned"], references) if "tuned" in preds else None,
+        *_audit_warnings(run_dir),
     ]
     evaluation["flags"] = [f for f in flags if f]
     for f in evaluation["flags"]:
@@ -88,6 +93,17 @@ def evaluate_model(
     report = write_report(evaluation, run_dir, run_dir.name)
     log(f"[eval] wrote {run_dir / 'eval.json'} and {report}")
     return evaluation
+
+
+def _audit_warnings(run_dir: Path) -> list[dict[str, Any]]:
+    """The data audit's warnings recorded in the run's manifest (``few_trained_tokens``), as flags."""
+    import json
+
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(((manifest.get("data") or {}).get("audit") or {}).get("warnings") or [])
 
 
 def evaluate_run(

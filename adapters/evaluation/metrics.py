@@ -91,6 +91,21 @@ def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- scores
+MAX_AUTO_CLASSES = 20
+
+
+def answer_classes(references: list[str], max_classes: int = MAX_AUTO_CLASSES) -> list[str] | None:
+    """The held-out answers as a label set, when they take between 2 and ``max_classes`` distinct values (compared
+    as label_metrics compares them: whitespace-normalised, case-insensitive); sorted, each written as it first
+    appears. None otherwise (free-text answers: exact match and, if asked, ROUGE-L only)."""
+    seen: dict[str, str] = {}
+    for r in references:
+        seen.setdefault(normalise_answer(r).casefold(), normalise_answer(r))
+        if len(seen) > max_classes:
+            return None
+    return sorted(seen.values(), key=str.casefold) if len(seen) >= 2 else None
+
+
 def task_scores(
     predictions: list[str], references: list[str], labels: list[str] | None = None, with_rouge: bool = False
 ) -> dict[str, Any]:
@@ -100,6 +115,32 @@ def task_scores(
     if with_rouge:
         out["rouge_l"] = round(mean_rouge_l(predictions, references), 4)
     return out
+
+
+def collapse(
+    predictions: list[str], references: list[str], min_share: float = 0.8, max_reference_share: float = 0.5
+) -> dict[str, Any] | None:
+    """The ``collapse`` flag: one answer is predicted for at least ``min_share`` of the held-out rows while it is
+    under ``max_reference_share`` of the references - the model answers the same thing whatever it is asked.
+    Answers compare whitespace-normalised and case-insensitively."""
+    if not predictions or not references:
+        return None
+    norm = [normalise_answer(p).casefold() for p in predictions]
+    top = max(set(norm), key=lambda a: (norm.count(a), a))
+    share = norm.count(top) / len(norm)
+    ref_share = sum(normalise_answer(r).casefold() == top for r in references) / len(references)
+    if share < min_share or ref_share >= max_reference_share:
+        return None
+    shown = next(normalise_answer(p) for p in predictions if normalise_answer(p).casefold() == top)
+    return {
+        "name": "collapse",
+        "answer": shown,
+        "predicted_share": round(share, 4),
+        "reference_share": round(ref_share, 4),
+        "message": f"collapse: the tuned model answers {shown!r} for {share:.0%} of the {len(norm)} held-out rows, "
+        f"while {ref_share:.0%} of the references are {shown!r}; it learnt the answers' format or prior, not the "
+        "task (more steps, a higher learning_rate, template: raw on a base model, or a lighter forgetting guard)",
+    }
 
 
 def primary_metric(labels: list[str] | None) -> str:

@@ -26,6 +26,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
 
 
+def _confusion(scores: dict[str, Any], side: str) -> list[str]:
+    """The confusion matrix as a table: rows the true label, columns the predicted one."""
+    classes, cm = scores.get("classes"), scores.get("confusion")
+    if not classes or not cm:
+        return []
+    out = [f"Confusion matrix ({side}; rows true, columns predicted):", ""]
+    out += ["| true \\ predicted | " + " | ".join(_cell(c) for c in classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    out += [f"| {_cell(c)} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(classes, cm)]
+    return out + [""]
+
+
 def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
     lines = [f"# Evaluation: {title}", ""]
     sides = [s for s in ("base", "tuned") if s in evaluation]
@@ -53,6 +64,7 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
                     for k, v in pc.items()
                 ]
                 lines.append("")
+                lines += _confusion(evaluation[s], s)
     fg = evaluation.get("forgetting")
     if fg:
         rise = "–" if fg.get("rise") is None else f"{fg['rise']:+.2%}"
@@ -80,7 +92,7 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
     lines += ["## Flags", ""]
     flags = evaluation.get("flags") or []
     lines += [f"- **{f['name']}**: {f['message']}" for f in flags] or [
-        "None: no negative transfer, overfitting or forgetting above the threshold."
+        "None: no negative transfer, overfitting, forgetting above the threshold, collapse or few trained tokens."
     ]
     lines.append("")
     plots = evaluation.get("plots") or {}

@@ -324,7 +324,12 @@ def _finish(
     if recipe.eval_after_train:  # base (adapter disabled) vs tuned, forgetting probe, flags, report.md
         from adapters.evaluation.evaluate import evaluate_model
 
-        evaluate_model(trainer.model, tok, recipe, run, trainer.state.log_history, base=recipe.eval_base, log=log)
+        ev = evaluate_model(trainer.model, tok, recipe, run, trainer.state.log_history, base=recipe.eval_base, log=log)
         manifest["wall_seconds_with_eval"] = round(time.time() - t0, 1)
         write_json(run / "manifest.json", manifest)
+        flags = ev.get("flags") or []
+    else:
+        flags = ((manifest.get("data") or {}).get("audit") or {}).get("warnings") or []
     log(f"[done] {run} in {time.time() - t0:.0f}s")
+    for f in flags:  # the closing lines: what a user must not miss
+        log(f"[flag] {f['name']}: {f['message']}")
