@@ -66,11 +66,12 @@ def prose_paragraphs(text: str, seen: set[str]) -> list[str]:
     return out
 
 
-def stdlib_passages() -> list[str]:
-    """Docstring paragraphs of STDLIB_MODULES and their public members, deterministic for a Python version."""
+def stdlib_passages(modules: tuple[str, ...] = STDLIB_MODULES, seen: set[str] | None = None) -> list[str]:
+    """Docstring paragraphs of ``modules`` and their public members, deterministic for a Python version; a paragraph
+    in ``seen`` (updated) is left out."""
     out: list[str] = []
-    seen: set[str] = set()
-    for name in STDLIB_MODULES:
+    seen = set() if seen is None else seen
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ImportError:

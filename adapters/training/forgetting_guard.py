@@ -163,28 +163,11 @@ GENERAL_LENGTH = 64  # tokens per general-text window (BOS + 63)
 
 def general_passages(source: str = "general") -> list[str]:
     """The guard's general text: ``general`` (built-in, see GUARD_MODULES) or a text file's passages."""
-    import importlib
-    import inspect
-
-    from adapters.evaluation.forgetting import probe_passages, prose_paragraphs, stdlib_passages
+    from adapters.evaluation.forgetting import probe_passages, stdlib_passages
 
     if source != "general":
         return probe_passages(source)[1]  # a user's file: the same reader (and errors) as a probe file
-    seen = set(stdlib_passages())  # the default probe's paragraphs are never trained on
-    out: list[str] = []
-    for name in GUARD_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        docs = [inspect.getdoc(mod) or ""]
-        for attr in sorted(a for a in vars(mod) if not a.startswith("_")):
-            obj = getattr(mod, attr)
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
-                docs.append(inspect.getdoc(obj) or "")
-        for d in docs:
-            out += prose_paragraphs(d, seen)
-    return out
+    return stdlib_passages(GUARD_MODULES, seen=set(stdlib_passages()))  # never a paragraph of the default probe
 
 
 def general_windows(tok, passages: list[str], length: int = GENERAL_LENGTH) -> torch.Tensor:
