@@ -77,6 +77,9 @@ def test_auto_template_rule(base_model_dir, tiny_models, tiny_data, pc_data, tmp
 
     assert resolved(base_model_dir, pc_data)[0] == "raw"
     assert resolved(base_model_dir, tiny_data)[0] == "chat"  # messages rows
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "Name a city.", "output": "Riga"}) + "\n")
+    assert resolved(base_model_dir, {**pc_data, "train": alpaca})[0] == "chat"  # no natural raw join
     assert resolved(tiny_models["gemma3"], pc_data)[0] == "chat"  # the tokenizer has a template of its own
     assert resolved(base_model_dir, pc_data, template="chat")[0] == "chat"
     assert resolved(tiny_models["gemma3"], tiny_data, template="raw")[0] == "raw"
@@ -337,8 +340,9 @@ def test_general_rows_appended_see_what_a_forward_of_their_own_sees(tiny_models,
     assert flat.numel() == 2 * 11 and bool((new["labels"].reshape(-1)[flat] == -100).all())
     body = _body(model)
     with torch.no_grad():
-        h = _hidden(body(**{k: v for k, v in new.items() if k != "labels"}))
-        alone = _hidden(body(input_ids=windows))
+        # no cache, as in training: transformers builds the per-sample mask from position_ids only then
+        h = _hidden(body(**{k: v for k, v in new.items() if k != "labels"}, use_cache=False))
+        alone = _hidden(body(input_ids=windows, use_cache=False))
     got = h.reshape(-1, h.shape[-1])[flat]
     torch.testing.assert_close(got, alone[:, :11].reshape(-1, h.shape[-1]), atol=1e-4, rtol=1e-4)
 

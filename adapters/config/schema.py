@@ -57,7 +57,7 @@ class ModelKeys:
     template: str = "auto"
     """How rows become text: chat (the chat template above), raw (prompt + completion as plain text, EOS trained,
     loss on the completion only: what TRL does with non-conversational prompt/completion rows) or auto: raw for
-    rows that are not conversational (string prompt/completion, alpaca) on a model whose tokenizer has no chat
+    plain string prompt/completion rows on a model whose tokenizer has no chat
     template of its own, chat otherwise. The manifest's config.template holds the resolved chat or raw."""
     device_map: str | None = None
     """None: one whole model per process, on the local rank's GPU (the only valid choice under several processes).
