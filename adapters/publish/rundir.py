@@ -49,6 +49,7 @@ def open_run(run_dir: str | Path) -> Run:
         raise RunError(f"{mf}: status is {manifest.get('status')!r}, not 'complete'; the run did not finish")
     if not (path / "adapter" / "adapter_config.json").is_file():
         raise RunError(f"{path / 'adapter'}: no adapter_config.json")
+    check_adapter_file(path / "adapter")
     recipe = recipe_from_config(manifest["config"], str(mf))
     ref = ModelRef(**manifest["base_model"])
     if not Path(ref.path).exists() and ref.kind in ("embedded", "gguf"):
@@ -56,6 +57,14 @@ def open_run(run_dir: str | Path) -> Run:
 
         ref = resolve_model(ref.source)  # the cache was cleared: rebuild it from the same source
     return Run(path, manifest, recipe, ref)
+
+
+def check_adapter_file(adapter_dir: Path) -> None:
+    """The adapter's weights file must be whole before any verb loads it or writes anything: one line naming the
+    file and what is wrong (cut short, unreadable, empty, NaN), instead of a library's traceback halfway."""
+    from adapters.training.checkpoints import validate_adapter_dir
+
+    validate_adapter_dir(adapter_dir)
 
 
 def load_run_tokenizer(run: Run):
