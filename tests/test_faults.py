@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,9 +64,12 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[")  # tqdm progress bars (libraries' loading and generation), not messages
+
+
 def _one_line(capsys, rc: int, want_rc: int = 2) -> str:
     err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not PROGRESS.search(ln)]
     assert rc == want_rc, err
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
@@ -103,7 +107,9 @@ def _read_only(folder: Path):
 # ---------------------------------------------------------------------------------------------------- row 35
 def _audit(tiny_models, tiny_data, root: Path, capsys) -> tuple[int, str, str]:
     over = tiny_overrides(tiny_models["llama"], tiny_data, root)
-    args = [f"--{k}={v}" for k, v in over.items() if k in ("model_name_or_path", "train_file", "eval_file", "output_root")]
+    args = [
+        f"--{k}={v}" for k, v in over.items() if k in ("model_name_or_path", "train_file", "eval_file", "output_root")
+    ]
     rc = main(["data", "audit", "gemma3-270m-demo", "--out", str(root / "audit"), "--test_file=null", *args])
     got = capsys.readouterr()
     return rc, got.out, got.err
@@ -115,7 +121,9 @@ def _entry(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "same_size"])
-def test_row35_damaged_cache_entry_is_reported_moved_aside_and_rebuilt(damage, tiny_models, tiny_data, tmp_path, capsys):
+def test_row35_damaged_cache_entry_is_reported_moved_aside_and_rebuilt(
+    damage, tiny_models, tiny_data, tmp_path, capsys
+):
     """RELIABILITY row 35 / issue 25 #1: a truncated Arrow file, or bytes changed at the same size, in the encoded
     cache is found before use (sizes and digests recorded when the entry was written): one line, the entry moved
     aside, rebuilt, and the stage goes on."""
@@ -301,7 +309,9 @@ def test_row38_truncated_adapter_is_one_line_naming_the_file(verb, run_copy, tmp
         ("eval_max_new_tokens", "-4"),
     ],
 )
-def test_row39_impossible_values_refused_on_the_command_line_before_anything(flag, value, tmp_path, capsys, monkeypatch):
+def test_row39_impossible_values_refused_on_the_command_line_before_anything(
+    flag, value, tmp_path, capsys, monkeypatch
+):
     """RELIABILITY row 39 / issue 25 #5: refused before the run folder is claimed (no data stage, no model load),
     the command line named as the source."""
     import adapters.training.run as run_mod
@@ -392,11 +402,19 @@ def _train_argv(tiny_models, tiny_data, root: Path, **extra) -> list[str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["report_to", "init_adapter_missing", "init_adapter_not_an_adapter", "init_adapter_hub_offline", "train_file",
-     "streaming_conflict", "init_adapter_other_r"],
+    [
+        "report_to",
+        "init_adapter_missing",
+        "init_adapter_not_an_adapter",
+        "init_adapter_hub_offline",
+        "train_file",
+        "streaming_conflict",
+        "init_adapter_other_r",
+    ],
 )
-def test_row42_refusals_before_training_leave_no_run_folder(case, tiny_models, tiny_data, done_run, tmp_path, capsys,
-                                                            monkeypatch):
+def test_row42_refusals_before_training_leave_no_run_folder(
+    case, tiny_models, tiny_data, done_run, tmp_path, capsys, monkeypatch
+):
     """RELIABILITY row 42 (and the issue's 'also seen'): each refusal is one line, found before the run folder is
     claimed (no model load), and leaves no run folder; the passing cases of issue 25 (report_to, --init_adapter
     not an adapter / another r / an unknown hub id offline) are pinned here too."""
@@ -418,8 +436,9 @@ def test_row42_refusals_before_training_leave_no_run_folder(case, tiny_models, t
     assert not (tmp_path / "out" / "r").exists()
 
 
-def test_row42_a_refusal_after_the_claim_removes_the_folder_it_created(tiny_models, tiny_data, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_row42_a_refusal_after_the_claim_removes_the_folder_it_created(
+    tiny_models, tiny_data, tmp_path, capsys, monkeypatch
+):
     """A refusal found after the claim (here the preflight) still leaves no run folder behind."""
     import adapters.training.run as run_mod
     from adapters.planning.preflight import PreflightError

@@ -120,3 +120,42 @@ def load_tuned(run: Run, quantize: bool = True, adapter_name: str = "default"):
     check_base(run, base)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir), adapter_name=adapter_name, is_trainable=False)
     return model.eval(), tok
+
+
+BYTES_PER_WEIGHT = {
+    "float32": 4.0,
+    "bfloat16": 2.0,
+    "float16": 2.0,
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,  # a block of 32 int8 values and one f16 scale
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+}
+
+
+def base_parameters(run: Run) -> int:
+    """The base's weight count from its safetensors headers (nothing loaded); 0 when it has none to read."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(run.ref.path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():
+                    shape = fh.get_slice(k).get_shape()
+                    size = 1
+                    for d in shape:
+                        size *= d
+                    n += size
+        except Exception:  # an unreadable base fails at load with the loader's own message
+            return 0
+    return n
+
+
+def output_bytes(run: Run, kind: str) -> int:
+    """About what a full copy of the base written as ``kind`` (a dtype or a GGUF type) takes."""
+    return int(base_parameters(run) * BYTES_PER_WEIGHT.get(kind, 4.0))
