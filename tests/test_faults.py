@@ -420,10 +420,15 @@ def test_row42_refusals_before_training_leave_no_run_folder(
     not an adapter / another r / an unknown hub id offline) are pinned here too."""
     import adapters.training.run as run_mod
 
+    import importlib.util
+
+    if case == "report_to" and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
     monkeypatch.setattr(run_mod, "_claim_run_dir", lambda *a, **k: pytest.fail("the run folder was claimed"))
     (tmp_path / "plain").mkdir()
     extra, want = {
-        "report_to": ({"report_to": "wandb_missing_tracker"}, "report_to"),
+        "report_to": ({"report_to": "wandb"}, "report_to: 'wandb' is not installed"),
+        "report_to_unknown": ({"report_to": "no_such_tracker"}, "report_to: 'no_such_tracker'"),
         "init_adapter_missing": ({"init_adapter": str(tmp_path / "nope" / "run")}, "not a run directory"),
         "init_adapter_not_an_adapter": ({"init_adapter": str(tmp_path / "plain")}, "adapter_config.json"),
         "init_adapter_hub_offline": ({"init_adapter": "nobody-here/no-such-adapter"}, "nobody-here/no-such-adapter"),
