@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ def done_run(tiny_models, tiny_data, tmp_path_factory) -> Path:
         eval_strategy="no",
         eval_base=False,
         eval_max_new_tokens=4,
+        eval_after_train=False,
         init_lora_weights=False,
     )
     recipe, path = load_recipe("gemma3-270m-demo", over)
@@ -222,12 +222,24 @@ def test_row36_merge_a_second_time_is_refused_without_force(run_copy, capsys, mo
     assert (run_copy / "merge_report.json").read_text() == '{"verdict": "pass"}'
 
 
-def test_row36_merge_with_force_replaces_the_earlier_one(run_copy):
+def test_row36_merge_with_force_goes_ahead_and_a_failure_keeps_the_earlier_one(run_copy, capsys, monkeypatch):
+    """--force passes the refusal; a forced merge that stops midway still leaves the first merge as it was."""
+    import adapters.publish.merge as m
+    from adapters.utils.errors import AdaptersError
+
     merged = run_copy / "merged"
     merged.mkdir()
-    (merged / "stale.txt").write_text("first merge")
-    assert main(["merge", str(run_copy), "--probes", "2", "--force"]) == 0
-    assert (merged / "config.json").is_file() and not (merged / "stale.txt").exists()
+    (merged / "config.json").write_text('{"first": true}')
+
+    def stopped(pr, recipe, staging, *a, **k):
+        (staging / "half.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (staging / "half.safetensors").write_bytes(b"half")
+        raise AdaptersError("second merge reached the work")
+
+    monkeypatch.setattr(m, "_merge_and_save", stopped)
+    line = _one_line(capsys, main(["merge", str(run_copy), "--force"]))
+    assert "second merge reached the work" in line
+    assert _tree(merged) == {"config.json": b'{"first": true}'} and not (run_copy / ".merged.staging").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- row 37
@@ -373,13 +385,12 @@ def test_row41_ctrl_c_during_gguf_export_is_one_line_130_and_no_staging(run_copy
 def test_row41_ctrl_c_during_merge_is_one_line_130_and_no_staging(run_copy, capsys, monkeypatch):
     import adapters.publish.merge as m
 
-    real = m.save_merged
-
-    def interrupted(model, tok, out, *a, **k):
-        real(model, tok, out, *a, **k)
+    def interrupted(pr, recipe, staging, *a, **k):  # Ctrl-C while the merged model is being saved
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "model-00001-of-00002.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(m, "save_merged", interrupted)
+    monkeypatch.setattr(m, "_merge_and_save", interrupted)
     line = _one_line(capsys, main(["merge", str(run_copy), "--probes", "2"]), want_rc=130)
     assert "interrupted" in line
     assert not (run_copy / ".merged.staging").exists() and not (run_copy / "merged").exists()
@@ -418,9 +429,9 @@ def test_row42_refusals_before_training_leave_no_run_folder(
     """RELIABILITY row 42 (and the issue's 'also seen'): each refusal is one line, found before the run folder is
     claimed (no model load), and leaves no run folder; the passing cases of issue 25 (report_to, --init_adapter
     not an adapter / another r / an unknown hub id offline) are pinned here too."""
-    import adapters.training.run as run_mod
-
     import importlib.util
+
+    import adapters.training.run as run_mod
 
     if case == "report_to" and importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
