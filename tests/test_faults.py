@@ -565,3 +565,36 @@ def test_every_verb_with_a_read_only_output_is_one_line(verb, done_run, tiny_mod
             ]
         line = _one_line(capsys, main(argv))
         assert str(ro) in line, line
+
+
+def test_pin_streaming_run_killed_then_resumed_finishes(tiny_models, tiny_data, tmp_path, monkeypatch):
+    """Issue 25 (passed): a streaming run killed between checkpoints (simulated in-process, as the kill tests of
+    test_checkpoints.py do) resumes from its last complete checkpoint and finishes."""
+    import adapters.training.run as run_mod
+    import adapters.training.trainer as trainer_mod
+
+    from .test_checkpoints import Killed, _kill_at
+
+    over = tiny_overrides(
+        tiny_models["llama"],
+        tiny_data,
+        tmp_path,
+        run_name="s",
+        streaming=True,
+        max_steps=3,
+        save_steps=1,
+        per_device_train_batch_size=2,
+        eval_strategy="no",
+        eval_file=None,
+        eval_after_train=False,
+        quant_probe=False,
+        base_kl_weight=0.0,
+    )
+    recipe, path = load_recipe("gemma3-270m-demo", over)
+    monkeypatch.setattr(trainer_mod, "make_callbacks", _kill_at(2))
+    with pytest.raises(Killed):
+        run_mod.train(recipe, path)
+    monkeypatch.undo()
+    run_mod.train(recipe, path, resume=True)
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["train"]["resumed_from"].endswith("checkpoint-1")
