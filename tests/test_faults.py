@@ -514,6 +514,7 @@ RUN_VERBS = {
     "export": ["export", "RUN", "--to", "OUT"],
     "export-gguf": ["export", "RUN", "--gguf"],
     "train-init": ["train", "gemma3-270m-demo", "--init_adapter", "RUN", "--output_root", "OUT"],
+    "sweep-init": ["sweep", "gemma3-270m-demo", "--trials", "1", "--init_adapter", "RUN", "--out", "OUT"],
 }
 
 
