@@ -15,7 +15,7 @@ from adapters.utils.errors import AdaptersError
 
 DESCRIPTION = "The adapters command line. Each verb parses its arguments and calls one function of the package."
 # the order of adapters --help
-VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep")
+VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep", "doctor")
 
 
 def _quiet_libraries() -> None:
