@@ -506,14 +506,13 @@ def self_test(recipe: Recipe, switches: dict[str, Any] | None = None, seq: int =
     """The recipe on its tiny random twin, on this device: load quantized as the recipe says, attach LoRA, then one
     warm-up and one timed step (forward, backward, optimizer step). ``switches``: the decided speed switches."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from adapters.model.loading import load_model
     from adapters.model.lora import adapter_dtype, attach_lora, cast_trainable
     from adapters.model.sources import resolve_model
     from adapters.planning.smoke import build_twin
     from adapters.utils.memory import PeakRSS
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of a twin would bury the report
     on = {k: bool(v.get("value")) for k, v in (switches or {}).items()}
