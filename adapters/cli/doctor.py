@@ -15,6 +15,13 @@ def register(sub) -> None:
     )
     p.add_argument("recipe", nargs="?", default=None, help="a recipe YAML path or a shipped recipe name")
     p.add_argument("--out", default=None, help="where to write the JSON (default <output_root>/doctor.json)")
+    p.add_argument(
+        "--output-root",
+        "--output_root",
+        dest="output_root",
+        default=None,
+        help="the output root whose free disk is read and where doctor.json goes (default: the recipe's, or outputs)",
+    )
     p.add_argument("--no-self-test", action="store_true", help="skip the recipe's tiny-twin step")
     p.add_argument("--hub-timeout", type=float, default=3.0, help="seconds to wait for the hub (default 3)")
     p.add_argument(
@@ -40,13 +47,11 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     elif overrides:
         from adapters.utils.errors import AdaptersError
 
-        keys = set(overrides) - {"output_root"}
-        if keys:
-            raise AdaptersError(f"doctor: --{sorted(keys)[0]} needs a recipe (adapters doctor RECIPE --key value)")
+        raise AdaptersError(f"--{next(iter(overrides))} is a recipe key: adapters doctor RECIPE --key value")
     report = doctor(
         recipe,
         args.recipe,
-        output_root=overrides.get("output_root"),
+        output_root=args.output_root,
         out_file=args.out,
         hub_timeout=args.hub_timeout,
         compile_timeout=args.compile_timeout,
