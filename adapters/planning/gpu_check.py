@@ -110,7 +110,7 @@ def _train_result(run: Path) -> dict[str, Any] | None:
     if manifest is None:
         return None
     ev = _json(run / "eval.json") or {}
-    merge = _json(run / "merged" / "merge_report.json")
+    merge = _json(run / "merge_report.json")
     keep = ("status", "world_size", "sharding", "train", "fast_path", "hardware", "versions", "wall_seconds_with_eval")
     out = {k: manifest.get(k) for k in keep}
     out["quantization"] = (manifest.get("quantization") or {}).get("method")
