@@ -336,3 +336,43 @@ def test_doctor_without_recipe_writes_under_output_root(tmp_path, capsys):
     assert code == 0 and report["ok"] and "recipe" not in report
     assert report["disk"]["output_root"]["path"] == str(tmp_path)
     assert f"wrote {tmp_path / 'doctor.json'}" in capsys.readouterr().out
+
+
+def test_sdpa_and_quantized_layer_failures(cpu_report, tiny_models, tiny_data, tmp_path):
+    from adapters.planning.doctor import find_problems
+
+    report = copy.deepcopy(cpu_report)
+    report["kernels"]["sdpa"] = {"ok": False, "error": "RuntimeError: no kernel"}
+    report["bitsandbytes"]["int8"] = {"ok": False, "error": "RuntimeError: int8 matmul missing"}
+    report["recipe"] = {"needs": {}, "speed": {}, "preflight": []}
+    int8 = _recipe(tiny_models, tiny_data, tmp_path, load_in_8bit=True)
+    lines = _lines(find_problems(report, int8))
+    assert (
+        "ERROR [sdpa] scaled_dot_product_attention failed: RuntimeError: no kernel. Fix: --attn_implementation eager"
+        in lines
+    )
+    assert any(
+        ln.startswith("ERROR [bitsandbytes] bitsandbytes int8 does not run on cpu") and "--load_in_8bit false" in ln
+        for ln in lines
+    )
+    # a recipe that does not quantize in int8 only gets a warning about it
+    lines = _lines(find_problems(report, _recipe(tiny_models, tiny_data, tmp_path)))
+    assert any(ln.startswith("WARNING [bitsandbytes] bitsandbytes int8") for ln in lines)
+
+
+def test_cuda_only_kernels_say_why_they_are_unusable(monkeypatch):
+    import torch
+
+    from adapters.planning.doctor import _cuda_kernel
+
+    assert _cuda_kernel("no_such_module_here", "nope", "", None)["error"] == "nope is not installed"
+    r = _cuda_kernel("json", "json", " (Triton)", None)  # installed, but this machine has no CUDA
+    assert r["ok"] is False and r["installed"] and r["error"] == "json needs a CUDA GPU (Triton)"
+
+    def broken():
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = _cuda_kernel("json", "json", "", broken)
+    assert r["ok"] is False and r["error"].startswith("RuntimeError: CUDA error: no kernel image")
+    assert _cuda_kernel("json", "json", "", lambda: None)["ok"] is True

@@ -293,32 +293,31 @@ def sdpa_report() -> dict[str, Any]:
     return _try(run)
 
 
-def flash_attn_report() -> dict[str, Any]:
-    if importlib.util.find_spec("flash_attn") is None:
-        return {"ok": False, "installed": False, "error": "flash-attn is not installed"}
+def _cuda_kernel(module: str, dist: str, why: str, run) -> dict[str, Any]:
+    """A CUDA-only kernel package: not installed, no GPU here, or ``run`` tried on the GPU."""
+    if importlib.util.find_spec(module) is None:
+        return {"ok": False, "installed": False, "error": f"{dist} is not installed"}
     import torch
 
     if not torch.cuda.is_available():
-        return {"ok": False, "installed": True, "error": "flash-attn needs a CUDA GPU"}
+        return {"ok": False, "installed": True, "error": f"{dist} needs a CUDA GPU{why}"}
+    return {"installed": True, "version": _installed(dist), **_try(run)}
 
+
+def flash_attn_report() -> dict[str, Any]:
     def run():
+        import torch
         from flash_attn import flash_attn_func
 
         q, k, v = (torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
         flash_attn_func(q, k, v, causal=True).float().sum().backward()
 
-    return {"installed": True, "version": _installed("flash-attn"), **_try(run)}
+    return _cuda_kernel("flash_attn", "flash-attn", "", run)
 
 
 def liger_report() -> dict[str, Any]:
-    if importlib.util.find_spec("liger_kernel") is None:
-        return {"ok": False, "installed": False, "error": "liger-kernel is not installed"}
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"ok": False, "installed": True, "error": "liger-kernel needs a CUDA GPU (its kernels are Triton)"}
-
     def run():
+        import torch
         from liger_kernel.transformers import LigerRMSNorm
 
         norm = LigerRMSNorm(64).to("cuda")
@@ -326,7 +325,7 @@ def liger_report() -> dict[str, Any]:
         norm(x).sum().backward()
         assert torch.isfinite(x.grad).all(), "non-finite gradient"
 
-    return {"installed": True, "version": _installed("liger-kernel"), **_try(run)}
+    return _cuda_kernel("liger_kernel", "liger-kernel", " (its kernels are Triton)", run)
 
 
 # A first inductor compile builds C++/Triton code: seconds on a GPU machine, a minute on 2 shared CPU cores. It runs
