@@ -21,7 +21,7 @@ from adapters.utils.errors import AdaptersError
 
 DESCRIPTION = "The adapters command line. Each verb parses its arguments and calls one function of the package."
 # the order of adapters --help
-VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep")
+VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep", "doctor")
 STAGED = ("export", "merge")  # verbs that write through a staging folder and remove it when stopped
 # errors of the system, not of the package: the place named cannot be written (or read) as asked
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}

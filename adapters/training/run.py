@@ -261,6 +261,9 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
         length_sample=to_dataset(train_enc.head) if streamed else None,
     )
     manifest["fast_path"] = trainer.fast_path
+    from adapters.training.distributed import sharding
+
+    manifest["sharding"] = sharding(trainer)  # 'fsdp', 'zero3' or None: whether parameters were really sharded
     trainer.add_callback(life.callback(guard))
     life.trainer = trainer
     life.writing = lambda: run / "checkpoints" / f"checkpoint-{trainer.state.global_step}"
