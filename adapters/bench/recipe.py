@@ -1,5 +1,5 @@
-"""A recipe three ways in one process: the plain TRL a user would write, our path with the forgetting guard off,
-and our path as the recipe says.
+"""A recipe three ways, each in its own fresh Python process: the plain TRL a user would write, our path with the
+forgetting guard off, and our path as the recipe says.
 
 Same model, quantization, LoRA, data, batch, learning rate, seed and steps in all three:
 
@@ -16,6 +16,12 @@ Validation and checkpoints are off in all three: only training steps are timed. 
 (padding not counted), mean step time, peak memory, the task loss on the same first batches (without the guard's KL
 term) and the speedup against plain TRL, with ``throughput.gate`` on those losses.
 
+Each path runs in a fresh process (``python -m adapters.bench.recipe SPEC RESULT``), as ``bench --data`` does: in one
+process a later path starts on the heap an earlier one left (glibc keeps freed pages, the allocator's arenas grow),
+so its peak RSS is not its own. On CPU ``peak_mem_gib`` is the child's whole-process peak RSS (``ru_maxrss``: tokenizer,
+data, model load and training, everything the user's process would hold); ``train_peak_gib`` is the sampled peak
+of the model load + training block alone.
+
     adapters bench --recipe gemma3-270m-demo               # CPU: the embedded Gemma 3 270M, int8 base
     adapters bench --recipe my-recipe.yaml --steps 10      # GPU: any recipe
     adapters bench --recipe gemma3-270m-demo --base_kl_every 2   # recipe keys as overrides (all three rows)
@@ -23,6 +29,11 @@ term) and the speedup against plain TRL, with ``throughput.gate`` on those losse
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -197,12 +208,75 @@ def run_ours(opts: RecipeBenchOptions, tmp: Path, path: str, **changes: Any) -> 
     return row
 
 
+PATHS = {
+    PLAIN: lambda opts, tmp: run_plain(opts, tmp),
+    OFF: lambda opts, tmp: run_ours(opts, tmp, OFF, base_kl_weight=0.0),
+    GUARD: lambda opts, tmp: run_ours(opts, tmp, GUARD),
+}
+
+
+def _spec(opts: RecipeBenchOptions, path: str, tmp: Path) -> dict[str, Any]:
+    return {
+        "path": path,
+        "tmp": str(tmp),
+        "opts": {
+            "recipe": str(opts.recipe),
+            "steps": opts.steps,
+            "warmup": opts.warmup,
+            "gate_batches": opts.gate_batches,
+            "out": str(opts.out),
+            "overrides": opts.overrides,
+        },
+    }
+
+
+def run_in_process(opts: RecipeBenchOptions, path: str, tmp: Path) -> dict[str, Any]:
+    """One path in a fresh Python process (``child``); its row, with that process's own peak RSS."""
+    spec_file, result_file = tmp / f"{path.replace(' ', '_').replace('+', '-')}.spec.json", tmp / "result.json"
+    spec_file.write_text(json.dumps(_spec(opts, path, tmp), default=str), encoding="utf-8")
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "adapters.bench.recipe", str(spec_file), str(result_file)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else None
+    if out is not None and "error" in out:  # a user's mistake the child met (a recipe key, a file): one line
+        raise BenchError(out["error"])
+    if res.returncode != 0 or out is None:
+        raise RuntimeError(f"bench --recipe: the {path!r} process failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    return out["row"]
+
+
+def child(spec_file: str | Path, result_file: str | Path) -> None:
+    """The body of one path's process: run it, add the process's peak RSS, write ``{"row": …}`` (or ``{"error"}``
+    for an AdaptersError) to ``result_file``."""
+    from adapters.utils.atomic import write_json
+    from adapters.utils.errors import AdaptersError
+
+    spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
+    opts = RecipeBenchOptions(**spec["opts"])
+    try:
+        row = PATHS[spec["path"]](opts, Path(spec["tmp"]))
+    except AdaptersError as e:
+        write_json(Path(result_file), {"error": str(e)})
+        return
+    if not torch.cuda.is_available():  # the whole process: everything this path needed, from its first import
+        row["train_peak_gib"], row["train_peak_kind"] = row["peak_mem_gib"], row["peak_mem_kind"]
+        row["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)
+        row["peak_mem_kind"] = "process_peak_rss"
+    row["pid"] = os.getpid()
+    write_json(Path(result_file), {"row": row})
+
+
 def _comparison(scenario: str, plain: dict[str, Any], ours: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
     out = {
         "scenario": scenario,
         "speedup": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
         "speedup_cpu_time": round(ours["tokens_per_cpu_s"] / plain["tokens_per_cpu_s"], 3),
         "memory_ratio": round(ours["peak_mem_gib"] / plain["peak_mem_gib"], 3),
+        **(
+            {"train_memory_ratio": round(ours["train_peak_gib"] / plain["train_peak_gib"], 3)}
+            if "train_peak_gib" in ours and "train_peak_gib" in plain
+            else {}
+        ),
         "gate": gate(plain["losses"], ours["losses"]),
     }
     if ours is not off:  # what the guard adds to a step of the same path
@@ -224,15 +298,11 @@ def bench_recipe(opts: RecipeBenchOptions, log=print) -> dict[str, Any]:
             f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}"
         )
         rows = []
-        for path, run in (
-            (PLAIN, lambda: run_plain(opts, Path(tmp))),
-            (OFF, lambda: run_ours(opts, Path(tmp), OFF, base_kl_weight=0.0)),
-            (GUARD, lambda: run_ours(opts, Path(tmp), GUARD)),
-        ):
+        for path in (PLAIN, OFF, GUARD):
             if path == GUARD and not recipe.base_kl_weight:
                 log(f"[bench] {path}: skipped, the recipe has no forgetting guard (base_kl_weight: 0)")
                 continue
-            rows.append(run())
+            rows.append(run_in_process(opts, path, Path(tmp)))
             log(f"[bench]   {path:13s} {rows[-1]['tokens_per_s']:8,.1f} tok/s, {rows[-1]['step_s']:.2f} s/step")
     plain, off = rows[0], rows[1]
     result: dict[str, Any] = {
@@ -242,6 +312,7 @@ def bench_recipe(opts: RecipeBenchOptions, log=print) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "steps": recipe.max_steps,
         "warmup": opts.warmup,
+        "isolation": "process",  # each row from its own fresh Python process
         "batch": recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps,
         "overrides": dict(opts.overrides),
         "versions": versions(),
@@ -253,13 +324,14 @@ def bench_recipe(opts: RecipeBenchOptions, log=print) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    mem = "peak alloc GiB" if result["device"] == "cuda" else "peak RSS GiB"
+    mem = "peak alloc GiB" if result["device"] == "cuda" else "process peak RSS GiB"
     lines = [
         f"Recipe {result['recipe']} ({result['model']}) on {result['device']}: {result['steps']} steps of batch "
-        f"{result['batch']}, the first {result['warmup']} untimed.",
+        f"{result['batch']}, the first {result['warmup']} untimed; each path in its own fresh process.",
         "",
-        f"| path | real tokens/s | s/step | vs plain TRL | vs plain (CPU time) | {mem} | loss (first batches) | gate |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| path | real tokens/s | s/step | vs plain TRL | vs plain (CPU time) | {mem} | memory vs plain "
+        f"| load+train peak RSS GiB | loss (first batches) | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     comps = {c["scenario"]: c for c in result["comparisons"]}
     for r in result["rows"]:
@@ -271,6 +343,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['path']} | {r['tokens_per_s']:,.1f} | {r['step_s']:.2f} | {c['speedup'] if c else 1.0:.2f}x "
             f"| {c['speedup_cpu_time'] if c else 1.0:.2f}x | {r['peak_mem_gib']:.2f} "
+            f"| {c['memory_ratio'] if c else 1.0:.2f}x | {r.get('train_peak_gib', r['peak_mem_gib']):.2f} "
             f"| {', '.join(f'{x:.4f}' for x in r['losses'])} | {verdict} |"
         )
     guard = comps.get(GUARD)
@@ -282,3 +355,7 @@ def table(result: dict[str, Any]) -> str:
             f"{guard['guard_extra_step_time']:+.0%} step time over the guard-off path.",
         ]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one path of adapters bench --recipe: SPEC_FILE RESULT_FILE (see run_in_process)
+    child(sys.argv[1], sys.argv[2])
