@@ -232,16 +232,20 @@ def _spec(opts: RecipeBenchOptions, path: str, tmp: Path) -> dict[str, Any]:
 
 def run_in_process(opts: RecipeBenchOptions, path: str, tmp: Path) -> dict[str, Any]:
     """One path in a fresh Python process (``child``); its row, with that process's own peak RSS."""
-    spec_file, result_file = tmp / f"{path.replace(' ', '_').replace('+', '-')}.spec.json", tmp / "result.json"
+    name = path.replace(" ", "_").replace("+", "-")
+    spec_file, result_file = tmp / f"{name}.spec.json", tmp / "result.json"
     spec_file.write_text(json.dumps(_spec(opts, path, tmp), default=str), encoding="utf-8")
     result_file.unlink(missing_ok=True)
+    log_file = Path(opts.out) / f"{name}.log"  # the process's own output (TRL's progress, warnings): kept
     cmd = [sys.executable, "-m", "adapters.bench.recipe", str(spec_file), str(result_file)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(log_file, "w", encoding="utf-8") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else None
     if out is not None and "error" in out:  # a user's mistake the child met (a recipe key, a file): one line
         raise BenchError(out["error"])
-    if res.returncode != 0 or out is None:
-        raise RuntimeError(f"bench --recipe: the {path!r} process failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    if rc.returncode != 0 or out is None:
+        tail = log_file.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"bench --recipe: the {path!r} process failed (exit {rc.returncode}; {log_file}):\n{tail}")
     return out["row"]
 
 
