@@ -6,6 +6,10 @@ The task: turn a loosely written person record, whose fields come in any order a
 separators, into one fixed catalogue line, "Surname, Given (City, Year)". A base model cannot guess
 the exact target format zero-shot, the answer can be scored by exact match, and a LoRA adapter learns it in a
 few dozen steps. Records of the test split share no (given, surname) pair with train or val.
+
+It also writes the preference demo (data/demo/pref_{train,val,test}.jsonl, for `make dpo`): the same records and
+prompts, where ``rejected`` is the SFT demo's catalogue line and ``chosen`` the new house style
+"Surname, Given (City, b. Year)". The held-out pairs are the SFT test split's records, so they are split by record.
 """
 
 from __future__ import annotations
@@ -63,6 +67,27 @@ def build(seed: int, n_train: int, n_val: int, n_test: int) -> dict[str, list[di
     }
 
 
+def new_style(answer: str) -> str:
+    """The house-style change: "Surname, Given (City, Year)" -> "Surname, Given (City, b. Year)"."""
+    head, _, year = answer[:-1].rpartition(", ")
+    return f"{head}, b. {year})"
+
+
+def preference_rows(rows: list[dict]) -> list[dict]:
+    """One pair per SFT row: the same prompt, chosen in the new style, rejected in the SFT demo's style."""
+    out = []
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": new_style(answer)}],
+                "rejected": [{"role": "assistant", "content": answer}],
+            }
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "demo"))
@@ -78,6 +103,11 @@ def main() -> None:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {len(rows):4d} rows to {out / f'{split}.jsonl'}")
+        pairs = preference_rows(rows)
+        with open(out / f"pref_{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in pairs:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(pairs):4d} pairs to {out / f'pref_{split}.jsonl'}")
 
 
 if __name__ == "__main__":
