@@ -90,6 +90,7 @@ def build_preference_trainer(
     """The recipe's preference trainer over ``model`` (a PeftModel: a new adapter, or the starting one). Returns
     (trainer, the non-finite-loss guard)."""
     from adapters.model.lora import adapter_dtype as dtype_of
+    from adapters.training import preference_speed
     from adapters.training.trainer import AdapterDtypeMixin, _ckpt_flag, _log_tensorboard_to, make_callbacks
 
     config_cls, trainer_cls = _classes(recipe.trainer)
@@ -119,15 +120,17 @@ def build_preference_trainer(
     kwargs: dict[str, Any] = {}
     if recipe.trainer != "orpo":
         kwargs["ref_model"] = None  # a PeftModel without peft_config: TRL copies its adapter into 'ref'
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds if has_eval else None,
-        processing_class=tok,
-        callbacks=[guard],
-        **kwargs,
-    )
+    fast_path = preference_speed.plan(recipe)  # completion positions only through the LM head (speed levers)
+    with preference_speed.constructing(fast_path):  # TRL's reference precompute runs in the constructor
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds if has_eval else None,
+            processing_class=tok,
+            callbacks=[guard],
+            **kwargs,
+        )
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if not recipe.init_adapter:
         drop_reference(unwrapped)  # a new adapter: the reference is the base (adapter disabled), no copy needed
@@ -136,7 +139,7 @@ def build_preference_trainer(
     if trainer.is_world_process_zero():
         ckpt.save_run_tokenizer(tok, run)
     _log_tensorboard_to(trainer, run / "tensorboard")
-    trainer.fast_path = {}
+    trainer.fast_path = fast_path  # run.py switches trained_positions_only on around trainer.train()
     trainer.reference = reference_record(recipe, bool(getattr(args, "precompute_ref_log_probs", False)))
     trainctl.install(trainer, recipe, callbacks)
     return trainer, guard
