@@ -259,6 +259,11 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.base_kl_weight < 0:
             raise RecipeError(f"base_kl_weight: must be >= 0, got {self.base_kl_weight}")
+        if self.base_kl_weight and self.trainer in libraries.PREFERENCE_TRAINERS:
+            raise RecipeError(
+                f"base_kl_weight: the forgetting guard adds to the SFT loss only; set it to 0 for trainer "
+                f"{self.trainer} (DPO/KTO stay near their reference through beta)"
+            )
         if self.base_kl_positions < 0:
             raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")
         if self.base_kl_every < 1:
