@@ -176,7 +176,6 @@ def _dpo_overrides(tiny_models, pref_data, out, **kw):
         quant_probe=False,
         report_to="none",
         logging_steps=1,
-        precompute_ref_log_probs=True,
         forgetting_probe_tokens=64,
     )
     return tiny_overrides(tiny_models["llama"], pref_data, out, **{**given, **kw})
@@ -365,3 +364,36 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
     if trainer == "kto":
         assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+
+
+def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run):
+    from adapters.publish.card import build_card
+
+    m = json.loads((dpo_run / "manifest.json").read_text())
+    text = str(build_card(m, dpo_run, "org/dpo-demo"))
+    assert "TRL `DPOTrainer`" in text and "## Preference training" in text
+    for needle in (
+        "| trainer | dpo |",
+        "| beta | 0.1 |",
+        "| loss type | ['sigmoid'] |",
+        "start_adapter",
+        "preference accuracy",
+    ):
+        assert needle in text, needle
+    ev = json.loads((dpo_run / "eval.json").read_text())["preference"]
+    assert f"| accuracy | {ev['base']['accuracy']}" in text.replace(".0 |", " |") or "| accuracy |" in text
+
+
+def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
+    import dataclasses
+
+    from adapters.planning.memory import count_parameters, estimate, model_config
+
+    sft, dpo = load_recipe("gemma3-270m-demo")[0], load_recipe("gemma3-270m-dpo-demo")[0]
+    counts = count_parameters(model_config(dpo)[0], dpo)
+    s, d = estimate(sft, counts), estimate(dpo, counts)
+    assert d.activations_per_sample == pytest.approx(2 * s.activations_per_sample)
+    assert d.logits_per_sample == pytest.approx(2 * s.logits_per_sample)  # reference precomputed: no pass
+    live = estimate(dataclasses.replace(dpo, precompute_ref_log_probs=False), counts)
+    assert live.details["reference_pass_per_sample"] > 0
+    assert live.logits_per_sample == pytest.approx(d.logits_per_sample + live.details["reference_pass_per_sample"])
