@@ -397,3 +397,58 @@ def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
     live = estimate(dataclasses.replace(dpo, precompute_ref_log_probs=False), counts)
     assert live.details["reference_pass_per_sample"] > 0
     assert live.logits_per_sample == pytest.approx(d.logits_per_sample + live.details["reference_pass_per_sample"])
+
+
+def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path):
+    """A 2-process DDP run (accelerate launch, gloo on CPU) continuing the SFT adapter: one world of 2, the reference
+    right on both ranks (first loss log 2), one adapter without 'ref'."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    ov = _dpo_overrides(
+        tiny_models,
+        pref_data,
+        tmp_path / "out",
+        run_name="ddp",
+        init_adapter=str(sft_adapter),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        eval_after_train=False,
+    )
+    args = [a for k, v in ov.items() for a in (f"--{k}", "null" if v is None else str(v))]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        ADAPTERS_TRACE_DIR=str(tmp_path / "trace"),
+        ADAPTERS_TRACE_WATCH=str(tmp_path / "out"),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29541",
+        str(REPO / "tests" / "_dist_entry.py"),
+        "train",
+        "gemma3-270m-dpo-demo",
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "out" / "ddp"
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["world_size"] == 2 and m["effective_batch_size"] == 4
+    assert abs(_first_log(run)["loss"] - LOG2) < 1e-4
+    _no_ref(run / "adapter")
