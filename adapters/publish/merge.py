@@ -34,10 +34,10 @@ from adapters.data.rows import IGNORE_INDEX
 from adapters.evaluation.generation import answer_budget, exact_match, generate_answers
 from adapters.model.loading import load_model
 from adapters.model.quantization import model_memory_mb
-from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer
-from adapters.utils.atomic import clear, discard, promote, staging_path, write_json
+from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, output_bytes
+from adapters.utils.atomic import check_room, clear, discard, promote, staging_path, write_json
 from adapters.utils.dtypes import torch_dtype
-from adapters.utils.errors import AdaptersError
+from adapters.utils.errors import AdaptersError, PathExistsError
 from adapters.utils.memory import PeakRSS, free
 
 DEFAULT_MAX_KL = 0.01
@@ -252,6 +252,13 @@ def merge_run(
     run = resolve_adapter(run_dir)  # a run directory, an adapter folder or a hub id
     _refuse_stored_quantized(run)
     recipe, dtype = _dtype_recipe(run, dtype)
+    final = run.path / "merged"
+    if final.exists() and any(final.iterdir()) and not force:
+        raise PathExistsError(
+            f"{final}: holds an earlier merge (see {run.path / 'merge_report.json'}); it is kept. Pass --force to "
+            "merge again and replace it"
+        )
+    check_room(final, output_bytes(run, dtype), hint="free some space, or copy the run elsewhere and merge there")
     tok = load_run_tokenizer(run)
     probes, convs, refs, probe_file = probe_set(run, tok, n_probes)
     pr = _Probe(run, tok, probes, convs, refs, _budget(run, tok, refs), run.recipe.eval_generation_batch_size)
@@ -266,18 +273,22 @@ def merge_run(
         "max_kl": max_kl,
         "max_shard_size": max_shard_size,
     }
-    with PeakRSS() as mem:
-        ph = _Phases(mem)
-        got, ans_b, ans_m, untied, model_mb = _merge_and_save(pr, recipe, staging, max_shard_size, report, ph)
-        _reload_and_score(pr, staging, dtype, got, report, ph)
-        _against_as_trained(pr, got, ans_m, report, ph)
-    report["untied_embeddings"] = untied
-    report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": ph.peaks}
-    report["seconds"] = {**ph.seconds, "total": round(time.time() - t0, 2)}
-    report["probe_samples"] = [
-        {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
-    ]
-    return _verdict(run, report, staging, max_kl, force, log)
+    try:  # Ctrl-C, SIGTERM or a failure: the staging folder goes, merged/ and merge_report.json stay as they were
+        with PeakRSS() as mem:
+            ph = _Phases(mem)
+            got, ans_b, ans_m, untied, model_mb = _merge_and_save(pr, recipe, staging, max_shard_size, report, ph)
+            _reload_and_score(pr, staging, dtype, got, report, ph)
+            _against_as_trained(pr, got, ans_m, report, ph)
+        report["untied_embeddings"] = untied
+        report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": ph.peaks}
+        report["seconds"] = {**ph.seconds, "total": round(time.time() - t0, 2)}
+        report["probe_samples"] = [
+            {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
+        ]
+        return _verdict(run, report, staging, max_kl, force, log)
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def _refuse_stored_quantized(run: Run) -> None:
