@@ -11,7 +11,7 @@ REPO    ?=
 # Where there is no NVIDIA GPU, install the CPU build of torch (a plain `torch` requirement pulls several GB of CUDA).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
 
-.PHONY: install train merge eval export sweep generate push test test-all test-gguf lint format bench data clean help
+.PHONY: install train dpo merge eval export sweep generate push test test-all test-gguf lint format bench data clean help gpu-wheels
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,15 @@ else
 	$(BIN)/accelerate launch $(LAUNCH_ARGS) -m adapters train $(RECIPE) $(ARGS)
 endif
 
+# The preference demo continues the newest finished SFT demo run (trains it first when there is none).
+SFT_DEMO_RUN = $(BIN)/python -m adapters.training.preference latest gemma3-270m-demo
+dpo:  ## preference demo: DPO continuing the SFT demo's adapter (make dpo [ARGS="--max_steps 10"])
+	@run=$$($(SFT_DEMO_RUN)); \
+	if [ -z "$$run" ]; then echo "[dpo] no finished gemma3-270m-demo run: training it first"; \
+		$(BIN)/adapters train gemma3-270m-demo || exit $$?; run=$$($(SFT_DEMO_RUN)); fi; \
+	echo "[dpo] continuing $$run"; \
+	$(BIN)/adapters train gemma3-270m-dpo-demo --init_adapter $$run $(ARGS)
+
 merge:  ## merge an adapter into a full-precision base: make merge RUN=outputs/<run>
 	$(BIN)/adapters merge $(RUN) $(ARGS)
 
@@ -69,6 +78,18 @@ push:  ## share a run: make push RUN=outputs/<run> REPO=org/name
 
 bench:  ## baseline vs optimized path, same run, ratio reported
 	$(BIN)/adapters bench $(ARGS)
+
+# What a GPU machine with no registry lacks (docs/gpu.md): the versions tested here, as Python 3.12 manylinux wheels.
+# pip matches manylinux_2_N exactly, hence the list of N. scripts/gpu_check.sh installs them from .whl/ offline.
+GPU_WHEELS ?= trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 liger-kernel==0.8.5 dill==0.4.1 multiprocess==0.70.19 \
+	gguf==0.19.0
+gpu-wheels:  ## download the wheels scripts/gpu_check.sh installs on a GPU machine into .whl/ (and check the carry size)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
+	@ls -1 .whl
+	$(BIN)/python -m adapters.planning.gpu_check size .
 
 data:  ## regenerate the demo dataset in data/demo/
 	$(BIN)/python scripts/make_demo_data.py

@@ -7,8 +7,8 @@ separators, into one fixed catalogue line, "Surname, Given (City, Year)". A base
 the exact target format zero-shot, the answer can be scored by exact match, and a LoRA adapter learns it in a
 few dozen steps. Records of the test split share no (given, surname) pair with train or val.
 
-It also writes the preference demo (data/demo/pref_{train,val,test}.jsonl, for `make dpo`): the same records and
-prompts, where ``rejected`` is the SFT demo's catalogue line and ``chosen`` the new house style
+It also writes the preference demo (data/demo/pref_{train,val,test}.jsonl, for `make dpo`; 160 training pairs from the
+first training records): the same records and prompts, where ``rejected`` is the SFT demo's catalogue line and ``chosen`` the new house style
 "Surname, Given (City, b. Year)". The held-out pairs are the SFT test split's records, so they are split by record.
 """
 
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=480)
     ap.add_argument("--val", type=int, default=40)
     ap.add_argument("--test", type=int, default=40)
+    ap.add_argument("--pref-train", type=int, default=160, help="preference pairs from the first train records")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def main() -> None:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {len(rows):4d} rows to {out / f'{split}.jsonl'}")
-        pairs = preference_rows(rows)
+        pairs = preference_rows(rows[: args.pref_train] if split == "train" else rows)
         with open(out / f"pref_{split}.jsonl", "w", encoding="utf-8") as f:
             for row in pairs:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,21 +1,30 @@
 """The adapters command line: one module per verb (register adds its arguments, run calls one library function).
 
 main() is the console script and python -m adapters. A user's mistake is an AdaptersError: one line on stderr, exit 2.
-Anything else is a bug and keeps its traceback.
+So is an output the system refuses (read-only, no permission, disk full): one line naming the path, exit 2. Ctrl-C
+(and SIGTERM in export and merge, which remove their staging folders on the way out) is one line, exit 128+signal,
+as ``train`` does. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from adapters.utils.errors import AdaptersError
 
 DESCRIPTION = "The adapters command line. Each verb parses its arguments and calls one function of the package."
 # the order of adapters --help
-VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep")
+VERBS = ("train", "plan", "recipes", "data", "merge", "export", "push", "bench", "eval", "generate", "sweep", "doctor")
+STAGED = ("export", "merge")  # verbs that write through a staging folder and remove it when stopped
+# errors of the system, not of the package: the place named cannot be written (or read) as asked
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _quiet_libraries() -> None:
@@ -50,10 +59,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _quiet_libraries()
     try:
-        return args.func(args, rest)
+        with _sigterm_interrupts(args.verb in STAGED):
+            return args.func(args, rest)
     except AdaptersError as e:
         _report(f"adapters {args.verb}: error: {e}", e)
         return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _report(f"adapters {args.verb}: error: {where}{e.strerror or e}", AdaptersError(str(e)))
+        return 2
+    except KeyboardInterrupt as e:
+        name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"
+        kept = (
+            "; nothing partial was kept (staging removed), earlier outputs are unchanged" if args.verb in STAGED else ""
+        )
+        print(f"adapters {args.verb}: interrupted ({name}){kept}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+
+
+@contextmanager
+def _sigterm_interrupts(on: bool) -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt("SIGTERM") for the call, so the staging folders are removed as on Ctrl-C."""
+    import threading
+
+    if not on or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(line: str, e: AdaptersError) -> None:

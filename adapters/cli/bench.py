@@ -60,7 +60,9 @@ def _shape_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[st
 
 def _recipe_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     from adapters.bench.recipe import RecipeBenchOptions, bench_recipe
+    from adapters.config import resolve_recipe_path
 
+    resolve_recipe_path(args.recipe)  # a missing recipe is refused before --out is created
     warmup = 1 if args.warmup is None else args.warmup
     return bench_recipe(
         RecipeBenchOptions(args.recipe, args.steps, warmup, args.gate_batches, args.out, overrides=overrides)

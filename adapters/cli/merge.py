@@ -25,7 +25,11 @@ def register(sub) -> None:
         default=DEFAULT_MAX_KL,
         help="largest mean KL (nats/token) allowed between merged model and adapter model; else exit 1",
     )
-    p.add_argument("--force", action="store_true", help="write merged/ (or --out) even when the check fails")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier merged/; write merged/ (or --out) even when the check fails",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="merge precision (default: the recipe's dtype)")
     p.add_argument("--probes", type=int, default=8, help="probe prompts taken from the eval split")
     p.add_argument("--adapters", nargs="+", metavar="RUN", help="combine these runs' adapters (same base) instead")

@@ -24,6 +24,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
     overrides = parse_overrides(rest)
     recipe, path = load_recipe(args.recipe, overrides)
+    from adapters.training.preclaim import check_before_claim
+
+    check_before_claim(recipe)  # what every trial would refuse, refused once before the sweep folder is made
     try:
         sweep(recipe, path, args.trials, overrides, args.out)
     except KeyboardInterrupt:  # Ctrl-C between trials, or a trial's run interrupted (its manifest says so)

@@ -201,12 +201,24 @@ def load_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None) -> 
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of key: value, got {type(raw).__name__}")
     values = apply_values(raw, str(path))
+    file_values = values
     if overrides:
         values = apply_values(overrides, "command line", values)
     try:
         return Recipe(**values), path
     except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
+        raise RecipeError(f"{_blamed(path, file_values, values)}: {e}") from None
+
+
+def _blamed(path: Path, file_values: dict[str, Any], values: dict[str, Any]) -> str:
+    """Where a value the Recipe refused came from: the command line when the file's values alone are a recipe."""
+    if values is file_values:
+        return str(path)
+    try:
+        Recipe(**file_values)
+    except RecipeError:
+        return str(path)
+    return "command line"
 
 
 def recipe_from_config(config: dict[str, Any], source: str, **changes: Any) -> Recipe:

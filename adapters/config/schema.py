@@ -278,6 +278,7 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"max_length: must be > 0, got {self.max_length}")
         if self.streaming_audit_rows <= 0:
             raise RecipeError(f"streaming_audit_rows: must be > 0, got {self.streaming_audit_rows}")
+        check_counts(self)
         from adapters.training.speed import EXTRA_SWITCHES, SWITCHES, FastPathError, check_switch
 
         for name in SWITCHES + EXTRA_SWITCHES:
@@ -330,6 +331,52 @@ class Recipe(_RecipeFields):
         for section in libraries.SECTIONS:
             out.update(self.library_kwargs(section))
         return out
+
+
+# Counts and lengths that have no meaning at or below a bound, ours and the libraries' (checked when the key
+# exists, so a trainer's config keys join when they are there): refused when the recipe is read, before the data
+# stage or the model load would find them (a batch of 0 used to fail in torch's DataLoader after both).
+AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+POSITIVE_WHEN_SET = (  # None (or the library's own "unset" value) means not used
+    "eval_steps",
+    "save_steps",
+    "logging_steps",
+    "eval_max_new_tokens",
+    "eval_limit",
+    "eval_generation_batch_size",
+    "max_answer_chars",
+    "max_prompt_chars",
+    "max_prompt_length",
+    "max_completion_length",
+    "forgetting_probe_tokens",
+)
+NOT_NEGATIVE = ("warmup_steps", "num_train_epochs", "min_answer_chars", "eval_samples", "save_total_limit")
+
+
+def _known(recipe, key: str) -> Any:
+    try:
+        return getattr(recipe, key)
+    except AttributeError:  # a key of a library section this recipe's trainer does not have
+        return None
+
+
+def check_counts(recipe) -> None:
+    """RecipeError naming the first count or length that cannot be (batch size 0, negative steps or lengths)."""
+    for key in AT_LEAST_ONE:
+        v = _known(recipe, key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1:
+            raise RecipeError(f"{key}: must be at least 1, got {v}")
+    for key in POSITIVE_WHEN_SET:
+        v = _known(recipe, key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+            raise RecipeError(f"{key}: must be > 0 (or unset), got {v}")
+    for key in NOT_NEGATIVE:
+        v = _known(recipe, key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise RecipeError(f"{key}: must be >= 0, got {v}")
+    steps = _known(recipe, "max_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < -1:
+        raise RecipeError(f"max_steps: must be > 0 (or -1: train num_train_epochs), got {steps}")
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")

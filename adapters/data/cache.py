@@ -5,18 +5,26 @@ vocabulary and merges, special tokens) and chat template, every recipe key that 
 split, mixed or encoded, and ``ENCODING_VERSION``. A folder is built under a private staging name and renamed when
 complete (utils/atomic.py), and is only read when its ``report.json`` (written last) is there: a killed build is
 never taken for a cache.
+
+Each entry also records the size and sha256 of every file it holds (``integrity.json``, written into the staging
+folder before the rename). ``verify`` checks them before an entry is used: a file cut short or changed in place
+(a full disk, a copy interrupted, a bad sector) is named in one line, the entry is moved aside to
+``<key>.damaged-<time>`` for inspection, and the stage builds it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from adapters.config import Recipe
-from adapters.utils.hashing import chat_template_sha256, fingerprint
+from adapters.utils.hashing import chat_template_sha256, file_sha256, fingerprint
 
+INTEGRITY = "integrity.json"  # {"files": {name: {"size", "sha256"}}}: what the entry held when it was written
 ENCODING_VERSION = 2  # bump when the encoded columns or their meaning change: old caches are then never read
 
 # The recipe keys whose value changes the encoded rows or the figures recorded with them.
@@ -99,3 +107,54 @@ def load_split(folder: Path, split: str):
 
     parts = [datasets.Dataset.from_file(str(f)) for f in shard_files(folder, split)]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INTEGRITY)
+
+
+def seal(folder: Path) -> None:
+    """Record the size and sha256 of every file of a finished entry (called on the staging folder, before the
+    rename that publishes it)."""
+    from adapters.utils.atomic import write_json
+
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(folder)
+    }
+    write_json(folder / INTEGRITY, {"files": files})
+
+
+def verify(folder: Path) -> str | None:
+    """None when every recorded file is there with its size and sha256 (and nothing was added); else what is
+    wrong, naming the file. Sizes are compared first, so a cut file is found without reading it."""
+    try:
+        record = json.loads((folder / INTEGRITY).read_text())["files"]
+    except FileNotFoundError:
+        return f"{folder / INTEGRITY}: missing (an entry written before integrity records, or cut short)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{folder / INTEGRITY}: unreadable ({e})"
+    found = {p.relative_to(folder).as_posix(): p for p in _files(folder)}
+    for name, rec in record.items():
+        f = found.get(name)
+        if f is None:
+            return f"{folder / name}: missing"
+        size = f.stat().st_size
+        if size != rec.get("size"):
+            return f"{f}: {size} bytes, {rec.get('size')} when written (truncated or changed)"
+    for name, rec in record.items():
+        if file_sha256(found[name]) != rec.get("sha256"):
+            return f"{found[name]}: sha256 differs from the one recorded when written (changed in place)"
+    extra = sorted(set(found) - set(record))
+    if extra:
+        return f"{folder / extra[0]}: not part of the entry when it was written"
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a damaged entry out of the way (kept for inspection): ``<key>.damaged-<time>`` next to it."""
+    aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:  # another process moved or rebuilt it meanwhile
+        pass
+    return aside

@@ -136,9 +136,14 @@ def prepare_data(
     key = cache.cache_key(recipe, tok)
     folder = cache.cache_dir(recipe, key["key"])
     hit = cache.complete(folder)
+    if hit and (damage := cache.verify(folder)):  # checked before use: sizes and digests recorded when written
+        hit = False
+        where = f"moved aside to {cache.set_aside(folder)}" if write else "not used"
+        say(f"[data] warning: encoded cache entry damaged: {damage}; {where}; rebuilding it")
     if not hit and write:
         with staged_dir(folder, unique=True) as tmp:
             _build(recipe, tok, run_dir, say, write, tmp)
+            cache.seal(tmp)
     elif not hit:  # a process that must not write (rank > 0): its own folder, outside the outputs, gone at exit
         folder = Path(tempfile.mkdtemp(prefix="adapters-encoded-"))
         atexit.register(shutil.rmtree, folder, True)

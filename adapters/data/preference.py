@@ -471,3 +471,20 @@ def probe_rows(tok, dataset, n: int = 4):
         full = _render(tok, row["prompt"] + answer, False)
         out.append(Encoded(full, [IGNORE_INDEX] * len(p) + full[len(p) :], "probe"))
     return out
+
+
+def task_rows(path: str | Path, recipe) -> list:
+    """The rows of a held-out file as SFT rows (``data.rows.Row``): for a preference recipe each pair's prompt and
+    chosen answer (what merge and export verify the model against), else the file's own rows (as merge and export
+    have always read them)."""
+    from adapters.data.rows import Row
+    from adapters.data.validate import read_rows
+
+    if not getattr(recipe, "preference", False):
+        return read_rows(path)
+    out = []
+    for r in read_preference(path, recipe):
+        answer = r.chosen if r.paired else r.completion
+        if r.paired or r.label:
+            out.append(Row(r.file, r.line, r.prompt + answer))
+    return out

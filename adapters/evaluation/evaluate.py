@@ -126,6 +126,10 @@ def evaluate_run(
         from adapters.evaluation.forgetting import probe_passages
 
         probe_passages(probe_file)  # a missing or empty file fails here, before the model is loaded
+    if not probe_only:  # eval.json and report.md go into the run: a read-only run is refused before the work
+        from adapters.utils.atomic import check_room
+
+        check_room(run.path / "eval.json", hint="copy the run to a writable place and evaluate it there")
     model, tok = load_tuned(run, quantize=True)
     if probe_only:
         fg = probe(model, tok, recipe, log=log)

@@ -55,6 +55,8 @@ def run_generate(
     stdout: TextIO | None = None,
 ) -> list[str]:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if prompt is not None and not prompt.strip():  # as an empty prompt in the data: refused, not answered
+        raise RunError("--prompt: empty; give the text to answer (or leave --prompt out to read prompts from stdin)")
     model, tok, _ = load_for_generation(run_dir, which)
     outputs: list[str] = []
     if prompt is not None:

@@ -46,27 +46,49 @@ class InitAdapterError(AdaptersError, ValueError):
 def load_init_adapter(model, recipe: Recipe):
     """The adapter named by ``init_adapter``, trainable, on ``model``: checked against the base (fingerprint) and
     against the recipe's LoRA config, so continued training means the recipe it says."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     from adapters.publish.hub import resolve_adapter
     from adapters.publish.rundir import check_base
 
     src = resolve_adapter(recipe.init_adapter)
     check_base(src, model)  # RunError names the fingerprint when the adapter belongs to another base
+    diff = init_adapter_diff(src, recipe)
+    peft_model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=True)
+    want = lora_config(recipe)
+    if isinstance(want.target_modules, str) and (missed := _linears_without_lora(peft_model)):
+        diff.append(f"target_modules: the recipe's {want.target_modules!r} also covers {sorted(missed)}")
+    _refuse_diff(recipe, diff)
+    return peft_model
+
+
+def init_adapter_diff(src, recipe: Recipe) -> list[str]:
+    """The LoRA keys (and listed target modules) where the adapter ``src`` (a resolved Run) and the recipe differ:
+    what can be known without a model, so ``train`` refuses it before the run folder is claimed."""
+    from peft import PeftConfig
+
     have, want = PeftConfig.from_pretrained(str(src.adapter_dir)), lora_config(recipe)
     diff = [f"{k}: adapter {getattr(have, k, None)!r}, recipe {getattr(want, k, None)!r}" for k in LORA_KEYS]
     diff = [d for k, d in zip(LORA_KEYS, diff) if getattr(have, k, None) != getattr(want, k, None)]
     if not isinstance(want.target_modules, str) and set(have.target_modules) != set(want.target_modules):
         diff.append(f"target_modules: adapter {sorted(have.target_modules)}, recipe {sorted(want.target_modules)}")
-    peft_model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=True)
-    if isinstance(want.target_modules, str) and (missed := _linears_without_lora(peft_model)):
-        diff.append(f"target_modules: the recipe's {want.target_modules!r} also covers {sorted(missed)}")
+    return diff
+
+
+def _refuse_diff(recipe: Recipe, diff: list[str]) -> None:
     if diff:
         raise InitAdapterError(
             f"init_adapter {recipe.init_adapter}: its LoRA config differs from the recipe's ({'; '.join(diff)}); "
             "set the recipe's keys to the adapter's to continue training it"
         )
-    return peft_model
+
+
+def check_init_adapter(recipe: Recipe) -> None:
+    """Before any model: the adapter resolves (a run, an adapter folder or a hub id; its file whole) and its LoRA
+    config is the recipe's. The base fingerprint is checked once the base is loaded (``load_init_adapter``)."""
+    from adapters.publish.hub import resolve_adapter
+
+    _refuse_diff(recipe, init_adapter_diff(resolve_adapter(recipe.init_adapter), recipe))
 
 
 def _linears_without_lora(peft_model) -> set[str]:

@@ -78,8 +78,11 @@ def _fallback_tokenizer(texts: list[str], template: str):
     return tok
 
 
-def build_twin(recipe: Recipe, out: Path) -> tuple[Path, str]:
-    """Write a tiny random twin of the recipe's model (config + weights + tokenizer) into ``out``."""
+def build_twin(recipe: Recipe, out: Path, shrink: bool = True) -> tuple[Path, str]:
+    """Write a tiny random twin of the recipe's model (config + weights + tokenizer) into ``out``.
+
+    ``shrink=False``: the model's real shape (vocabulary included), random weights: for timing a path where the
+    weights cannot travel (scripts/gpu_check.sh)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,9 +98,10 @@ def build_twin(recipe: Recipe, out: Path) -> tuple[Path, str]:
         family = "gemma" if str(getattr(config, "model_type", "")).startswith("gemma") else "chatml"
         tok = _fallback_tokenizer(texts, recipe.chat_template or family)
         note += f"; tokenizer: a {len(tok)}-token BPE trained on the recipe's data with the {family} specials"
-    cfg = twin_config(config)
+    cfg = twin_config(config) if shrink else config
     text = getattr(cfg, "text_config", None) or cfg
-    text.vocab_size = max(len(tok), 8)
+    if shrink or text.vocab_size < len(tok):
+        text.vocab_size = max(len(tok), 8)
     for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
         tid = getattr(tok, k)
         if tid is not None:

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapters.publish.rundir import load_run_tokenizer
+from adapters.publish.rundir import load_run_tokenizer, output_bytes
 from adapters.training.checkpoints import validate_adapter_dir
-from adapters.utils.atomic import fresh_staging, promote, write_json
+from adapters.utils.atomic import check_room, discard, fresh_staging, promote, write_json
 from adapters.utils.errors import PathExistsError
 
 CARD_TEMPLATE = """---
@@ -90,7 +90,20 @@ def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=pri
     to = Path(to)
     if to.exists() and any(to.iterdir()) and not force:
         raise PathExistsError(f"{to}: already exists; choose another --to or pass --force")
+    need = sum(f.stat().st_size for f in run.adapter_dir.iterdir() if f.is_file())
+    check_room(to, need, hint="choose another --to")
     staging = fresh_staging(to)
+    try:
+        _write_peft_export(run, tok, staging)
+    except BaseException:  # Ctrl-C or a failure: nothing half-written is left next to DIR
+        discard(staging)
+        raise
+    promote(staging, to)
+    log(f"[export] {run.path} -> {to}")
+    return to
+
+
+def _write_peft_export(run, tok, staging: Path) -> None:
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy2(run.adapter_dir / name, staging / name)
     cfg_path = staging / "adapter_config.json"
@@ -112,9 +125,6 @@ def export_run(run_dir: str | Path, to: str | Path, force: bool = False, log=pri
         },
     )
     validate_adapter_dir(staging)
-    promote(staging, to)
-    log(f"[export] {run.path} -> {to}")
-    return to
 
 
 # ---------------------------------------------------------------------------------------------------- GGUF
@@ -248,12 +258,13 @@ def _probes(run, n: int, split: str = "eval") -> tuple[list, list[str], str | No
     """The first ``n`` rows of the eval split (else the test split; ``split="test"``: the other way round):
     conversations and reference answers."""
     from adapters.data.encode import prompts_and_answers
-    from adapters.data.validate import read_rows
+    from adapters.data.preference import task_rows
 
     files = (run.recipe.eval_file, run.recipe.test_file)
     for src in files if split == "eval" else files[::-1]:
         if src and Path(src).is_file():
-            convs, refs = prompts_and_answers(read_rows(src)[:n])
+            rows = task_rows(src, run.recipe)  # a preference run's pairs: prompt + chosen
+            convs, refs = prompts_and_answers(rows[:n])
             return convs, refs, src
     return [], [], None
 
@@ -288,8 +299,12 @@ def export_gguf(
         raise gx.GGUFExportError(f"{run.adapter_dir}: the tokenizer has no chat template to write into the GGUF")
     _check_outtype(outtype, mode, force)
     out = Path(to) if to else run.path / "gguf"  # a hub id's run.path is its copy under outputs/
-    if to and out.exists() and any(out.iterdir()) and not force:
-        raise PathExistsError(f"{out}: already exists; choose another --to or pass --force")
+    if out.exists() and any(out.iterdir()) and not force:  # an earlier export is never replaced unasked
+        raise PathExistsError(
+            f"{out}: holds an earlier export; it is kept. Choose another --to, or pass --force to replace it"
+        )
+    copies_source = mode == "lora" and run.ref.kind in ("embedded", "gguf")  # base.gguf: the source file's size
+    check_room(out, 0 if copies_source else output_bytes(run, outtype), hint="choose another --to")
     cfg = _base_config(run)
     if cfg.model_type not in gx.ARCHS and (llama_cpp is None or mode == "lora"):
         gx.gguf_arch(cfg)  # raises, naming --llama-cpp
@@ -303,30 +318,34 @@ def export_gguf(
     )
     report: dict[str, Any] = {"run": str(run.path), "mode": mode, "outtype": outtype, "probe_file": probe_file}
     staging = fresh_staging(out)
-    if mode == "lora":
-        model, adapter = _write_lora_mode(run, tok, staging, outtype, report)
-    elif cfg.model_type in gx.ARCHS:
-        model, adapter = _write_merged_mode(run, peft_model, tok, staging, outtype, report), None
-    else:
-        model, adapter = _llama_cpp_convert(run, peft_model, tok, staging, outtype, Path(llama_cpp), report), None
-    del peft_model
-    report["seconds_write"] = round(time.time() - t0, 1)
-    return _finish_export(
-        run,
-        tok,
-        staging,
-        out,
-        model,
-        adapter,
-        convs,
-        refs,
-        hf,
-        budget,
-        report,
-        min_agreement if min_agreement is not None else DEFAULT_MIN_AGREEMENT,
-        force,
-        log,
-    )
+    try:  # Ctrl-C, SIGTERM or a failure: the staging folder goes, an earlier export stays as it was
+        if mode == "lora":
+            model, adapter = _write_lora_mode(run, tok, staging, outtype, report)
+        elif cfg.model_type in gx.ARCHS:
+            model, adapter = _write_merged_mode(run, peft_model, tok, staging, outtype, report), None
+        else:
+            model, adapter = _llama_cpp_convert(run, peft_model, tok, staging, outtype, Path(llama_cpp), report), None
+        del peft_model
+        report["seconds_write"] = round(time.time() - t0, 1)
+        return _finish_export(
+            run,
+            tok,
+            staging,
+            out,
+            model,
+            adapter,
+            convs,
+            refs,
+            hf,
+            budget,
+            report,
+            min_agreement if min_agreement is not None else DEFAULT_MIN_AGREEMENT,
+            force,
+            log,
+        )
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def _finish_export(

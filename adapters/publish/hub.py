@@ -372,6 +372,9 @@ def run_from_adapter_dir(path: Path, base: str | None = None) -> HubRun:
     name = cfg.get("base_model_name_or_path")
     if not name and not base:
         raise HubError(f"{cfg_path}: base_model_name_or_path: missing, so the base model is unknown (pass base=)")
+    from adapters.publish.rundir import check_adapter_file
+
+    check_adapter_file(path)
     mf = path / MANIFEST_NAME
     manifest = json.loads(mf.read_text()) if mf.is_file() else {}
     source = base or _base_source(name)

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from adapters.data.encode import encode_messages, prompts_and_answers
+from adapters.data.preference import task_rows
 from adapters.data.rows import IGNORE_INDEX
-from adapters.data.validate import read_rows
 from adapters.evaluation.generation import answer_budget, exact_match, generate_answers
 from adapters.model.loading import load_model
 from adapters.model.quantization import model_memory_mb
-from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer
-from adapters.utils.atomic import clear, discard, promote, staging_path, write_json
+from adapters.publish.rundir import Run, RunError, check_base, load_run_tokenizer, output_bytes
+from adapters.utils.atomic import check_room, clear, discard, promote, staging_path, write_json
 from adapters.utils.dtypes import torch_dtype
-from adapters.utils.errors import AdaptersError
+from adapters.utils.errors import AdaptersError, PathExistsError
 from adapters.utils.memory import PeakRSS, free
 
 DEFAULT_MAX_KL = 0.01
@@ -127,7 +127,7 @@ def probe_set(run: Run, tok, n: int) -> tuple[list[tuple[list[int], list[int]]],
             f"{run.path / 'manifest.json'}: probe file {src} (recipe eval_file/test_file) not found; "
             "run from the directory the run was trained in"
         )
-    rows = read_rows(src)[:n]
+    rows = task_rows(src, run.recipe)[:n]  # a preference run's pairs: prompt + chosen
     enc = [encode_messages(tok, r.messages, r.where) for r in rows]
     convs, refs = prompts_and_answers(rows)
     return enc, convs, refs, src
@@ -252,6 +252,13 @@ def merge_run(
     run = resolve_adapter(run_dir)  # a run directory, an adapter folder or a hub id
     _refuse_stored_quantized(run)
     recipe, dtype = _dtype_recipe(run, dtype)
+    final = run.path / "merged"
+    if final.exists() and any(final.iterdir()) and not force:
+        raise PathExistsError(
+            f"{final}: holds an earlier merge (see {run.path / 'merge_report.json'}); it is kept. Pass --force to "
+            "merge again and replace it"
+        )
+    check_room(final, output_bytes(run, dtype), hint="free some space, or copy the run elsewhere and merge there")
     tok = load_run_tokenizer(run)
     probes, convs, refs, probe_file = probe_set(run, tok, n_probes)
     pr = _Probe(run, tok, probes, convs, refs, _budget(run, tok, refs), run.recipe.eval_generation_batch_size)
@@ -266,18 +273,22 @@ def merge_run(
         "max_kl": max_kl,
         "max_shard_size": max_shard_size,
     }
-    with PeakRSS() as mem:
-        ph = _Phases(mem)
-        got, ans_b, ans_m, untied, model_mb = _merge_and_save(pr, recipe, staging, max_shard_size, report, ph)
-        _reload_and_score(pr, staging, dtype, got, report, ph)
-        _against_as_trained(pr, got, ans_m, report, ph)
-    report["untied_embeddings"] = untied
-    report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": ph.peaks}
-    report["seconds"] = {**ph.seconds, "total": round(time.time() - t0, 2)}
-    report["probe_samples"] = [
-        {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
-    ]
-    return _verdict(run, report, staging, max_kl, force, log)
+    try:  # Ctrl-C, SIGTERM or a failure: the staging folder goes, merged/ and merge_report.json stay as they were
+        with PeakRSS() as mem:
+            ph = _Phases(mem)
+            got, ans_b, ans_m, untied, model_mb = _merge_and_save(pr, recipe, staging, max_shard_size, report, ph)
+            _reload_and_score(pr, staging, dtype, got, report, ph)
+            _against_as_trained(pr, got, ans_m, report, ph)
+        report["untied_embeddings"] = untied
+        report["memory"] = {**mem.summary(model_mb), "peak_after_phase_mb": ph.peaks}
+        report["seconds"] = {**ph.seconds, "total": round(time.time() - t0, 2)}
+        report["probe_samples"] = [
+            {"expected": r, "adapter": a, "merged": m} for r, a, m in list(zip(refs, ans_b, ans_m))[:3]
+        ]
+        return _verdict(run, report, staging, max_kl, force, log)
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def _refuse_stored_quantized(run: Run) -> None:
@@ -384,7 +395,7 @@ def _qform(run: Run) -> str:
 def _heldout_predictions(run: Run, model, tok, budget: int, bs: int, desc: str) -> list[str] | None:
     if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
         return None
-    convs, _ = prompts_and_answers(read_rows(run.recipe.test_file))
+    convs, _ = prompts_and_answers(task_rows(run.recipe.test_file, run.recipe))
     return generate_answers(model, tok, convs, budget, bs, desc)
 
 
@@ -394,13 +405,14 @@ def _heldout(run: Run, model, tok, budget: int, bs: int, adapter_fp_preds: list[
     res: dict[str, Any] = {"file": run.recipe.test_file}
     ev = run.path / "eval.json"
     if ev.is_file():
-        tuned = json.loads(ev.read_text()).get("tuned") or {}
-        res["adapter_exact_match"] = tuned.get("exact_match")
+        ev = json.loads(ev.read_text())
+        tuned = ev.get("tuned") or (ev.get("preference") or {}).get("tuned") or {}
+        res["adapter_exact_match"] = tuned.get("exact_match", tuned.get("chosen_exact_match"))
     if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
         res["merged_exact_match"] = None
         res["note"] = "test split not found; not scored"
         return res
-    convs, refs = prompts_and_answers(read_rows(run.recipe.test_file))
+    convs, refs = prompts_and_answers(task_rows(run.recipe.test_file, run.recipe))
     preds = generate_answers(model, tok, convs, budget, bs, "merged (held-out)")
     res["merged_exact_match"] = round(exact_match(preds, refs), 4)
     if adapter_fp_preds is not None:

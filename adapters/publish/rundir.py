@@ -49,6 +49,7 @@ def open_run(run_dir: str | Path) -> Run:
         raise RunError(f"{mf}: status is {manifest.get('status')!r}, not 'complete'; the run did not finish")
     if not (path / "adapter" / "adapter_config.json").is_file():
         raise RunError(f"{path / 'adapter'}: no adapter_config.json")
+    check_adapter_file(path / "adapter")
     recipe = recipe_from_config(manifest["config"], str(mf))
     ref = ModelRef(**manifest["base_model"])
     if not Path(ref.path).exists() and ref.kind in ("embedded", "gguf"):
@@ -56,6 +57,14 @@ def open_run(run_dir: str | Path) -> Run:
 
         ref = resolve_model(ref.source)  # the cache was cleared: rebuild it from the same source
     return Run(path, manifest, recipe, ref)
+
+
+def check_adapter_file(adapter_dir: Path) -> None:
+    """The adapter's weights file must be whole before any verb loads it or writes anything: one line naming the
+    file and what is wrong (cut short, unreadable, empty, NaN), instead of a library's traceback halfway."""
+    from adapters.training.checkpoints import validate_adapter_dir
+
+    validate_adapter_dir(adapter_dir)
 
 
 def load_run_tokenizer(run: Run):
@@ -111,3 +120,42 @@ def load_tuned(run: Run, quantize: bool = True, adapter_name: str = "default"):
     check_base(run, base)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir), adapter_name=adapter_name, is_trainable=False)
     return model.eval(), tok
+
+
+BYTES_PER_WEIGHT = {
+    "float32": 4.0,
+    "bfloat16": 2.0,
+    "float16": 2.0,
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,  # a block of 32 int8 values and one f16 scale
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+}
+
+
+def base_parameters(run: Run) -> int:
+    """The base's weight count from its safetensors headers (nothing loaded); 0 when it has none to read."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(run.ref.path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():
+                    shape = fh.get_slice(k).get_shape()
+                    size = 1
+                    for d in shape:
+                        size *= d
+                    n += size
+        except Exception:  # an unreadable base fails at load with the loader's own message
+            return 0
+    return n
+
+
+def output_bytes(run: Run, kind: str) -> int:
+    """About what a full copy of the base written as ``kind`` (a dtype or a GGUF type) takes."""
+    return int(base_parameters(run) * BYTES_PER_WEIGHT.get(kind, 4.0))

@@ -22,8 +22,15 @@ def check_report_to(report_to: Any) -> None:
     """A logger named in report_to must be importable; say which package to install instead of failing mid-setup."""
     import importlib.util
 
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
+        if str(name) not in INTEGRATION_TO_CALLBACK and str(name) not in ("none", "all"):
+            raise RecipeError(
+                f"report_to: {name!r} is not a tracker transformers knows; use one of none, tensorboard, "
+                + ", ".join(sorted(k for k in INTEGRATION_TO_CALLBACK if k != "tensorboard"))
+            )
         pkg = REPORTERS.get(str(name))
         if pkg and importlib.util.find_spec(pkg) is None:
             raise RecipeError(

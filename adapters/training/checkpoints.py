@@ -49,6 +49,8 @@ def validate_adapter_dir(
     f = path / ADAPTER_FILE
     if not f.is_file() or f.stat().st_size == 0:
         raise CheckpointError(f"{f}: missing or empty adapter file")
+    if why := safetensors_problem(f):
+        raise CheckpointError(f"{f}: {why}")
     try:
         tensors = load_file(str(f))
     except Exception as e:
@@ -71,6 +73,26 @@ def validate_adapter_dir(
         _check_against(f, tensors, reference)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return {"tensors": len(tensors), "lora_B": len(b_mods), "dtype": "+".join(dtypes)}
+
+
+def safetensors_problem(f: Path) -> str | None:
+    """What is wrong with a safetensors file's layout, read from its header alone (no tensor is loaded): cut short
+    (a copy or a save interrupted), or a header that is not one; None when the layout is whole."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            return f"truncated: {size} bytes, shorter than its own header says (the file was cut short)"
+        try:
+            header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "damaged: its header is not a safetensors header"
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"truncated: {size} bytes, its header describes {need} (the file was cut short)"
+    return None
 
 
 def _lora_modules(tensors: dict[str, torch.Tensor], kind: str) -> list[str]:

@@ -210,6 +210,25 @@ def clear_staging(run: Path, log) -> list[Path]:
     return found
 
 
+def remove_unborn(run: Path) -> bool:
+    """Remove a run folder the claim created and nothing filled: no manifest.json, nothing but the lock, the reserve
+    and staging leftovers (RELIABILITY row 42). A folder holding anything else is kept: a run, a user's files, or the
+    evidence a refusal points to (data_audit.json, the quarantine file). True when it was removed."""
+    if not run.is_dir() or (run / "manifest.json").exists():
+        return False
+    entries = list(run.iterdir())
+    if any(p.name not in (LOCK, RESERVE) and not _is_leftover(p) for p in entries):
+        return False
+    try:
+        for p in entries:
+            if p.name != LOCK:  # a lock there now is another process's claim: then the folder stays
+                clear(p)
+        run.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 def _is_leftover(p: Path) -> bool:
     n = p.name
     return n in (".staging", RESERVE) or (n.startswith(".") and (n.endswith(".staging") or n.endswith(".old")))
@@ -490,6 +509,8 @@ class Lifecycle:
             if self.lock is not None:
                 self._reserve(False)
                 self.lock.release()
+                if exc is not None and self.manifest is None:  # refused before anything of the run was written
+                    remove_unborn(self.run)
         return False
 
     def _step(self) -> int:

@@ -143,3 +143,38 @@ def build_preference_trainer(
     trainer.reference = reference_record(recipe, bool(getattr(args, "precompute_ref_log_probs", False)))
     trainctl.install(trainer, recipe, callbacks)
     return trainer, guard
+
+
+def latest_complete_run(recipe_stem: str, output_root: str | Path = "outputs") -> Path | None:
+    """The newest finished run of a recipe under ``output_root`` (its manifest names the recipe file and says
+    complete), e.g. the SFT demo run that ``make dpo`` continues."""
+    import json
+
+    found = []
+    for mf in Path(output_root).glob("*/manifest.json"):
+        try:
+            m = json.loads(mf.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("status") == "complete" and Path(m.get("recipe_file") or "").stem == recipe_stem:
+            if (mf.parent / "adapter" / "adapter_model.safetensors").is_file():
+                found.append((m.get("finished") or "", mf.parent))
+    return max(found)[1] if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m adapters.training.preference latest RECIPE``: print the newest finished run of RECIPE (or
+    nothing), for `make dpo`."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) >= 2 and args[0] == "latest":
+        run = latest_complete_run(args[1], args[2] if len(args) > 2 else "outputs")
+        print(run or "")
+        return 0
+    print("usage: python -m adapters.training.preference latest RECIPE [OUTPUT_ROOT]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from adapters.model.quantization import _general_batch, _probe_batch, print_quan
 from adapters.model.sources import resolve_model
 from adapters.training import checkpoints as ckpt
 from adapters.training import lifecycle
+from adapters.training.preclaim import check_before_claim
 from adapters.training.trainer import build_trainer
 from adapters.utils.atomic import staged_dir, write_json
 from adapters.utils.errors import AdaptersError, PathNotFoundError
@@ -101,6 +102,7 @@ def train(recipe: Recipe, recipe_path: Path, resume: bool = False, callbacks: Se
     state = process_state(recipe.ddp_timeout)  # gloo on CPU, NCCL on GPUs; a bare PartialState() on CPU: 1 process
     t0 = time.time()
     set_seed(recipe.seed)
+    check_before_claim(recipe)  # every refusal that needs no model and no data: before any folder exists
     claim = _claim_run_dir(recipe, recipe_path, resume, state)
     run = claim["run"]
     with lifecycle.Lifecycle(run, str(recipe_path), claim["lock"], recipe.save_on_interrupt, log) as life:
@@ -276,6 +278,9 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
             length_sample=to_dataset(train_enc.head) if streamed else None,
         )
     manifest["fast_path"] = trainer.fast_path
+    from adapters.training.distributed import sharding
+
+    manifest["sharding"] = sharding(trainer)  # 'fsdp', 'zero3' or None: whether parameters were really sharded
     trainer.add_callback(life.callback(guard))
     life.trainer = trainer
     life.writing = lambda: run / "checkpoints" / f"checkpoint-{trainer.state.global_step}"

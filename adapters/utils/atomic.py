@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from adapters.utils.errors import AdaptersError
+
 
 def staging_path(target: str | Path) -> Path:
     """The fixed staging sibling of ``target``: hidden, and on the same filesystem so the rename is atomic."""
@@ -135,3 +137,38 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON (indented, non-JSON values as ``str``) atomically through ``write_text``."""
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- room
+class OutputError(AdaptersError, OSError):
+    """The place an output goes cannot take it (read-only, no permission, not enough free space)."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_room(target: str | Path, need_bytes: int = 0, hint: str = "choose another location") -> None:
+    """Before any slow work: the folder ``target`` will be written in (its nearest existing ancestor, as
+    ``fresh_staging`` creates the rest) takes a new entry and has ``need_bytes`` free. OutputError names the folder.
+
+    Tried, not inferred from modes: a folder is probed with a private sub-folder created and removed again, so a
+    read-only mount and root's permissions both give the answer the real write would."""
+    target = Path(target).absolute()
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: not a folder, so {target} cannot be written; {hint}")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe.", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot write here ({e.strerror or e}); {hint}") from None
+    os.rmdir(probe)
+    if need_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise OutputError(
+                f"{folder}: {_size(free)} free, {target.name} needs about {_size(need_bytes)}; free some space or "
+                f"{hint}"
+            )
