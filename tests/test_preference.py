@@ -389,7 +389,9 @@ def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
 
     from adapters.planning.memory import count_parameters, estimate, model_config
 
-    sft, dpo = load_recipe("gemma3-270m-demo")[0], load_recipe("gemma3-270m-dpo-demo")[0]
+    dpo = load_recipe("gemma3-270m-dpo-demo")[0]
+    # the same checkpointing on both sides (the SFT demo checkpoints, the DPO demo does not)
+    sft = load_recipe("gemma3-270m-demo", {"gradient_checkpointing": dpo.gradient_checkpointing})[0]
     counts = count_parameters(model_config(dpo)[0], dpo)
     s, d = estimate(sft, counts), estimate(dpo, counts)
     assert d.activations_per_sample == pytest.approx(2 * s.activations_per_sample)

@@ -389,7 +389,8 @@ def child(spec_file: str | Path, result_file: str | Path) -> None:
         return
     if not torch.cuda.is_available():  # the whole process: everything this path needed, from its first import
         row["train_peak_gib"], row["train_peak_kind"] = row["peak_mem_gib"], row["peak_mem_kind"]
-        row["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        row["peak_mem_gib"] = round(max(ru, row["train_peak_gib"]), 4)  # the sampled peak is a lower bound of it
         row["peak_mem_kind"] = "process_peak_rss"
     row["pid"] = os.getpid()
     write_json(Path(result_file), {"row": row})
