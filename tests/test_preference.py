@@ -375,13 +375,14 @@ def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run
     for needle in (
         "| trainer | dpo |",
         "| beta | 0.1 |",
-        "| loss type | ['sigmoid'] |",
+        "| loss type | sigmoid |",
         "start_adapter",
         "preference accuracy",
     ):
         assert needle in text, needle
     ev = json.loads((dpo_run / "eval.json").read_text())["preference"]
-    assert f"| accuracy | {ev['base']['accuracy']}" in text.replace(".0 |", " |") or "| accuracy |" in text
+    row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
+    assert row in text, row
 
 
 def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
