@@ -25,6 +25,7 @@ from adapters.data.preference import (
 from adapters.data.rows import DataError
 
 from .conftest import DEMO, build_tokenizer, tiny_overrides
+from .test_checkpoints import Killed, _kill_at
 
 LOG2 = math.log(2)
 
@@ -299,28 +300,6 @@ def test_preference_evaluation_compares_base_start_and_tuned(dpo_run):
     assert (dpo_run / "preference.png").is_file()
 
 
-class Killed(RuntimeError):
-    pass
-
-
-def _kill_at(step: int):
-    real = trainer_mod.make_callbacks
-
-    def killing():
-        guard = real()
-        orig = guard.on_step_end
-
-        def on_step_end(args, state, control, **kw):
-            if state.global_step == step:
-                raise Killed(step)
-            return orig(args, state, control, **kw)
-
-        guard.on_step_end = on_step_end
-        return guard
-
-    return killing
-
-
 def test_dpo_resume_after_kill_matches_unbroken_run(
     dpo_run, tiny_models, pref_data, sft_adapter, tmp_path, monkeypatch
 ):
@@ -330,7 +309,7 @@ def test_dpo_resume_after_kill_matches_unbroken_run(
 
     kw = dict(run_name="dpo", init_adapter=str(sft_adapter), eval_after_train=False)
     recipe, path = load_recipe("gemma3-270m-dpo-demo", _dpo_overrides(tiny_models, pref_data, tmp_path, **kw))
-    monkeypatch.setattr(trainer_mod, "make_callbacks", _kill_at(3))
+    monkeypatch.setattr(trainer_mod, "make_callbacks", _kill_at(3))  # after checkpoint 2
     with pytest.raises(Killed):
         train_mod.train(recipe, path)
     monkeypatch.undo()
@@ -375,13 +354,14 @@ def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run
     for needle in (
         "| trainer | dpo |",
         "| beta | 0.1 |",
-        "| loss type | ['sigmoid'] |",
+        "| loss type | sigmoid |",
         "start_adapter",
         "preference accuracy",
     ):
         assert needle in text, needle
     ev = json.loads((dpo_run / "eval.json").read_text())["preference"]
-    assert f"| accuracy | {ev['base']['accuracy']}" in text.replace(".0 |", " |") or "| accuracy |" in text
+    row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
+    assert row in text, row
 
 
 def test_plan_counts_chosen_and_rejected_and_the_reference_pass():

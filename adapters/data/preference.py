@@ -430,7 +430,31 @@ def prepare_preference(recipe, tok, run_dir: Path | None, say=print, write: bool
             say(f"[data] {len(bad) + len(problems)} invalid row(s) set aside ({q})")
     if not train:
         raise DataError(f"{recipe.train_file}: no valid preference rows left to train on")
-    return to_trl_dataset(train), (to_trl_dataset(evals) if evals else None), report
+    return (
+        _on_disk(train, run_dir, "train", write),
+        (_on_disk(evals, run_dir, "eval", write) if evals else None),
+        report,
+    )
+
+
+def _on_disk(rows: list[PreferenceRow], run_dir: Path | None, split: str, write: bool):
+    """The split as a Dataset saved in the run folder (``preference_data/<split>``) and read back, so it has cache
+    files in a folder every process shares: TRL's precomputed reference log-probs are written next to them by one
+    process and read by all (an in-memory dataset's cache lands in each process's own temporary folder)."""
+    from accelerate import PartialState
+    from datasets import load_from_disk
+
+    ds = to_trl_dataset(rows)
+    if run_dir is None:
+        return ds
+    out = Path(run_dir) / "preference_data" / split
+    if write:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # rewritten each start: the rows of this run's files
+        ds.save_to_disk(str(out))
+    PartialState().wait_for_everyone()
+    return load_from_disk(str(out))
 
 
 def format_preference_audit(a: dict[str, Any], name: str) -> list[str]:
