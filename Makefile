@@ -11,7 +11,7 @@ REPO    ?=
 # Where there is no NVIDIA GPU, install the CPU build of torch (a plain `torch` requirement pulls several GB of CUDA).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
 
-.PHONY: install train merge eval export sweep generate push test test-all test-gguf lint format bench data clean help gpu-wheels
+.PHONY: install train dpo merge eval export sweep generate push test test-all test-gguf lint format bench data clean help gpu-wheels
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,15 @@ ifeq ($(NPROC)$(ACCELERATE_CONFIG),1)
 else
 	$(BIN)/accelerate launch $(LAUNCH_ARGS) -m adapters train $(RECIPE) $(ARGS)
 endif
+
+# The preference demo continues the newest finished SFT demo run (trains it first when there is none).
+SFT_DEMO_RUN = $(BIN)/python -m adapters.training.preference latest gemma3-270m-demo
+dpo:  ## preference demo: DPO continuing the SFT demo's adapter (make dpo [ARGS="--max_steps 10"])
+	@run=$$($(SFT_DEMO_RUN)); \
+	if [ -z "$$run" ]; then echo "[dpo] no finished gemma3-270m-demo run: training it first"; \
+		$(BIN)/adapters train gemma3-270m-demo || exit $$?; run=$$($(SFT_DEMO_RUN)); fi; \
+	echo "[dpo] continuing $$run"; \
+	$(BIN)/adapters train gemma3-270m-dpo-demo --init_adapter $$run $(ARGS)
 
 merge:  ## merge an adapter into a full-precision base: make merge RUN=outputs/<run>
 	$(BIN)/adapters merge $(RUN) $(ARGS)

@@ -6,6 +6,10 @@ The task: turn a loosely written person record, whose fields come in any order a
 separators, into one fixed catalogue line, "Surname, Given (City, Year)". A base model cannot guess
 the exact target format zero-shot, the answer can be scored by exact match, and a LoRA adapter learns it in a
 few dozen steps. Records of the test split share no (given, surname) pair with train or val.
+
+It also writes the preference demo (data/demo/pref_{train,val,test}.jsonl, for `make dpo`; 160 training pairs from the
+first training records): the same records and prompts, where ``rejected`` is the SFT demo's catalogue line and ``chosen`` the new house style
+"Surname, Given (City, b. Year)". The held-out pairs are the SFT test split's records, so they are split by record.
 """
 
 from __future__ import annotations
@@ -113,6 +117,27 @@ def write_region(out: Path, seed: int, n_train: int, n_test: int) -> None:
             print(f"wrote {len(data):4d} rows to {out / name}")
 
 
+def new_style(answer: str) -> str:
+    """The house-style change: "Surname, Given (City, Year)" -> "Surname, Given (City, b. Year)"."""
+    head, _, year = answer[:-1].rpartition(", ")
+    return f"{head}, b. {year})"
+
+
+def preference_rows(rows: list[dict]) -> list[dict]:
+    """One pair per SFT row: the same prompt, chosen in the new style, rejected in the SFT demo's style."""
+    out = []
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": new_style(answer)}],
+                "rejected": [{"role": "assistant", "content": answer}],
+            }
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "demo"))
@@ -123,6 +148,7 @@ def main() -> None:
     ap.add_argument("--region-out", default=str(Path(__file__).resolve().parents[1] / "data" / "region"))
     ap.add_argument("--region-train", type=int, default=405)
     ap.add_argument("--region-test", type=int, default=90)
+    ap.add_argument("--pref-train", type=int, default=160, help="preference pairs from the first train records")
     args = ap.parse_args()
     write_region(Path(args.region_out), args.seed, args.region_train, args.region_test)
     out = Path(args.out)
@@ -132,6 +158,11 @@ def main() -> None:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {len(rows):4d} rows to {out / f'{split}.jsonl'}")
+        pairs = preference_rows(rows[: args.pref_train] if split == "train" else rows)
+        with open(out / f"pref_{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in pairs:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(pairs):4d} pairs to {out / f'pref_{split}.jsonl'}")
 
 
 if __name__ == "__main__":

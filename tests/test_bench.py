@@ -212,12 +212,16 @@ def test_trained_positions_only_gives_the_same_loss_and_gradients(tiny_models, t
     assert p.trained_positions_only is False and p.report()["trained_positions_only"]["source"] == "recipe"
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_recipe_bench_runs_three_paths_and_writes_the_comparisons(tiny_models, tiny_data, tmp_path, dropout):
-    """adapters bench --recipe on a tiny model: plain TRL, guard off, guard on; the same task losses on the first
-    batches (our data stage and TRL's prompt/completion tokenisation agree, the guard's KL is left out)."""
+def test_recipe_bench_runs_three_paths_and_writes_the_comparisons(tiny_models, tiny_data, tmp_path):
+    """adapters bench --recipe on a tiny model: plain TRL, guard off, guard on, each in its own fresh process; the
+    same task losses on the first batches (our data stage and TRL's prompt/completion tokenisation agree, the guard's
+    KL is left out)."""
+    import os
+
     from adapters.bench.recipe import RecipeBenchOptions, bench_recipe
     from adapters.cli import main
+
+    dropout = 0.05
 
     overrides = tiny_overrides(
         tiny_models["gemma3"], tiny_data, tmp_path / "runs", base_kl_weight=1.0, lora_dropout=dropout
@@ -236,7 +240,54 @@ def test_recipe_bench_runs_three_paths_and_writes_the_comparisons(tiny_models, t
     assert off["guard"]["base_kl_weight"] == 0.0 and guard["guard"]["base_kl_weight"] == 1.0
     assert all(r["real_tokens"] > 0 and len(r["losses"]) == 2 for r in saved["rows"])
     assert res["table"] == (tmp_path / "out" / "bench.md").read_text().strip()
-    if dropout:
-        return
+    # each path in its own process: three distinct children, none of them this one, each with its own peak RSS
+    pids = [r["pid"] for r in saved["rows"]]
+    assert len(set(pids)) == 3 and os.getpid() not in pids and saved["isolation"] == "process"
+    for r in saved["rows"]:
+        assert r["peak_mem_kind"] == "process_peak_rss" and r["peak_mem_gib"] >= r["train_peak_gib"] > 0
+        assert (tmp_path / "out" / f"{r['path'].replace(' ', '_').replace('+', '-')}.log").is_file()
+    for c in saved["comparisons"]:
+        assert c["memory_ratio"] == round(
+            next(r for r in saved["rows"] if r["path"] == c["scenario"])["peak_mem_gib"] / plain["peak_mem_gib"], 3
+        )
     args = ["bench", "--recipe", "gemma3-270m-demo", "--steps", "1", "--out", str(tmp_path / "o2")]
     assert main(args) == 2  # 1 step leaves nothing to time after the warmup step: one line, exit 2
+
+
+def test_dpo_recipe_bench_isolates_paths_and_gates_on_log_probs(tiny_models, tiny_data, tmp_path):
+    """adapters bench --recipe on a DPO recipe (tiny Gemma 3, continuing a tiny SFT run): plain TRL DPOTrainer and
+    our path, each in its own process; bench.json's shape; the gate compares the first losses and the policy's
+    log-probs of chosen and rejected (equal: same rows, template, adapter and levers that change no value)."""
+    from adapters.bench.recipe import RecipeBenchOptions, bench_recipe
+    from adapters.training.run import train
+
+    from .conftest import DEMO
+
+    sft = tiny_overrides(tiny_models["gemma3"], tiny_data, tmp_path / "runs", run_name="sft", max_steps=2)
+    sft.update(eval_strategy="no", eval_after_train=False, save_steps=2, base_kl_weight=0.0)
+    recipe, path = load_recipe("gemma3-270m-demo", sft)
+    run = train(recipe, path)
+    data = {}
+    for split, n in (("train", 16), ("val", 4), ("test", 4)):
+        data[split] = tmp_path / f"pref_{split}.jsonl"
+        data[split].write_text("\n".join((DEMO / f"pref_{split}.jsonl").read_text().splitlines()[:n]) + "\n")
+    over = tiny_overrides(tiny_models["gemma3"], data, tmp_path / "runs", trainer="dpo", init_adapter=str(run))
+    over.update(base_kl_weight=0.0, learning_rate=1e-3, lora_dropout=0.0)
+    over.pop("eval_steps")
+    res = bench_recipe(
+        RecipeBenchOptions("gemma3-270m-demo", steps=3, gate_batches=2, out=tmp_path / "out", overrides=over),
+        log=lambda *_: None,
+    )
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert saved["trainer"] == "dpo" and [r["path"] for r in saved["rows"]] == ["plain TRL", "recipe"]
+    plain, ours = saved["rows"]
+    assert plain["pid"] != ours["pid"]
+    assert plain["gradient_checkpointing"] is True and plain["precompute_ref_log_probs"] is False  # TRL's defaults
+    assert ours["switches"] == {"trained_positions_only": True, "precompute_ref_log_probs": True}
+    assert ours["reference"]["kind"] == "start_adapter"
+    for r in (plain, ours):
+        assert r["peak_mem_gib"] > 0 and len(r["losses"]) == 2 and len(r["gate_values"]["logps/chosen"]) == 2
+    (comp,) = saved["comparisons"]
+    assert comp["scenario"] == "recipe" and comp["speedup"] > 0 and comp["memory_ratio"] > 0
+    assert comp["gate"]["verdict"] == "PASS" and comp["gate"]["batches"] == 6, comp  # 2 losses + 2 x 2 log-probs
+    assert res["table"].count("| plain TRL |") == 1

@@ -400,6 +400,36 @@ def test_materialized_lm_head_matches_trl_chunked_kernel():
     assert trl_utils._ChunkedLogProbFunction is before
 
 
+def test_lean_lm_head_for_a_frozen_head_matches_trl_chunked_kernel(monkeypatch):
+    """A frozen LM head (LoRA) goes through the tiled kernel that keeps [N, hidden], not the [N, vocabulary] softmax,
+    for the backward: every output and the hidden states' gradient equal TRL's kernel's, with tiles of 2 rows and
+    with no labelled position at all."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    import adapters.compat.trl as compat
+    from adapters.compat.trl import MaterializedLogProb
+
+    monkeypatch.setattr(compat, "LEAN_TILE_ELEMENTS", 600)  # 2 rows of 300 per tile, the last one short
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 16, generator=g)  # frozen: requires_grad False
+    targets = torch.randint(0, 300, (7,), generator=g)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    for scale, temperature in ((1.0, 1.0), (0.5, 0.7)):
+        got = []
+        for kernel in (ChunkedLogProbFunction, MaterializedLogProb):
+            h = torch.randn(7, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            out = kernel.apply(h, weight, None, targets, temperature, 64, None, scale, outputs)
+            (out[0] * torch.arange(7.0)).sum().backward()
+            got.append([*out, h.grad])
+        for want, have in zip(*got):
+            torch.testing.assert_close(have.float(), want.float(), rtol=1e-4, atol=1e-5)
+    h = torch.randn(0, 16, requires_grad=True)
+    out = MaterializedLogProb.apply(h, weight, None, targets[:0], 1.0, 64, None, 1.0, outputs)
+    assert [tuple(x.shape) for x in out] == [(0,)] * 5
+    out[0].sum().backward()
+    assert h.grad is not None and h.grad.shape == (0, 16)
+
+
 def test_materialized_lm_head_gives_the_fused_forwards_loss(tiny_models, monkeypatch):
     """Through TRL's fused LM head (labelled positions only): the same loss and gradients with either kernel."""
     from trl.trainer import utils as trl_utils

@@ -505,6 +505,7 @@ RECIPE_VERBS = {
     "sweep": ["sweep", "RECIPE", "--trials", "1", "--out", "OUT"],
     "bench": ["bench", "--recipe", "RECIPE", "--out", "OUT"],
     "train": ["train", "RECIPE"],
+    "doctor": ["doctor", "RECIPE", "--output-root", "OUT"],
 }
 RUN_VERBS = {
     "merge": ["merge", "RUN"],

@@ -17,9 +17,10 @@ def register(sub) -> None:
     c.add_argument("files", nargs="+", help=".jsonl/.json/.csv/.parquet files, directories or save_to_disk folders")
     c.add_argument(
         "--format",
-        choices=["chat", "prompt_completion", "alpaca", "text"],
+        choices=["chat", "prompt_completion", "alpaca", "text", "preference"],
         default=None,
-        help="force a format (default: detect per row)",
+        help="force a format (default: detect per row; preference: prompt/chosen/rejected pairs or KTO rows, "
+        "detected from the first row)",
     )
     c.add_argument("--columns", nargs="*", metavar="NAME=COLUMN", help="map columns, e.g. prompt=question")
     c.add_argument("--skip-invalid", action="store_true", help="write bad rows to the quarantine file, exit 0")
@@ -38,9 +39,20 @@ def register(sub) -> None:
 
 def check(args: argparse.Namespace, rest: list[str]) -> int:
     """Every problem as file:line[:col]: field: message on stdout, a summary on stderr; exit 1 when there are any."""
+    from adapters.data.preference import check_preference_files, sniff_preference
     from adapters.data.validate import check
 
     columns = dict(kv.split("=", 1) for kv in args.columns) if args.columns else None
+    if args.format == "preference" or (args.format is None and all(map(sniff_preference, args.files))):
+        problems, rows, valid = check_preference_files(args.files, columns)  # pairs or KTO rows
+        for p in problems:
+            print(p)
+        print(
+            f"{len(args.files)} preference source(s), {rows} row(s): {valid} valid, {rows - valid} invalid, "
+            f"{len(problems)} problem(s)",
+            file=sys.stderr,
+        )
+        return 1 if problems else 0
     quarantine = args.quarantine or ("quarantine.jsonl" if args.skip_invalid else None)
     res = check(args.files, args.format, columns, quarantine=quarantine if args.skip_invalid else None)
     for p in res.problems:
@@ -68,7 +80,11 @@ def audit(args: argparse.Namespace, rest: list[str]) -> int:
 
     recipe, _ = load_recipe(args.recipe, parse_overrides(rest))
     tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
-    if recipe.streaming:  # the audit of the first streaming_audit_rows rows (data/streaming.py)
+    if recipe.preference:  # pairs / KTO rows (data/preference.py)
+        from adapters.data.preference import prepare_preference
+
+        prepare_preference(recipe, tok, Path(args.out))
+    elif recipe.streaming:  # the audit of the first streaming_audit_rows rows (data/streaming.py)
         from adapters.data.pipeline import packing_guard
         from adapters.data.streaming import prepare_stream
 

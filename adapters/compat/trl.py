@@ -54,8 +54,31 @@ def enable_trained_positions_only(on: bool = True) -> None:
 
 
 # Logits of at most this many elements ([labelled positions, vocabulary]) are materialised; two such fp32 tensors live
-# at once in the forward, one until backward: 2**26 elements = 256 MiB each.
+# at once in the forward, one until backward: 2**26 elements = 256 MiB each. Only for a trained LM head (or bias):
+# a frozen head, the LoRA case, goes through the lean kernel below at any size.
 MATERIALIZE_MAX_ELEMENTS = 2**26
+# The lean kernel's logits tile: rows of [rows, vocabulary] fp32 computed at once (2**24 = 64 MiB; 64 rows of Gemma's
+# 262k vocabulary). Two tiles live at once in the forward; nothing of [N, vocabulary] is kept for the backward.
+LEAN_TILE_ELEMENTS = 2**24
+
+
+def _tile_stats(z, targets, outputs):
+    """Shared by both kernels, on one [n, V] fp32 logits tile (already scaled; modified in place): target logit,
+    optional outputs, the row maxima and the exp tile and its row sums."""
+    import torch
+
+    target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top1 = z.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL's kernel
+    mean = z.mean(-1) if "mean_logits" in outputs else None
+    z.sub_(z.amax(-1, keepdim=True).detach())  # in place: one [n, V] buffer for the logits
+    m = target - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # the row maxima
+    e = torch.exp(z)
+    s = e.sum(-1)
+    entropy = None
+    if "entropy" in outputs:  # log s - E_p[z - max], a batched dot product: no third [n, V] buffer
+        entropy = torch.log(s) - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s
+    sq = torch.log((e * e).sum(-1)) - 2 * torch.log(s) if "log_sum_sq_probs" in outputs else None
+    return target, m, e, s, entropy, sq, mean, top1
 
 
 def _materialized_class():
@@ -73,18 +96,8 @@ def _materialized_class():
             z = z.float()
             if scale != 1.0:
                 z.mul_(scale)
-            target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            top1 = z.argmax(-1) == targets if "is_top1" in outputs else None  # the first maximum, as TRL's kernel
-            mean = z.mean(-1) if "mean_logits" in outputs else None
-            z.sub_(z.amax(-1, keepdim=True).detach())  # in place: one [N, V] buffer for the logits
-            m = target - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # the row maxima
-            e = torch.exp(z)
-            s = e.sum(-1)
-            entropy = None
-            if "entropy" in outputs:  # log s - E_p[z - max], a batched dot product: no third [N, V] buffer
-                entropy = torch.log(s) - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s
+            target, m, e, s, entropy, sq, mean, top1 = _tile_stats(z, targets, outputs)
             del z
-            sq = torch.log((e * e).sum(-1)) - 2 * torch.log(s) if "log_sum_sq_probs" in outputs else None
             p = e.div_(s.unsqueeze(-1))
             ctx.save_for_backward(hidden, weight, bias, targets, p)
             ctx.scale = scale
@@ -113,6 +126,66 @@ def _materialized_class():
     return _Materialized
 
 
+def _lean_class():
+    import torch
+
+    class _Lean(torch.autograd.Function):
+        """Log-probabilities for a frozen LM head, in tiles of rows, keeping only ``[N, hidden]`` for the backward.
+
+        d log p_t / d h = scale * (W[t] - p @ W): the second term is one [n, V] x [V, H] product per tile, the same
+        matmul the materialised kernel runs in its backward (grad_z @ W), moved into the forward while the tile's
+        softmax is still there. So: two vocabulary matmuls per position as before, and the [N, V] softmax is never
+        held; peak logits memory is two tiles, whatever N.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, scale, outputs):
+            ctx.set_materialize_grads(False)
+            n = hidden.shape[0]
+            rows = max(1, LEAN_TILE_ELEMENTS // max(weight.shape[0], 1))
+            w = weight.to(hidden.dtype)
+            wf = weight.float()
+            parts: list[list] = [[] for _ in range(6)]
+            pw = hidden.new_empty((n, weight.shape[1]), dtype=torch.float32)
+            for i in range(0, n, rows):
+                z = torch.nn.functional.linear(hidden[i : i + rows], w).float()
+                if scale != 1.0:
+                    z.mul_(scale)
+                t = targets[i : i + rows]
+                target, m, e, s, entropy, sq, mean, top1 = _tile_stats(z, t, outputs)
+                del z
+                torch.matmul(e.div_(s.unsqueeze(-1)), wf, out=pw[i : i + rows])  # p @ W
+                del e
+                for k, x in enumerate((target - m - torch.log(s), entropy, sq, mean, top1)):
+                    parts[k].append(x)
+            if n == 0:  # no labelled position in the batch: empty outputs, still connected to the graph
+                names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+                kinds = (torch.float32,) * 4 + (torch.bool,)
+                out = [
+                    hidden.new_zeros((0,), dtype=k) if j == 0 or name in outputs else None
+                    for j, (name, k) in enumerate(zip(names, kinds))
+                ]
+            else:
+                out = [None if xs[0] is None else torch.cat(xs) for xs in parts[:5]]
+            ctx.save_for_backward(weight, targets, pw)
+            ctx.scale, ctx.h_dtype = scale, hidden.dtype
+            ctx.mark_non_differentiable(*(x for x in out[1:] if x is not None))
+            return tuple(out)
+
+        @staticmethod
+        def backward(ctx, grad_log_probs, grad_entropy, *_):
+            if grad_entropy is not None:
+                raise NotImplementedError("MaterializedLogProb: no gradient through the entropy; unpatch TRL")
+            weight, targets, pw = ctx.saved_tensors
+            if grad_log_probs is None or not ctx.needs_input_grad[0]:
+                return None, None, None, None, None
+            g = grad_log_probs.float().unsqueeze(-1) * ctx.scale
+            grad_h = (weight.float()[targets] - pw).mul_(g)
+            return grad_h.to(ctx.h_dtype), None, None, None, None
+
+    return _Lean
+
+
 class MaterializedLogProb:
     """TRL's ``ChunkedLogProbFunction`` for eager CPU/MPS when the labelled positions' logits fit in memory.
 
@@ -126,15 +199,21 @@ class MaterializedLogProb:
 
     original = None  # TRL's class, set by trained_positions_only
     _fn = None
+    _lean = None
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=None):
         orig = MaterializedLogProb.original
         if outputs is None:
             from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS as outputs
-        big = hidden.shape[0] * weight.shape[0] > MATERIALIZE_MAX_ELEMENTS
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        big = hidden.shape[0] * weight.shape[0] > MATERIALIZE_MAX_ELEMENTS and not frozen
         if orig is not None and (hidden.device.type not in ("cpu", "mps") or big or softcap is not None):
             return orig.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
+        if frozen and bias is None:  # LoRA: the head is frozen; nothing of [N, vocabulary] outlives the forward
+            if MaterializedLogProb._lean is None:
+                MaterializedLogProb._lean = _lean_class()
+            return MaterializedLogProb._lean.apply(hidden, weight, targets, logit_scale / temperature, tuple(outputs))
         if MaterializedLogProb._fn is None:
             MaterializedLogProb._fn = _materialized_class()
         return MaterializedLogProb._fn.apply(hidden, weight, bias, targets, logit_scale / temperature, tuple(outputs))

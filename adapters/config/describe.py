@@ -84,6 +84,7 @@ def describe_keys(recipe: Recipe | None = None) -> str:
     type, default, the recipe's value (when a recipe is given) and one line of doc. Defaults we chose over the
     library's are marked * and their reasons listed under the table."""
     docs, own = own_docs(), own_keys()
+    trainer = recipe.trainer if recipe is not None else None
     blocks: list[list[str]] = []
     for section, cls in schema.SECTIONS:
         rows = []
@@ -92,7 +93,7 @@ def describe_keys(recipe: Recipe | None = None) -> str:
             value = _value(getattr(recipe, f.name)) if recipe is not None else ""
             rows.append((f.name, type_name(key_type(f.name)), _value(default), value, docs.get(f.name, "")))
         blocks.append(_table(f"{section}", rows, recipe))
-    for lib in libraries.LIBRARIES:
+    for lib in libraries.libraries_for(trainer):
         rows, reasons = [], []
         for name, key in lib.keys().items():
             if name in lib.pipeline or name in own:

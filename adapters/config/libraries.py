@@ -1,6 +1,7 @@
 """The keys a recipe passes to the libraries' own config classes, read from those classes.
 
-A recipe key that is a field of ``trl.SFTConfig``, ``peft.LoraConfig`` or an argument of
+A recipe key that is a field of the trainer's config (``trl.SFTConfig``, ``trl.DPOConfig``, ``trl.KTOConfig`` or
+``trl.experimental.orpo.ORPOConfig``, chosen by the recipe's ``trainer``), ``peft.LoraConfig`` or an argument of
 ``transformers.BitsAndBytesConfig`` is not redeclared here: its type, default and help come from the library. What
 this module adds per library is the table of defaults we choose differently (each with its reason) and the keys the
 pipeline sets itself (refused in a recipe).
@@ -12,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -43,6 +45,27 @@ SFT_DEFAULTS: dict[str, tuple[Any, str]] = {
     "ddp_timeout": (600, "a collective waits this long (s) for a lost process: 10 min, not torch's 30, ends a run"),
 }
 
+# The preference trainers share the SFT defaults that are about the run (schedule, logging, checkpoints, precision),
+# not about the loss; their own changes follow.
+_RUN_DEFAULTS = {k: SFT_DEFAULTS[k] for k in SFT_DEFAULTS if k != "learning_rate"}
+DPO_DEFAULTS: dict[str, tuple[Any, str]] = {
+    **_RUN_DEFAULTS,
+    "learning_rate": (5e-6, "TRL's docs suggest 5e-6 to 1e-5 for LoRA DPO; 1e-6 is the full fine-tune rate"),
+    "precompute_ref_log_probs": (
+        True,
+        "the reference is frozen: its log-probs computed once before training are exact and save a forward per step",
+    ),
+}
+KTO_DEFAULTS: dict[str, tuple[Any, str]] = {
+    **_RUN_DEFAULTS,
+    "learning_rate": (5e-6, "as for DPO: LoRA needs more than the full fine-tune rate 1e-6"),
+    "precompute_ref_log_probs": (True, "the reference is frozen: exact, and a forward less per step"),
+}
+ORPO_DEFAULTS: dict[str, tuple[Any, str]] = {
+    **_RUN_DEFAULTS,
+    "learning_rate": (5e-6, "ORPO trains from the base with no reference; TRL's example rate for LoRA"),
+}
+
 # Keys the pipeline sets (or that it cannot honour); a recipe may not give them. Names a library lacks are ignored.
 BNB_PIPELINE: frozenset[str] = frozenset()
 LORA_PIPELINE = frozenset(
@@ -63,6 +86,13 @@ SFT_PIPELINE = frozenset(
         "activation_checkpointing",  # set up on the base by attach_lora (gradient_checkpointing)
     }
 )
+
+PREFERENCE_PIPELINE = (SFT_PIPELINE - {"dataset_kwargs"}) | {
+    "sync_ref_model",  # the reference is frozen (a PEFT model cannot sync it)
+    "ref_model_sync_steps",
+    "ref_model_mixup_alpha",
+    "is_encoder_decoder",  # ORPO: decided by the model
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,8 @@ class Library:
 
     def cls(self) -> type:
         module, _, cls = self.path.partition(":")
+        if module.startswith("trl.experimental"):
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         return getattr(importlib.import_module(module), cls)
 
     def keys(self) -> dict[str, LibraryKey]:
@@ -103,31 +135,62 @@ class Library:
         return self.keys()[name].default
 
 
+# The training section's config class follows the recipe's ``trainer`` key.
+TRAINERS: dict[str, Library] = {
+    "sft": Library("training", "trl:SFTConfig", SFT_DEFAULTS, SFT_PIPELINE),
+    "dpo": Library("training", "trl:DPOConfig", DPO_DEFAULTS, PREFERENCE_PIPELINE),
+    "orpo": Library("training", "trl.experimental.orpo:ORPOConfig", ORPO_DEFAULTS, PREFERENCE_PIPELINE),
+    "kto": Library("training", "trl:KTOConfig", KTO_DEFAULTS, PREFERENCE_PIPELINE),
+}
+DEFAULT_TRAINER = "sft"
+PREFERENCE_TRAINERS = ("dpo", "orpo", "kto")
+
 LIBRARIES: tuple[Library, ...] = (
     Library("quantization", "transformers:BitsAndBytesConfig", BNB_DEFAULTS, BNB_PIPELINE),
     Library("lora", "peft:LoraConfig", LORA_DEFAULTS, LORA_PIPELINE),
-    Library("training", "trl:SFTConfig", SFT_DEFAULTS, SFT_PIPELINE),
+    TRAINERS[DEFAULT_TRAINER],
 )
 SECTIONS = tuple(lib.section for lib in LIBRARIES)
 BY_SECTION = {lib.section: lib for lib in LIBRARIES}
 
 
-def library_of(name: str, own: typing.Container[str] = ()) -> Library | None:
-    """The library whose config class owns ``name`` (our own keys win), or None. Checks our tables first, so the
-    common keys resolve without importing the libraries."""
+def trainer_name(trainer: str | None) -> str:
+    return DEFAULT_TRAINER if trainer is None else trainer
+
+
+def libraries_for(trainer: str | None = None) -> tuple[Library, ...]:
+    """The config classes of a recipe with this trainer: quantization, LoRA, and the trainer's own config."""
+    lib = TRAINERS.get(trainer_name(trainer))
+    return LIBRARIES if lib is None else (*LIBRARIES[:-1], lib)
+
+
+def section_library(section: str, trainer: str | None = None) -> Library:
+    return next(lib for lib in libraries_for(trainer) if lib.section == section)
+
+
+def library_of(name: str, own: typing.Container[str] = (), trainer: str | None = None) -> Library | None:
+    """The library whose config class owns ``name`` (our own keys win) for a recipe with this ``trainer``, or None.
+    Checks our tables first, so the common keys resolve without importing the libraries."""
     if name in own or name.startswith("_"):
         return None
-    for lib in LIBRARIES:
+    libs = libraries_for(trainer)
+    for lib in libs:
         if name in lib.ours:
             return lib
-    for lib in LIBRARIES:
+    for lib in libs:
         if name in lib.keys():
             return lib
     return None
 
 
-def library_default(name: str) -> Any:
-    lib = library_of(name)
+def other_trainers(name: str, trainer: str | None = None) -> list[str]:
+    """The trainers (other than this one) whose config owns ``name``: a key given to the wrong trainer."""
+    mine = trainer_name(trainer)
+    return [t for t, lib in TRAINERS.items() if t != mine and name in lib.keys() and name not in lib.pipeline]
+
+
+def library_default(name: str, trainer: str | None = None) -> Any:
+    lib = library_of(name, trainer=trainer)
     if lib is None:
         raise KeyError(name)
     return lib.default(name)
@@ -145,6 +208,8 @@ def _default(f: dataclasses.Field) -> Any:
 @functools.cache
 def _library_keys(path: str) -> dict[str, LibraryKey]:
     module, _, name = path.partition(":")
+    if module.startswith("trl.experimental"):
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives there; importing it warns otherwise
     cls = getattr(importlib.import_module(module), name)
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
     fields = {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from adapters.config import libraries
-from adapters.config.schema import Recipe, RecipeError, check_run_name, own_keys
+from adapters.config.schema import Recipe, RecipeError, check_run_name, own_keys, wrong_trainer
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -47,22 +47,27 @@ def _own_types() -> dict[str, Any]:
     return typing.get_type_hints(Recipe)
 
 
-def key_type(key: str) -> Any:
-    """The declared type of a recipe key: ours, else the owning library's."""
+def key_type(key: str, trainer: str | None = None) -> Any:
+    """The declared type of a recipe key: ours, else the owning library's (for a recipe with this trainer)."""
     if key in own_keys():
         return _own_types()[key]
-    lib = libraries.library_of(key)
+    lib = libraries.library_of(key, trainer=trainer)
     return lib.keys()[key].type if lib else Any
 
 
-def recipe_keys() -> list[str]:
-    """Every key a recipe accepts: ours, then each library's (pipeline keys and names we own left out)."""
+def recipe_keys(trainer: str | None = None) -> list[str]:
+    """Every key a recipe with this trainer accepts: ours, then each library's (pipeline keys and names we own left
+    out)."""
     own = list(own_keys())
-    return own + [k for lib in libraries.LIBRARIES for k in lib.keys() if k not in lib.pipeline and k not in own_keys()]
+    libs = libraries.libraries_for(trainer)
+    return own + [k for lib in libs for k in lib.keys() if k not in lib.pipeline and k not in own_keys()]
 
 
-def _unknown_key(key: str, source: str) -> RecipeError:
-    close = difflib.get_close_matches(key, recipe_keys(), n=1, cutoff=0.6)
+def _unknown_key(key: str, source: str, trainer: str | None = None) -> RecipeError:
+    wrong = wrong_trainer(key, trainer, source)
+    if wrong is not None:
+        return wrong
+    close = difflib.get_close_matches(key, recipe_keys(trainer), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return RecipeError(f"{source}: unknown key {key!r}{hint}")
 
@@ -151,14 +156,17 @@ def apply_values(values: dict[str, Any], source: str, base: dict[str, Any] | Non
     """Validate and coerce flat ``values`` (from ``source``) on top of ``base``; returns the merged flat dict."""
     own = own_keys()
     merged = dict(base or {})
-    for key, value in values.items():
-        key = str(key).replace("-", "_")
-        lib = None if key in own else libraries.library_of(key, own)
+    given = {str(k).replace("-", "_"): v for k, v in values.items()}
+    trainer = given.get("trainer", merged.get("trainer"))
+    if trainer is not None and trainer not in libraries.TRAINERS:
+        raise RecipeError(f"{source}: trainer: expected one of {', '.join(libraries.TRAINERS)}, got {trainer!r}")
+    for key, value in given.items():
+        lib = None if key in own else libraries.library_of(key, own, trainer)
         if key not in own and lib is None:
-            raise _unknown_key(key, source)
+            raise _unknown_key(key, source, trainer)
         if lib is not None and key in lib.pipeline:
             raise RecipeError(f"{source}: {key!r} is set by the pipeline and cannot be given in a recipe")
-        merged[key] = coerce(key, value, key_type(key), source)
+        merged[key] = coerce(key, value, key_type(key, trainer), source)
         if key == "run_name":  # named where it was given (Recipe checks it again for code that builds one)
             try:
                 check_run_name(merged[key])
@@ -231,7 +239,7 @@ def library_changes(config: dict[str, Any]) -> dict[str, Any]:
     own = own_keys()
     out = {}
     for key, value in {**config, **(config.get("sft_extra") or {})}.items():
-        lib = None if key in own else libraries.library_of(key, own)
+        lib = None if key in own else libraries.library_of(key, own, config.get("trainer"))
         if lib is not None and value != lib.default(key):
             out[key] = value
     return out

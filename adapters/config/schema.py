@@ -119,6 +119,9 @@ class DataKeys:
     """Stop when fewer than this share of training tokens carry a label."""
     audit_require_eos: bool = True
     """Stop unless every kept row trains the EOS/end-of-turn token that closes its answer."""
+    length_bias_threshold: float = 0.2
+    """Preference data: flag length bias when the mean chosen answer is longer (or shorter) than the mean rejected
+    one by more than this share (0.2 = 20%); DPO then learns length."""
     streaming: bool = False
     """Read, validate and encode train_file as training asks for rows (a datasets.IterableDataset), for sets that do
     not fit on disk: no encoded cache, no dedup/filters/split/mix/augmentation (they need every row), max_steps
@@ -130,6 +133,10 @@ class DataKeys:
 
 @dataclass
 class TrainingKeys:
+    trainer: str = "sft"
+    """sft, dpo, orpo or kto: TRL's SFTTrainer on answers, or a preference trainer on pairs (DPO, ORPO) or on
+    labelled answers (KTO). The trainer's config class (SFTConfig, DPOConfig, ORPOConfig, KTOConfig) owns the
+    training keys; docs/preference.md."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward: set up on the base with LoRA (and the k-bit preparation), so the Trainer
     is told not to wrap the model again."""
@@ -221,7 +228,7 @@ class _RecipeFields(SpeedKeys, EvaluationKeys, TrainingKeys, DataKeys, Quantizat
     lora: dict[str, Any] = field(default_factory=dict)
     """peft.LoraConfig keys the recipe gives."""
     training: dict[str, Any] = field(default_factory=dict)
-    """trl.SFTConfig keys the recipe gives."""
+    """Keys of the trainer's config class (trl.SFTConfig, DPOConfig, ORPOConfig or KTOConfig) the recipe gives."""
 
 
 def own_keys() -> dict[str, dataclasses.Field]:
@@ -238,9 +245,12 @@ class Recipe(_RecipeFields):
 
     def __init__(self, **values: Any) -> None:
         own = own_keys()
+        trainer = values.get("trainer")
+        if trainer is not None and trainer not in libraries.TRAINERS:
+            raise RecipeError(f"trainer: expected one of {', '.join(libraries.TRAINERS)}, got {trainer!r}")
         given: dict[str, dict[str, Any]] = {s: dict(values.pop(s, None) or {}) for s in libraries.SECTIONS}
         for key in [k for k in values if k not in own]:
-            given[_library_section(key, own)][key] = values.pop(key)
+            given[_library_section(key, own, trainer)][key] = values.pop(key)
         super().__init__(**values, **given)
         self.__post_init__()  # the generated __init__ of _RecipeFields does not know this subclass's hook
 
@@ -260,6 +270,11 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.base_kl_weight < 0:
             raise RecipeError(f"base_kl_weight: must be >= 0, got {self.base_kl_weight}")
+        if self.base_kl_weight and self.trainer in libraries.PREFERENCE_TRAINERS:
+            raise RecipeError(
+                f"base_kl_weight: the forgetting guard adds to the SFT loss only; set it to 0 for trainer "
+                f"{self.trainer} (DPO/KTO stay near their reference through beta)"
+            )
         if self.base_kl_positions < 0:
             raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")
         if self.base_kl_source not in ("general", "rows") and not self.base_kl_source.endswith((".txt", ".md")):
@@ -289,14 +304,22 @@ class Recipe(_RecipeFields):
 
     # ------------------------------------------------------------------ the libraries' keys, read and set flat
     def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails: not one of our fields
-        lib = None if name.startswith("_") else libraries.library_of(name)
+        lib = None if name.startswith("_") else libraries.library_of(name, trainer=self.__dict__.get("trainer"))
+        if lib is None and not name.startswith("_") and libraries.library_of(name) is not None:
+            # an SFT-only key read by shared pipeline code on a preference recipe: SFT's default (a recipe can
+            # never set it, see _library_section), e.g. packing False
+            return copy.deepcopy(libraries.library_of(name).default(name))
         if lib is None:
             raise AttributeError(f"{type(self).__name__!r} has no key {name!r}")
         given = self.__dict__.get(lib.section) or {}
         return given[name] if name in given else copy.deepcopy(lib.default(name))  # library defaults are shared
 
     def __setattr__(self, name: str, value: Any) -> None:
-        lib = None if name in self.__dataclass_fields__ else libraries.library_of(name)
+        lib = (
+            None
+            if name in self.__dataclass_fields__
+            else libraries.library_of(name, trainer=self.__dict__.get("trainer"))
+        )
         if lib is None:
             object.__setattr__(self, name, value)
         else:  # a new dict: a copy made by dataclasses.replace shares the old one
@@ -304,8 +327,13 @@ class Recipe(_RecipeFields):
 
     def library_kwargs(self, section: str) -> dict[str, Any]:
         """Keyword arguments for one library's config class: our defaults, then the keys the recipe gives."""
-        lib = libraries.BY_SECTION[section]
+        lib = libraries.section_library(section, self.trainer)
         return copy.deepcopy({**{k: v for k, (v, _) in lib.ours.items()}, **getattr(self, section)})
+
+    @property
+    def preference(self) -> bool:
+        """A preference trainer (dpo, orpo, kto): pairs or labelled answers instead of SFT rows."""
+        return self.trainer in libraries.PREFERENCE_TRAINERS
 
     @property
     def quantized(self) -> bool:
@@ -380,10 +408,22 @@ def check_run_name(name: str | None) -> None:
         )
 
 
-def _library_section(key: str, own: dict[str, Any]) -> str:
-    lib = libraries.library_of(key, own)
+def _library_section(key: str, own: dict[str, Any], trainer: str | None = None) -> str:
+    lib = libraries.library_of(key, own, trainer)
     if lib is None:
-        raise RecipeError(f"Recipe: unknown key {key!r}")
+        raise wrong_trainer(key, trainer) or RecipeError(f"Recipe: unknown key {key!r}")
     if key in lib.pipeline:
         raise RecipeError(f"{key!r} is set by the pipeline and cannot be given in a recipe")
     return lib.section
+
+
+def wrong_trainer(key: str, trainer: str | None, source: str = "Recipe") -> RecipeError | None:
+    """The error for a key that belongs to another trainer's config (None when no trainer owns it)."""
+    owners = libraries.other_trainers(key, trainer)
+    if not owners:
+        return None
+    cls = libraries.TRAINERS[owners[0]].name
+    return RecipeError(
+        f"{source}: {key!r} is a key of trainer {' / '.join(owners)} ({cls}), not of this recipe's trainer "
+        f"{libraries.trainer_name(trainer)!r}; set trainer: {owners[0]} or remove the key"
+    )

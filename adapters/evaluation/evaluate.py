@@ -32,7 +32,13 @@ def evaluate_model(
     evaluation: dict[str, Any] = {}
     has_adapter = hasattr(model, "disable_adapter")
     base = base and has_adapter
-    rows = read_rows(recipe.test_file, recipe.data_format, recipe.data_columns) if recipe.test_file else []
+    if getattr(recipe, "preference", False):  # held-out pairs: base / start / tuned (evaluation/preference.py)
+        from adapters.evaluation.preference import evaluate_preference
+
+        evaluation["preference"] = evaluate_preference(model, tok, recipe, base=base, limit=limit, log=log)
+        rows = []
+    else:
+        rows = read_rows(recipe.test_file, recipe.data_format, recipe.data_columns) if recipe.test_file else []
     if limit is not None:
         rows = rows[:limit]
     conversations, references = prompts_and_answers(rows)
@@ -75,6 +81,7 @@ def evaluate_model(
         M.collapse(preds["tuned"], references) if "tuned" in preds else None,
         *_audit_warnings(run_dir),
     ]
+    flags += evaluation.get("preference", {}).pop("flags", [])
     evaluation["flags"] = [f for f in flags if f]
     for f in evaluation["flags"]:
         log(f"[warn] {f['message']}")
@@ -88,6 +95,11 @@ def evaluate_model(
         if "confusion" in evaluation.get(side, {}):
             plot_confusion(evaluation[side], run_dir / f"confusion_{side}.png", f"confusion matrix ({side})")
             plots[f"confusion matrix ({side})"] = f"confusion_{side}.png"
+    if evaluation.get("preference", {}).get("n"):
+        from adapters.evaluation.preference import plot_preference
+
+        if plot_preference(evaluation["preference"], run_dir / "preference.png"):
+            plots["preference (held-out pairs)"] = "preference.png"
     evaluation["plots"] = plots
     write_json(run_dir / "eval.json", evaluation)
     report = write_report(evaluation, run_dir, run_dir.name)

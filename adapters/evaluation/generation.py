@@ -76,6 +76,7 @@ def generate_answers(
     batch_size: int = 16,
     desc: str = "generate",
     one_line: bool = False,
+    stats: list[dict[str, int | bool]] | None = None,
 ) -> list[str]:
     """Greedy answers for each conversation, in their order; decoding stops at EOS or the template's end-of-turn
     token and, with ``one_line``, at the first newline (the answer is then its first line: see ``single_line``)."""
@@ -89,6 +90,7 @@ def generate_answers(
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     newline = {"stopping_criteria": _newline_stop(tok)} if one_line else {}
     out: list[str] = [""] * len(texts)
+    counts: list[dict[str, int | bool]] = [{} for _ in texts]
     for batch in tqdm(by_length(lengths, batch_size), desc=desc, total=math.ceil(len(texts) / batch_size)):
         enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         gen = model.generate(
@@ -107,4 +109,8 @@ def generate_answers(
             cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
             text = tok.decode(ids[:cut], skip_special_tokens=True)
             out[i] = first_line(text) if one_line else text
+            pads = sum(1 for t in reversed(ids) if t == tok.pad_token_id and t not in stops)  # rows done early
+            counts[i] = {"new_tokens": cut, "budget_stopped": cut == len(ids) and len(ids) - pads >= max_new_tokens}
+    if stats is not None:  # per row: tokens generated before the stop, and whether the budget cut it
+        stats[:] = counts
     return out

@@ -65,6 +65,10 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
                 ]
                 lines.append("")
                 lines += _confusion(evaluation[s], s)
+    if evaluation.get("preference", {}).get("n"):
+        from adapters.evaluation.preference import report_lines
+
+        lines += report_lines(evaluation["preference"])
     fg = evaluation.get("forgetting")
     if fg:
         rise = "–" if fg.get("rise") is None else f"{fg['rise']:+.2%}"

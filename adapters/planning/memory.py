@@ -243,6 +243,17 @@ def estimate(
         TOKEN_CHUNK_SIZE = 4096
     logits = min(tokens, TOKEN_CHUNK_SIZE) * min(counts.vocab, 32768) * 4 + tokens * 4 * 4
     unchunked = tokens * counts.vocab * 4 * 2  # fp32 logits and their gradient
+    details: dict[str, Any] = {}
+    if getattr(recipe, "preference", False):
+        # a DPO / ORPO sample is two sequences (chosen and rejected) through the policy with gradients; KTO's is its
+        # answer plus the mismatched KL answer. The reference (DPO / KTO) adds one no-grad forward of both: one
+        # layer's activations live at a time and the full-vocabulary logits, unless its log-probs were precomputed.
+        seqs = 2
+        full, ckpt, acts, logits, unchunked = (x * seqs for x in (full, ckpt, acts, logits, unchunked))
+        precomputed = recipe.trainer == "orpo" or bool(getattr(recipe, "precompute_ref_log_probs", False))
+        ref = 0 if precomputed else seqs * (tokens * per_layer * act_b + tokens * counts.vocab * 4)
+        logits += ref
+        details.update({"sequences_per_sample": seqs, "reference_pass_per_sample": ref})
     return Estimate(
         weights,
         lora_state,
@@ -253,7 +264,12 @@ def estimate(
         unchunked,
         overhead_bytes,
         tokens,
-        {"quantized_weights": quant, "other_weights": other_b, "sharded_over": launch.num_processes if sharded else 1},
+        {
+            "quantized_weights": quant,
+            "other_weights": other_b,
+            "sharded_over": launch.num_processes if sharded else 1,
+            **details,
+        },
     )
 
 
@@ -277,6 +293,19 @@ def format_plan(recipe: Recipe, counts: Counts, est: Estimate, gpu_gib: float, s
         + ("" if recipe.gradient_checkpointing else "   <- recipe"),
         f"  logits (TRL chunked LM head)          {g(b * est.logits_per_sample)}"
         f"   (unchunked would be {b * est.logits_unchunked_per_sample / GIB:.2f} GiB)",
+        *(
+            [
+                f"  {recipe.trainer}: {est.details['sequences_per_sample']} sequences per sample (activations and logits "
+                "above include both); reference forward "
+                + (
+                    f"{g(b * est.details['reference_pass_per_sample']).strip()} (in logits)"
+                    if est.details["reference_pass_per_sample"]
+                    else "none (precomputed or no reference)"
+                )
+            ]
+            if "sequences_per_sample" in est.details
+            else []
+        ),
         f"  CUDA context + allocator slack        {g(est.overhead)}",
         f"  total                                 {g(est.total(b))}   on a {gpu_gib:g} GiB GPU",
         f"largest micro-batch that fits at {est.tokens} tokens: {est.max_batch(gpu_gib * GIB)}"

@@ -107,6 +107,29 @@ def eval_section(ev: dict[str, Any] | None, merge: dict[str, Any] | None) -> str
     return "\n".join(parts)
 
 
+def preference_section(m: dict[str, Any], ev: dict[str, Any] | None) -> str:
+    """A preference run: the trainer, beta, loss type, reference and held-out preference accuracy before/after."""
+    cfg = m.get("config", {})
+    ref = m.get("reference") or {}
+    rows: list[tuple[str, Any]] = [
+        ("trainer", cfg.get("trainer")),
+        ("beta", cfg.get("beta", 0.1)),
+        ("loss type", cfg.get("loss_type") or ("kto" if cfg.get("trainer") == "kto" else "sigmoid")),
+        ("reference", f"{ref.get('kind')}" + (f" ({ref['adapter']})" if ref.get("adapter") else "")),
+        ("starting adapter", cfg.get("init_adapter") or "none (a new adapter on the base)"),
+    ]
+    p = (ev or {}).get("preference") or {}
+    parts = ["## Preference training\n", _table(rows, ("field", "value"))]
+    sides = [s for s in ("base", "start", "tuned") if s in p]
+    if sides:
+        keys = ("accuracy", "accuracy_avg", "margin", "chosen_exact_match", "mean_new_tokens")
+        parts.append(
+            f"\nHeld-out preference ({p.get('n')} pairs; accuracy = share with log p(chosen) > log p(rejected)):\n"
+        )
+        parts.append(_table([(k, *(p[s].get(k) for s in sides)) for k in keys], ("measure", *sides)))
+    return "\n".join(parts)
+
+
 def manifest_section(m: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = []
     base = m.get("base_model", {})
@@ -239,6 +262,14 @@ print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_
 With this toolkit: `adapters eval {repo_id}` or `adapters generate {repo_id}` (both use the run's raw prompts)."""
 
 
+def _how(trainer: str | None) -> str:
+    return {
+        "dpo": "preference tuning (TRL `DPOTrainer`",
+        "orpo": "preference tuning (TRL `ORPOTrainer`",
+        "kto": "preference tuning (TRL `KTOTrainer`",
+    }.get(trainer or "sft", "supervised fine-tuning (TRL `SFTTrainer`")
+
+
 def build_card(
     manifest: dict[str, Any], run_dir: Path, repo_id: str, merged: bool = False, datasets: list[str] | None = None
 ):
@@ -252,6 +283,18 @@ def build_card(
     datasets = list(datasets or [])
     name = repo_id.split("/")[-1]
     results = []
+    pref = (ev or {}).get("preference") or {}
+    if pref.get("tuned"):
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type="held-out",
+                dataset_name=f"held-out preference pairs ({pref.get('n')})",
+                metric_type="accuracy",
+                metric_name="preference accuracy",
+                metric_value=pref["tuned"]["accuracy"],
+            )
+        )
     if ev and "tuned" in ev:
         results.append(
             EvalResult(
@@ -270,7 +313,7 @@ def build_card(
         pipeline_tag="text-generation",
         license=base.get("license") or None,
         datasets=datasets or None,
-        tags=["lora", "sft", "trl", "merged" if merged else "peft"],
+        tags=["lora", cfg.get("trainer") or "sft", "trl", "merged" if merged else "peft"],
         model_name=name if results else None,
         eval_results=results or None,
     )
@@ -282,9 +325,10 @@ def build_card(
         [
             f"# {name}",
             f"This is {what} for [`{base['canonical_name']}`](https://huggingface.co/{base['canonical_name']}), "
-            f"trained with supervised fine-tuning (TRL `SFTTrainer`, PEFT LoRA) by the `adapters` toolkit "
+            f"trained with {_how(cfg.get('trainer'))}, PEFT LoRA) by the `adapters` toolkit "
             f"(run `{manifest.get('run_name')}`, recipe `{Path(str(manifest.get('recipe_file', ''))).name}`).",
             eval_section(ev, merge),
+            *([preference_section(manifest, ev)] if cfg.get("trainer") in ("dpo", "orpo", "kto") else []),
             "## Training hyperparameters\n\n" + _table(hp, ("key", "value")),
             data_section(manifest, datasets),
             manifest_section(manifest),

@@ -266,12 +266,13 @@ def _probes(run, n: int, split: str = "eval") -> tuple[list, list[str], str | No
     """The first ``n`` rows of the eval split (else the test split; ``split="test"``: the other way round):
     conversations and reference answers."""
     from adapters.data.encode import prompts_and_answers
-    from adapters.data.validate import read_rows
+    from adapters.data.preference import task_rows
 
     files = (run.recipe.eval_file, run.recipe.test_file)
     for src in files if split == "eval" else files[::-1]:
         if src and Path(src).is_file():
-            convs, refs = prompts_and_answers(read_rows(src)[:n])
+            rows = task_rows(src, run.recipe)  # a preference run's pairs: prompt + chosen
+            convs, refs = prompts_and_answers(rows[:n])
             return convs, refs, src
     return [], [], None
 

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from adapters.data.encode import encode_messages, prompts_and_answers
+from adapters.data.preference import task_rows
 from adapters.data.rows import IGNORE_INDEX
-from adapters.data.validate import read_rows
 from adapters.evaluation.generation import answer_budget, exact_match, generate_answers
 from adapters.model.loading import load_model
 from adapters.model.quantization import model_memory_mb
@@ -127,7 +127,7 @@ def probe_set(run: Run, tok, n: int) -> tuple[list[tuple[list[int], list[int]]],
             f"{run.path / 'manifest.json'}: probe file {src} (recipe eval_file/test_file) not found; "
             "run from the directory the run was trained in"
         )
-    rows = read_rows(src)[:n]
+    rows = task_rows(src, run.recipe)[:n]  # a preference run's pairs: prompt + chosen
     enc = [encode_messages(tok, r.messages, r.where) for r in rows]
     convs, refs = prompts_and_answers(rows)
     return enc, convs, refs, src
@@ -395,7 +395,7 @@ def _qform(run: Run) -> str:
 def _heldout_predictions(run: Run, model, tok, budget: int, bs: int, desc: str) -> list[str] | None:
     if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
         return None
-    convs, _ = prompts_and_answers(read_rows(run.recipe.test_file))
+    convs, _ = prompts_and_answers(task_rows(run.recipe.test_file, run.recipe))
     return generate_answers(model, tok, convs, budget, bs, desc)
 
 
@@ -405,13 +405,14 @@ def _heldout(run: Run, model, tok, budget: int, bs: int, adapter_fp_preds: list[
     res: dict[str, Any] = {"file": run.recipe.test_file}
     ev = run.path / "eval.json"
     if ev.is_file():
-        tuned = json.loads(ev.read_text()).get("tuned") or {}
-        res["adapter_exact_match"] = tuned.get("exact_match")
+        ev = json.loads(ev.read_text())
+        tuned = ev.get("tuned") or (ev.get("preference") or {}).get("tuned") or {}
+        res["adapter_exact_match"] = tuned.get("exact_match", tuned.get("chosen_exact_match"))
     if not run.recipe.test_file or not Path(run.recipe.test_file).is_file():
         res["merged_exact_match"] = None
         res["note"] = "test split not found; not scored"
         return res
-    convs, refs = prompts_and_answers(read_rows(run.recipe.test_file))
+    convs, refs = prompts_and_answers(task_rows(run.recipe.test_file, run.recipe))
     preds = generate_answers(model, tok, convs, budget, bs, "merged (held-out)")
     res["merged_exact_match"] = round(exact_match(preds, refs), 4)
     if adapter_fp_preds is not None:

@@ -98,6 +98,71 @@ def _logits(model, h: torch.Tensor) -> torch.Tensor:
     return z
 
 
+# Rows of the [rows, vocabulary] fp32 logits the KL computes at once (2**24 elements = 64 MiB; 64 rows of Gemma's
+# 262k vocabulary): the guard's peak memory is a few such tiles, whatever base_kl_positions x batch is.
+KL_TILE_ELEMENTS = 2**24
+
+
+def _head(model):
+    """(weight, logit scale) of the LM head when the lean KL applies (a frozen head without bias or soft-capping),
+    else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = getattr(cfg, "logit_scale", None)
+    scale = float(scale) if isinstance(scale, (int, float)) else 1.0
+    w = getattr(head, "weight", None)
+    if (
+        not isinstance(w, torch.Tensor)
+        or w.requires_grad
+        or getattr(head, "bias", None) is not None
+        or getattr(cfg, "final_logit_softcapping", None)
+        or type(head) is not torch.nn.Linear
+    ):
+        return None
+    return w, scale
+
+
+class _LeanKL(torch.autograd.Function):
+    """KL(p_base || p_tuned) summed over rows, from the two hidden states and a frozen LM head, in row tiles.
+
+    Per row, d KL / d z_tuned = p_tuned - p_base, so d KL / d h_tuned = scale * (p_tuned - p_base) @ W: computed in
+    the forward, tile by tile, and kept as [N, hidden]. No [N, vocabulary] tensor outlives its tile (the plain
+    autograd version keeps three: both log-softmaxes and the tuned logits' softmax), and the arithmetic is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, h_tuned, h_base, weight, scale):
+        n = h_tuned.shape[0]
+        rows = max(1, KL_TILE_ELEMENTS // max(weight.shape[0], 1))
+        w, wf = weight.to(h_tuned.dtype), weight.float()
+        total = torch.zeros((), dtype=torch.float32, device=h_tuned.device)
+        grad = h_tuned.new_empty((n, weight.shape[1]), dtype=torch.float32)
+        for i in range(0, n, rows):
+            zb = F.linear(h_base[i : i + rows].to(w.dtype), w).float()
+            zt = F.linear(h_tuned[i : i + rows], w).float()
+            if scale != 1.0:
+                zb.mul_(scale)
+                zt.mul_(scale)
+            lb = F.log_softmax(zb, dim=-1)
+            del zb
+            lt = F.log_softmax(zt, dim=-1)
+            del zt
+            pb = lb.exp()
+            total += (pb * (lb - lt)).sum()
+            del lb
+            torch.matmul(lt.exp_().sub_(pb), wf, out=grad[i : i + rows])  # (p_tuned - p_base) @ W
+            del lt, pb
+        ctx.save_for_backward(grad)
+        ctx.scale, ctx.h_dtype = scale, h_tuned.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad * (g * ctx.scale)).to(ctx.h_dtype), None, None, None
+
+
 def _up_to(inputs: dict[str, Any], width: int, seq_len: int) -> dict[str, Any]:
     """The body's inputs cut to the first ``width`` positions (causal attention: earlier hidden states are the same).
 
@@ -127,6 +192,9 @@ def kl_to_base(model, inputs: dict[str, Any], hidden: torch.Tensor, per_row: int
     with torch.no_grad(), model.disable_adapter():
         hb = _hidden(_body(model)(**body_inputs))[rows, cols]
     ht = hidden[rows, cols]
+    head = _head(model)
+    if head is not None:  # the same KL, in tiles, keeping [N, hidden] instead of [N, vocabulary] for the backward
+        return _LeanKL.apply(ht, hb.detach(), head[0], head[1]) / ht.shape[0]
     with torch.no_grad():
         logp_base = F.log_softmax(_logits(model, hb), dim=-1)
     logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)

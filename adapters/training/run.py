@@ -121,8 +121,12 @@ def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life,
     ref = resolve_model(recipe.model_name_or_path)
     before_train(recipe, ref.path)  # known-bad recipe / launcher / model combinations fail here, naming the fix
     tok = load_tokenizer(ref, recipe)
-    packed = packing_guard(recipe, say=log)  # packing only where the attention keeps samples apart
-    if recipe.streaming:  # train_file read as the trainer asks for rows (adapters/data/streaming.py)
+    packed = False if recipe.preference else packing_guard(recipe, say=log)  # only where samples stay apart
+    if recipe.preference:  # pairs or KTO rows, validated and audited; TRL tokenizes them (adapters/data/preference.py)
+        from adapters.data.preference import prepare_preference
+
+        train_enc, eval_enc, data_report = prepare_preference(recipe, tok, run, say=log, write=state.is_main_process)
+    elif recipe.streaming:  # train_file read as the trainer asks for rows (adapters/data/streaming.py)
         from adapters.data.streaming import prepare_stream
 
         train_enc, eval_enc, _, data_report = prepare_stream(
@@ -228,6 +232,10 @@ def _load_base(ref, recipe: Recipe, tok, train_enc, manifest: dict[str, Any]):
     """The base as the recipe trains it (quantized or not), with what quantization did to it and its fingerprint."""
     from adapters.publish.rundir import base_fingerprint
 
+    if recipe.preference:
+        from adapters.data.preference import probe_rows
+
+        train_enc = probe_rows(tok, train_enc)
     model, qreport = quantization_report(ref, recipe, {"task": _probe_batch(train_enc), "general": _general_batch(tok)})
     print_quant_report(qreport, log=log)
     manifest["quantization"] = qreport
@@ -249,17 +257,26 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
     log(f"[lora] trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)")
     pack_length = recipe.max_length if packed else None
     streamed = hasattr(train_enc, "trainer_dataset")
-    trainer, guard = build_trainer(
-        model,
-        tok,
-        recipe,
-        run,
-        train_enc.trainer_dataset(pack_length) if streamed else to_dataset(train_enc, pack_length=pack_length),
-        to_dataset(eval_enc) if eval_enc else None,
-        packed=packed,
-        callbacks=callbacks,
-        length_sample=to_dataset(train_enc.head) if streamed else None,
-    )
+    if recipe.preference:  # DPO / KTO / ORPO on the same LoRA model; the reference is chosen there
+        from adapters.training.preference import build_preference_trainer
+
+        trainer, guard = build_preference_trainer(model, tok, recipe, run, train_enc, eval_enc, callbacks=callbacks)
+        manifest["reference"] = trainer.reference
+        log(
+            f"[{recipe.trainer}] reference: {trainer.reference['kind']}: {trainer.reference.get('how', trainer.reference.get('why'))}"
+        )
+    else:
+        trainer, guard = build_trainer(
+            model,
+            tok,
+            recipe,
+            run,
+            train_enc.trainer_dataset(pack_length) if streamed else to_dataset(train_enc, pack_length=pack_length),
+            to_dataset(eval_enc) if eval_enc else None,
+            packed=packed,
+            callbacks=callbacks,
+            length_sample=to_dataset(train_enc.head) if streamed else None,
+        )
     manifest["fast_path"] = trainer.fast_path
     from adapters.training.distributed import sharding
 
@@ -294,6 +311,10 @@ def _finish(
     """Save the adapter (gathered under FSDP / ZeRO-3), complete the manifest, evaluate; only rank 0 writes."""
     from adapters.training.distributed import gathered_adapter_state
 
+    if recipe.preference:  # TRL's frozen 'ref' copy is never saved, merged, exported or pushed
+        from adapters.training.preference import drop_reference
+
+        drop_reference(trainer.accelerator.unwrap_model(trainer.model))
     full_state = gathered_adapter_state(trainer)  # collective under FSDP / ZeRO-3 (every rank), else None
     if not state.is_main_process:
         return
@@ -305,7 +326,9 @@ def _finish(
 
     plot_curves(trainer.state.log_history, run / "loss_curve.png", title=run.name)
     rows_trained = result.global_step * manifest["effective_batch_size"]
-    if hasattr(train_enc, "stream"):  # a stream has no length: the audited head's mean length stands for the rows
+    if recipe.preference:  # prompt + answer tokens of the kept rows, from the audit
+        tokens_seen = manifest["data"]["train"]["tokens"] * rows_trained / max(manifest["data"]["train"]["kept"], 1)
+    elif hasattr(train_enc, "stream"):  # a stream has no length: the audited head's mean length stands for the rows
         tokens_seen = train_enc.mean_tokens() * rows_trained
         manifest["data"]["stream"] = train_enc.stream.counts()
     else:

@@ -56,7 +56,7 @@ def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict
         if not isinstance(val, bool):
             raise RecipeError(f"{source}: sweep.{k}: expected true or false, got {val!r}")
         pruner[k] = val
-    keys = set(recipe_keys()) - {"sweep"}
+    keys = set(recipe_keys(recipe.trainer)) - {"sweep"}
     space: dict[str, dict[str, Any]] = {}
     for key, v in raw.items():
         where = f"{source}: sweep.{key}"

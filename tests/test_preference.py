@@ -1,0 +1,436 @@
+"""Preference tuning (issue 23): the trainer key, preference data and its bad rows, the reference a continued adapter
+is compared against, no reference adapter in any output, exact resume, KTO and ORPO, the preference evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapters.training.preference as pref_mod
+import adapters.training.run as train_mod
+import adapters.training.trainer as trainer_mod
+from adapters.config import Recipe, RecipeError, load_recipe
+from adapters.config.loading import apply_values
+from adapters.data.preference import (
+    PreferenceRow,
+    audit_preference,
+    for_trainer,
+    scan_preference,
+)
+from adapters.data.rows import DataError
+
+from .conftest import DEMO, build_tokenizer, tiny_overrides
+from .test_checkpoints import Killed, _kill_at
+
+LOG2 = math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def test_trainer_key_chooses_the_config_class_that_owns_the_keys():
+    r = Recipe(trainer="dpo", beta=0.3, loss_type=["sigmoid", "sft"])
+    assert (r.beta, r.loss_type, r.bf16, r.precompute_ref_log_probs) == (0.3, ["sigmoid", "sft"], False, True)
+    assert r.to_dict()["beta"] == 0.3
+    assert Recipe(trainer="kto").desirable_weight == 1.0
+    assert Recipe(trainer="orpo").beta == 0.1
+    with pytest.raises(RecipeError, match=r"'beta' is a key of trainer dpo / orpo / kto \(trl.DPOConfig\).*'sft'"):
+        Recipe(beta=0.1)
+    with pytest.raises(RecipeError, match=r"x.yaml: 'packing' is a key of trainer sft \(trl.SFTConfig\).*'dpo'"):
+        apply_values({"trainer": "dpo", "packing": True}, "x.yaml")
+    with pytest.raises(RecipeError, match=r"'desirable_weight' is a key of trainer kto"):
+        apply_values({"trainer": "dpo", "desirable_weight": 2.0}, "x.yaml")
+    with pytest.raises(RecipeError, match="trainer: expected one of sft, dpo, orpo, kto"):
+        apply_values({"trainer": "ppo"}, "x.yaml")
+    with pytest.raises(RecipeError, match="base_kl_weight: the forgetting guard"):
+        Recipe(trainer="dpo", base_kl_weight=1.0)
+
+
+def test_help_lists_the_chosen_trainers_keys(capsys):
+    from adapters.config.describe import describe_keys
+
+    dpo = describe_keys(load_recipe("gemma3-270m-dpo-demo")[0])
+    assert "training: trl.DPOConfig" in dpo and "\n  beta " in dpo and "\n  packing " not in dpo
+    assert "precompute_ref_log_probs: the reference is frozen" in dpo  # our default, with its reason
+    sft = describe_keys(load_recipe("gemma3-270m-demo")[0])
+    assert "training: trl.SFTConfig" in sft and "\n  beta " not in sft
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+U = {"role": "user", "content": "Q?"}
+
+
+def _a(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_each_formats_bad_rows_are_reported_with_file_line_and_field(tmp_path):
+    """RELIABILITY 32: missing field, chosen = rejected, empty answer, label not boolean, a prompt that differs
+    between the pair's conversations; every problem at file:line with its field."""
+    f = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q?", "chosen": "yes", "rejected": "no"},  # 1 ok (strings)
+            {"prompt": [U], "chosen": [_a("yes")], "rejected": [_a("no")]},  # 2 ok (messages)
+            {"chosen": [U, _a("yes")], "rejected": [U, _a("no")]},  # 3 ok (implicit prompt)
+            {"prompt": "Q?", "chosen": "yes"},  # 4 missing rejected
+            {"prompt": "Q?", "chosen": "same  answer", "rejected": "same answer"},  # 5 identical
+            {"prompt": "Q?", "chosen": " ", "rejected": "no"},  # 6 empty answer
+            {"chosen": [U, _a("yes")], "rejected": [{"role": "user", "content": "Other?"}, _a("no")]},  # 7 prompt
+            {"prompt": "Q?", "completion": "yes", "label": "true"},  # 8 label not boolean
+            {"prompt": "Q?", "completion": "yes", "label": True},  # 9 ok (KTO)
+            {"prompt": "Q?", "chosen": [_a("")], "rejected": [_a("no")]},  # 10 empty answer in a message
+        ],
+    )
+    s = scan_preference(f)
+    got = {p.line: (p.field, p.message) for p in s.problems}
+    assert [r.line for r in s.rows] == [1, 2, 3, 9]
+    assert got[4][0] == "rejected" and "missing" in got[4][1]
+    assert got[5][0] == "rejected" and "identical to chosen" in got[5][1]
+    assert got[6][0] == "chosen" and "empty answer" in got[6][1]
+    assert got[7][0] == "rejected" and "prompt differs" in got[7][1]
+    assert got[8][0] == "label" and "expected true or false" in got[8][1]
+    assert got[10][0] == "chosen[0].content" and "empty answer" in got[10][1]
+    assert str(s.problems[0]).startswith(f"{f}:4: rejected: ")
+    assert s.rows[2].prompt == [U] and s.rows[2].chosen == [_a("yes")]  # the implicit prompt split off
+
+
+def test_data_check_cli_reports_preference_rows(tmp_path, capsys):
+    from adapters.cli import main
+
+    f = _write(
+        tmp_path / "p.jsonl",
+        [{"prompt": "Q?", "chosen": "a", "rejected": "a"}, {"prompt": "Q?", "chosen": "a", "rejected": "b"}],
+    )
+    assert main(["data", "check", str(f)]) == 1
+    out = capsys.readouterr()
+    assert f"{f}:1: rejected: identical to chosen" in out.out and "1 valid, 1 invalid" in out.err
+
+
+def test_a_pair_set_given_to_kto_is_unpaired_and_dpo_refuses_kto_rows(tmp_path):
+    pair = PreferenceRow("f", 3, [U], chosen=[_a("yes")], rejected=[_a("no")])
+    kto = for_trainer([pair], "kto", "f")
+    assert [(r.completion, r.label) for r in kto] == [([_a("yes")], True), ([_a("no")], False)]
+    with pytest.raises(DataError, match="f:3: chosen: missing: trainer dpo trains on chosen/rejected pairs"):
+        for_trainer(kto[:1], "dpo", "f")
+
+
+def test_audit_flags_a_prompt_that_fills_max_length_length_bias_and_held_out_overlap():
+    tok = build_tokenizer()
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    rows = [
+        PreferenceRow("t.jsonl", 1, [U], chosen=[_a("a much longer chosen answer " * 3)], rejected=[_a("no")]),
+        PreferenceRow("t.jsonl", 2, long_prompt, chosen=[_a("yes")], rejected=[_a("no")]),
+    ]
+    held = [PreferenceRow("h.jsonl", 1, [U], chosen=[_a("x")], rejected=[_a("y")])]
+    audit, problems, kept = audit_preference(tok, rows, 64, held, 0.2)
+    assert [k.line for k in kept] == [1]
+    assert str(problems[0]).startswith("t.jsonl:2: prompt: the prompt alone is") and "max_length 64" in str(problems[0])
+    assert audit["prompt_overlap_held_out"] == 1
+    names = {f["name"]: f for f in audit["flags"]}
+    assert names["length_bias"]["ratio"] > 1.2 and "sigmoid_norm" in names["length_bias"]["message"]
+    assert "held_out_overlap" in names
+    demo = PreferenceRow(
+        "t", 1, [U], chosen=[_a("Moreau, Alice (Lyon, b. 1950)")], rejected=[_a("Moreau, Alice (Lyon, 1950)")]
+    )
+    balanced, _, _ = audit_preference(tok, [demo], 64, [], 0.2)
+    assert not [f for f in balanced["flags"] if f["name"] == "length_bias"]
+
+
+def test_a_prompt_that_fills_max_length_stops_training_before_the_model_loads(tiny_models, pref_data, tmp_path):
+    recipe, path = load_recipe(
+        "gemma3-270m-dpo-demo", _dpo_overrides(tiny_models, pref_data, tmp_path, run_name="short", max_length=8)
+    )
+    with pytest.raises(DataError, match=r"pref_train.jsonl:1: prompt: the prompt alone is \d+ tokens"):
+        train_mod.train(recipe, path)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> dict[str, Path]:
+    """16 training pairs and 4 held-out pairs of the demo's house-style change."""
+    root = tmp_path_factory.mktemp("pref")
+    out = {}
+    for split, n in (("train", 16), ("val", 4), ("test", 4)):
+        out[split] = root / f"pref_{split}.jsonl"
+        out[split].write_text("\n".join((DEMO / f"pref_{split}.jsonl").read_text().splitlines()[:n]) + "\n")
+    return out
+
+
+def _dpo_overrides(tiny_models, pref_data, out, **kw):
+    given = dict(
+        eval_file=None,
+        eval_strategy="no",
+        max_steps=4,
+        save_steps=2,
+        save_total_limit=None,
+        learning_rate=2e-3,
+        eval_max_new_tokens=4,
+        quant_probe=False,
+        report_to="none",
+        logging_steps=1,
+        forgetting_probe_tokens=64,
+    )
+    return tiny_overrides(tiny_models["llama"], pref_data, out, **{**given, **kw})
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_models, tiny_data, tmp_path_factory):
+    """An SFT adapter far from the base (6 steps at a high rate): the start a DPO run continues."""
+    root = tmp_path_factory.mktemp("sft")
+    recipe, path = load_recipe(
+        "gemma3-270m-demo",
+        tiny_overrides(
+            tiny_models["llama"],
+            tiny_data,
+            root,
+            run_name="sft",
+            eval_after_train=False,
+            eval_strategy="no",
+            base_kl_weight=0.0,
+            learning_rate=2e-2,
+        ),
+    )
+    return train_mod.train(recipe, path)
+
+
+def _first_log(run: Path) -> dict:
+    return next(e for e in json.loads((run / "manifest.json").read_text())["log_history"] if "loss" in e)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_models, pref_data, sft_adapter, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    recipe, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(tiny_models, pref_data, root, run_name="dpo", init_adapter=str(sft_adapter)),
+    )
+    return train_mod.train(recipe, path)
+
+
+def test_continued_adapter_is_its_own_reference(dpo_run, sft_adapter):
+    """RELIABILITY 33: continuing an SFT adapter, the reference is base + that adapter: at the first step policy =
+    reference, so the DPO loss is log 2 and the rewards 0. With the bare base as reference (the classic bug) the
+    policy 'wins' from step 0; the next test shows this check catches it."""
+    first = _first_log(dpo_run)
+    assert abs(first["loss"] - LOG2) < 1e-4, first
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    m = json.loads((dpo_run / "manifest.json").read_text())
+    assert m["reference"]["kind"] == "start_adapter" and m["reference"]["adapter"] == str(sft_adapter)
+
+
+def test_the_reference_check_fails_when_the_bare_base_is_the_reference(
+    tiny_models, pref_data, sft_adapter, tmp_path, monkeypatch
+):
+    """The same run with TRL's 'ref' copy dropped (reference = base with the adapter disabled): the first loss is no
+    longer log 2, so the test above would fail on the bug."""
+    real = pref_mod.build_preference_trainer
+
+    def bare_base(model, tok, recipe, *a, **kw):
+        import dataclasses
+
+        trainer, guard = real(model, tok, dataclasses.replace(recipe, init_adapter=None), *a, **kw)
+        return trainer, guard
+
+    monkeypatch.setattr(pref_mod, "build_preference_trainer", bare_base)
+    recipe, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models,
+            pref_data,
+            tmp_path,
+            run_name="bug",
+            init_adapter=str(sft_adapter),
+            max_steps=1,
+            precompute_ref_log_probs=False,
+            eval_after_train=False,
+        ),
+    )
+    run = train_mod.train(recipe, path)
+    assert abs(_first_log(run)["loss"] - LOG2) > 1e-3
+
+
+def _no_ref(folder: Path) -> None:
+    assert not (folder / "ref").exists(), f"{folder} holds the reference adapter"
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    assert keys and not [k for k in keys if ".ref." in k]
+
+
+def test_no_reference_adapter_in_adapter_checkpoints_or_merge(dpo_run):
+    """RELIABILITY 33: TRL's frozen 'ref' copy never reaches the adapter, a checkpoint or the merged model."""
+    from adapters.publish.merge import merge_run
+
+    _no_ref(dpo_run / "adapter")
+    ckpts = sorted((dpo_run / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 2
+    for c in ckpts:
+        _no_ref(c)
+    cfg = json.loads((dpo_run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 16
+    merge_run(dpo_run)
+    merged = dpo_run / "merged"
+    names = [k for f in merged.glob("*.safetensors") for k in load_file(str(f))]
+    assert names and not [n for n in names if "lora" in n or ".ref." in n]
+
+
+def test_preference_evaluation_compares_base_start_and_tuned(dpo_run):
+    ev = json.loads((dpo_run / "eval.json").read_text())
+    p = ev["preference"]
+    assert p["n"] == 4 and set(p) >= {"base", "start", "tuned"}
+    for side in ("base", "start", "tuned"):
+        assert set(p[side]) >= {
+            "accuracy",
+            "accuracy_avg",
+            "margin",
+            "chosen_exact_match",
+            "mean_new_tokens",
+            "budget_stopped_share",
+        }
+    assert p["start"] != p["base"]  # the SFT adapter was loaded for 'start'
+    assert p["tuned"]["margin"] > p["start"]["margin"]  # DPO moved log p(chosen) - log p(rejected) up
+    assert "forgetting" in ev and "## Preference" in (dpo_run / "report.md").read_text()
+    assert (dpo_run / "preference.png").is_file()
+
+
+def test_dpo_resume_after_kill_matches_unbroken_run(
+    dpo_run, tiny_models, pref_data, sft_adapter, tmp_path, monkeypatch
+):
+    """Killed after checkpoint 2 and resumed: the same adapter and checkpoint 4 as the unbroken run (the reference
+    is rebuilt from the starting adapter, not from the checkpoint); a changed beta is refused."""
+    from adapters.training.lifecycle import ResumeError
+
+    kw = dict(run_name="dpo", init_adapter=str(sft_adapter), eval_after_train=False)
+    recipe, path = load_recipe("gemma3-270m-dpo-demo", _dpo_overrides(tiny_models, pref_data, tmp_path, **kw))
+    monkeypatch.setattr(trainer_mod, "make_callbacks", _kill_at(3))  # after checkpoint 2
+    with pytest.raises(Killed):
+        train_mod.train(recipe, path)
+    monkeypatch.undo()
+    changed, _ = load_recipe("gemma3-270m-dpo-demo", _dpo_overrides(tiny_models, pref_data, tmp_path, beta=0.5, **kw))
+    with pytest.raises(ResumeError, match="beta: 0.1 in the run, 0.5 now"):
+        train_mod.train(changed, path, resume=True)
+    run = train_mod.train(recipe, path, resume=True)
+    for sub in ("adapter", "checkpoints/checkpoint-4"):
+        a = load_file(str(dpo_run / sub / "adapter_model.safetensors"))
+        b = load_file(str(run / sub / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("trainer", ["kto", "orpo"])
+def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path):
+    """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
+    adapter and the preference section."""
+    recipe, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models, pref_data, tmp_path, run_name=trainer, trainer=trainer, max_steps=2, eval_base=False
+        ),
+    )
+    run = train_mod.train(recipe, path)
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["reference"]["kind"] == ("base" if trainer == "kto" else "none")
+    assert m["status"] == "complete" and math.isfinite(m["train"]["train_loss"])
+    _no_ref(run / "adapter")
+    assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
+    if trainer == "kto":
+        assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+
+
+def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run):
+    from adapters.publish.card import build_card
+
+    m = json.loads((dpo_run / "manifest.json").read_text())
+    text = str(build_card(m, dpo_run, "org/dpo-demo"))
+    assert "TRL `DPOTrainer`" in text and "## Preference training" in text
+    for needle in (
+        "| trainer | dpo |",
+        "| beta | 0.1 |",
+        "| loss type | sigmoid |",
+        "start_adapter",
+        "preference accuracy",
+    ):
+        assert needle in text, needle
+    ev = json.loads((dpo_run / "eval.json").read_text())["preference"]
+    row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
+    assert row in text, row
+
+
+def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
+    import dataclasses
+
+    from adapters.planning.memory import count_parameters, estimate, model_config
+
+    dpo = load_recipe("gemma3-270m-dpo-demo")[0]
+    # the same checkpointing on both sides (the SFT demo checkpoints, the DPO demo does not)
+    sft = load_recipe("gemma3-270m-demo", {"gradient_checkpointing": dpo.gradient_checkpointing})[0]
+    counts = count_parameters(model_config(dpo)[0], dpo)
+    s, d = estimate(sft, counts), estimate(dpo, counts)
+    assert d.activations_per_sample == pytest.approx(2 * s.activations_per_sample)
+    assert d.logits_per_sample == pytest.approx(2 * s.logits_per_sample)  # reference precomputed: no pass
+    live = estimate(dataclasses.replace(dpo, precompute_ref_log_probs=False), counts)
+    assert live.details["reference_pass_per_sample"] > 0
+    assert live.logits_per_sample == pytest.approx(d.logits_per_sample + live.details["reference_pass_per_sample"])
+
+
+def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path):
+    """A 2-process DDP run (accelerate launch, gloo on CPU) continuing the SFT adapter: one world of 2, the reference
+    right on both ranks (first loss log 2), one adapter without 'ref'."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    ov = _dpo_overrides(
+        tiny_models,
+        pref_data,
+        tmp_path / "out",
+        run_name="ddp",
+        init_adapter=str(sft_adapter),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        eval_after_train=False,
+    )
+    args = [a for k, v in ov.items() for a in (f"--{k}", "null" if v is None else str(v))]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        ADAPTERS_TRACE_DIR=str(tmp_path / "trace"),
+        ADAPTERS_TRACE_WATCH=str(tmp_path / "out"),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29541",
+        str(REPO / "tests" / "_dist_entry.py"),
+        "train",
+        "gemma3-270m-dpo-demo",
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "out" / "ddp"
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["world_size"] == 2 and m["effective_batch_size"] == 4
+    assert abs(_first_log(run)["loss"] - LOG2) < 1e-4
+    _no_ref(run / "adapter")
