@@ -17,6 +17,37 @@ CONFIGS = sorted((REPO / "adapters" / "accelerate_configs").glob("*.yaml"))
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
+def launch_two(recipe: str, args: list[str], root: Path, port: int, timeout: int) -> subprocess.CompletedProcess:
+    """`adapters train RECIPE ARGS` in a world of 2 CPU processes (gloo), each rank tracing into root/trace."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        ADAPTERS_TRACE_DIR=str(root / "trace"),
+        ADAPTERS_TRACE_WATCH=str(root / "out"),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(REPO / "tests" / "_dist_entry.py"),
+        "train",
+        recipe,
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 def _cli_args(overrides: dict) -> list[str]:
     out = []
     for k, v in overrides.items():
@@ -45,33 +76,7 @@ def ddp_run(tiny_models, tiny_data, tmp_path_factory):
         base_kl_weight=1e-9,
         base_kl_every=1,  # on every step, so every logged step carries base_kl (the demo applies it every 2nd)
     )
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        ADAPTERS_TRACE_DIR=str(root / "trace"),
-        ADAPTERS_TRACE_WATCH=str(root / "out"),
-        OMP_NUM_THREADS="1",
-    )
-    cmd = [
-        str(ACCELERATE),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-        str(REPO / "tests" / "_dist_entry.py"),
-        "train",
-        "gemma3-270m-demo",
-        *_cli_args(ov),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = launch_two("gemma3-270m-demo", _cli_args(ov), root, port=29533, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     traces = {r: json.loads((root / "trace" / f"rank{r}.json").read_text()) for r in (0, 1)}
     return {"run": root / "out" / "ddp", "traces": traces, "overrides": ov, "root": root, "stdout": proc.stdout}

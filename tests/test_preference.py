@@ -384,11 +384,8 @@ def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
 def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path):
     """A 2-process DDP run (accelerate launch, gloo on CPU) continuing the SFT adapter: one world of 2, the reference
     right on both ranks (first loss log 2), one adapter without 'ref'."""
-    import os
-    import subprocess
-    import sys
 
-    from .conftest import REPO
+    from .test_dist import launch_two
 
     ov = _dpo_overrides(
         tiny_models,
@@ -401,33 +398,7 @@ def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path
         eval_after_train=False,
     )
     args = [a for k, v in ov.items() for a in (f"--{k}", "null" if v is None else str(v))]
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        ADAPTERS_TRACE_DIR=str(tmp_path / "trace"),
-        ADAPTERS_TRACE_WATCH=str(tmp_path / "out"),
-        OMP_NUM_THREADS="1",
-    )
-    cmd = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29541",
-        str(REPO / "tests" / "_dist_entry.py"),
-        "train",
-        "gemma3-270m-dpo-demo",
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = launch_two("gemma3-270m-dpo-demo", args, tmp_path, port=29541, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "out" / "ddp"
     m = json.loads((run / "manifest.json").read_text())
