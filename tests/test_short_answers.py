@@ -106,6 +106,9 @@ def test_raw_run_end_to_end(raw_run, tmp_path, monkeypatch):
 
     manifest = json.loads((raw_run / "manifest.json").read_text())
     assert manifest["config"]["template"] == "raw" and manifest["status"] == "complete"
+    # base_kl_source: auto, resolved by the audit's trained share (catalogue lines: over 10% trained -> rows)
+    assert manifest["data"]["audit"]["train"]["trained_share"] >= 0.10
+    assert manifest["config"]["base_kl_source"] == "rows"
     ev = json.loads((raw_run / "eval.json").read_text())
     assert ev["tuned"]["n"] == 8 and "exact_match" in ev["tuned"]
     assert main(["merge", str(raw_run)]) == 0
@@ -353,3 +356,32 @@ def test_general_text_is_not_the_probe():
 
     guard, probe = general_passages(), set(stdlib_passages())
     assert len(guard) > 100 and not probe & set(guard)
+
+
+def test_guard_source_auto_rule():
+    """auto: the rows' prompts when at least 10% of the tokens are trained, general text below (short answers);
+    an explicit source is kept; the share comes from the audit or, for a stream, the split's summary; a resume
+    does not count auto against its resolved value as a change."""
+    from adapters.config import load_recipe
+    from adapters.training.forgetting_guard import ROWS_MIN_TRAINED_SHARE, resolve_source, trained_share_of
+    from adapters.training.lifecycle import resume_changes
+
+    assert ROWS_MIN_TRAINED_SHARE == 0.10
+    assert resolve_source("auto", 0.327)[0] == "rows" and "32.7%" in resolve_source("auto", 0.327)[1]
+    assert resolve_source("auto", 0.052) == (
+        "general",
+        "base_kl_source auto -> general (5.2% of the training tokens are trained, < 10%)",
+    )
+    assert resolve_source("auto", 0.10)[0] == "rows" and resolve_source("auto", None)[0] == "general"
+    assert resolve_source("general", 0.9) == ("general", None) and resolve_source("rows", 0.01) == ("rows", None)
+    assert resolve_source("my.txt", 0.01) == ("my.txt", None)
+    assert trained_share_of({"audit": {"train": {"trained_share": 0.05}}, "train": {"trained_share": 0.5}}) == 0.05
+    assert trained_share_of({"train": {"trained_share": 0.5}}) == 0.5 and trained_share_of({}) is None
+    recipe, _ = load_recipe("gemma3-270m-demo")
+    assert recipe.base_kl_source == "auto"
+    assert resume_changes({**recipe.to_dict(), "base_kl_source": "rows"}, recipe) == {}
+    with pytest.raises(Exception, match="base_kl_source"):
+        resume_changes(
+            {**recipe.to_dict(), "base_kl_source": "rows"},
+            load_recipe("gemma3-270m-demo", {"base_kl_source": "general"})[0],
+        )

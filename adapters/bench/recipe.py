@@ -191,6 +191,7 @@ def run_ours(opts: RecipeBenchOptions, tmp: Path, path: str, **changes: Any) -> 
     from adapters.model.loading import load_model, load_tokenizer
     from adapters.model.lora import attach_lora
     from adapters.model.sources import resolve_model
+    from adapters.training.forgetting_guard import resolve_source, trained_share_of
     from adapters.training.trainer import build_trainer
 
     recipe = _recipe(opts, tmp, **changes)
@@ -198,7 +199,8 @@ def run_ours(opts: RecipeBenchOptions, tmp: Path, path: str, **changes: Any) -> 
     tok = load_tokenizer(ref, recipe)
     quiet = lambda *_a, **_k: None  # noqa: E731 - the data stage's report lines are not the bench's
     packed = packing_guard(recipe, say=quiet)
-    train_enc, _, _, _ = prepare_data(recipe, tok, None, say=quiet, write=False, packed=packed)
+    train_enc, _, _, report = prepare_data(recipe, tok, None, say=quiet, write=False, packed=packed)
+    recipe.base_kl_source, _ = resolve_source(recipe.base_kl_source, trained_share_of(report))  # as a run does
     with peak_memory() as mem:
         t0 = time.perf_counter()
         model = load_model(ref, recipe)

@@ -149,10 +149,11 @@ class TrainingKeys:
     base_kl_every: int = 1
     """Apply the base_kl_weight term on every k-th optimizer step only, weighted by k (same expected pull, 1/k of
     its cost)."""
-    base_kl_source: str = "general"
+    base_kl_source: str = "auto"
     """Where base_kl_weight's positions come from: general (built-in general text appended to each guarded
-    micro-batch, adapters/training/forgetting_guard.py), rows (the training rows' unlabelled positions), or a path
-    to a text file of passages separated by blank lines."""
+    micro-batch, adapters/training/forgetting_guard.py), rows (the training rows' unlabelled positions), a path
+    to a text file of passages separated by blank lines, or auto: rows when at least 10% of the training tokens are
+    trained, general below that (short answers); the manifest records the choice."""
     save_on_interrupt: bool = True
     """On Ctrl-C or SIGTERM, finish the current step and save a checkpoint before stopping, so --resume continues
     from there."""
@@ -277,9 +278,10 @@ class Recipe(_RecipeFields):
             )
         if self.base_kl_positions < 0:
             raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")
-        if self.base_kl_source not in ("general", "rows") and not self.base_kl_source.endswith((".txt", ".md")):
+        if self.base_kl_source not in ("auto", "general", "rows") and not self.base_kl_source.endswith((".txt", ".md")):
             raise RecipeError(
-                f"base_kl_source: expected general, rows or a .txt/.md file of passages, got {self.base_kl_source!r}"
+                "base_kl_source: expected auto, general, rows or a .txt/.md file of passages, "
+                f"got {self.base_kl_source!r}"
             )
         if self.base_kl_every < 1:
             raise RecipeError(f"base_kl_every: must be >= 1, got {self.base_kl_every}")

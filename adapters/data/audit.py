@@ -111,7 +111,7 @@ def few_trained_tokens(a: dict[str, Any], threshold: float = FEW_TRAINED_SHARE) 
         f"< {threshold:.0%}): each step learns from about {per_row:.0f} tokens a row while paying for the whole "
         "row, so a short-answer task needs more steps (or rows) than its row count suggests before its answers "
         "are reliable; and a forgetting guard on the rows' own prompts would outweigh those few tokens "
-        "(base_kl_source: general, the default, holds the model to its base on general text instead)",
+        "(base_kl_source: auto, the default, therefore holds the model to its base on general text instead)",
     }
 
 

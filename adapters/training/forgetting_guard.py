@@ -22,7 +22,7 @@ Where the positions come from (``base_kl_source``):
   can only be learnt by changing the representations of the prompt it is predicted from, and those are exactly the
   positions held to the base, through the same LoRA weights. It cost accuracy there and still forgot (the
   prompts are in-domain text, the forgetting is on everything else).
-- ``general`` (default): general text that is not the task's, appended to the micro-batch as extra rows with no
+- ``general``: general text that is not the task's, appended to the micro-batch as extra rows with no
   labels, so one forward (and, under DDP, one backward) still covers both. It holds the model to its base where
   forgetting is measured - text the task has nothing to say about - and leaves the task's prompts free to move.
   The built-in text is the docstrings of Python standard-library modules that the default forgetting probe does
@@ -30,6 +30,10 @@ Where the positions come from (``base_kl_source``):
   windows; a path to a text file (passages separated by blank lines) replaces it. Each guarded step appends
   enough windows for ``base_kl_positions`` positions per training row (two windows of 64 tokens for batch 8).
   Measured against ``rows`` in docs/training.md#forgetting-guard.
+- ``auto`` (default): ``rows`` when at least ``ROWS_MIN_TRAINED_SHARE`` of the training tokens carry a label (the
+  demo's catalogue lines: 33%), ``general`` below it (one-word answers: 5%). Each was the better of the two where
+  it is chosen (docs/training.md#where-the-guards-positions-come-from); the data audit's share decides, and the
+  manifest's ``config.base_kl_source`` records the choice.
 
 The KL term is a training regulariser only: evaluation loss stays the plain task loss, so early stopping, sweeps
 and reports compare like with like. Its value is logged as ``base_kl``.
@@ -229,6 +233,33 @@ GUARD_MODULES = (
 GENERAL_LENGTH = 64  # tokens per general-text window (BOS + 63)
 
 
+ROWS_MIN_TRAINED_SHARE = 0.10  # the few_trained_tokens threshold of the audit (adapters/data/audit.py)
+
+
+def trained_share_of(data_report: dict[str, Any] | None) -> float | None:
+    """The training split's share of tokens that carry a label, from the data stage's report (audit or stream)."""
+    report = data_report or {}
+    for part in (((report.get("audit") or {}).get("train")), report.get("train")):
+        if isinstance(part, dict) and part.get("trained_share") is not None:
+            return float(part["trained_share"])
+    return None
+
+
+def resolve_source(source: str, trained_share: float | None) -> tuple[str, str | None]:
+    """``base_kl_source`` as trained: ``auto`` becomes ``rows`` or ``general`` by the trained share; returns the
+    value and, for ``auto``, the reason in a line (else None)."""
+    if source != "auto":
+        return source, None
+    if trained_share is None:  # no audit (cannot happen in a run): general is the choice that cannot drown a task
+        return "general", "base_kl_source auto -> general (no trained-token share was measured)"
+    chosen = "rows" if trained_share >= ROWS_MIN_TRAINED_SHARE else "general"
+    cmp = ">=" if chosen == "rows" else "<"
+    return chosen, (
+        f"base_kl_source auto -> {chosen} ({trained_share:.1%} of the training tokens are trained, "
+        f"{cmp} {ROWS_MIN_TRAINED_SHARE:.0%})"
+    )
+
+
 def general_passages(source: str = "general") -> list[str]:
     """The guard's general text: ``general`` (built-in, see GUARD_MODULES) or a text file's passages."""
     from adapters.evaluation.forgetting import probe_passages, stdlib_passages
@@ -321,7 +352,7 @@ class BaseKLMixin:
     base_kl_weight: float = 0.0
     base_kl_positions: int = 16
     base_kl_every: int = 1
-    base_kl_source: str = "general"
+    base_kl_source: str = "general"  # resolved: never auto here (resolve_source, in the run and the bench)
     last_task_loss: float | None = None  # the task loss of the last training micro-batch, without the KL term
     _general: torch.Tensor | None = None
 

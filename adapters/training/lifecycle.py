@@ -328,7 +328,7 @@ def resume_changes(run_config: dict[str, Any], recipe) -> dict[str, list[Any]]:
     allowed, refused = {}, []
     for key in dict.fromkeys([*then_cfg, *now_cfg]):
         old, new = _value(then_cfg, defaults, key), _value(now_cfg, recipe, key)
-        if old == new or (key == "template" and "auto" in (old, new)):  # auto resolves again, from the same data
+        if old == new or (key in ("template", "base_kl_source") and "auto" in (old, new)):  # resolves again
             continue
         why = _safe(key, old, new, early)
         if why is None:

@@ -136,6 +136,12 @@ def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life,
         train_enc, eval_enc, _, data_report = prepare_data(
             recipe, tok, run, say=log, write=state.is_main_process, packed=packed
         )
+    if recipe.base_kl_weight > 0:  # auto -> rows or general, by the audit's trained share; recorded below
+        from adapters.training.forgetting_guard import resolve_source, trained_share_of
+
+        recipe.base_kl_source, why = resolve_source(recipe.base_kl_source, trained_share_of(data_report))
+        if why:
+            log(f"[guard] {why}")
     previous = claim["previous"]
     if previous:
         lifecycle.data_changes(previous.get("data"), data_report)  # same files, but not the same contents?
