@@ -375,12 +375,11 @@ def test_dpo_forgetting_guard_holds_the_policy_to_the_base_on_general_text(
 def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path):
     """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
     adapter and the preference section."""
-    recipe, path = load_recipe(
-        "gemma3-270m-dpo-demo",
-        _dpo_overrides(
-            tiny_models, pref_data, tmp_path, run_name=trainer, trainer=trainer, max_steps=2, eval_base=False
-        ),
+    recipe, path = load_recipe(  # the shipped ORPO / KTO demo recipes, with their forgetting guard
+        f"gemma3-270m-{trainer}-demo",
+        _dpo_overrides(tiny_models, pref_data, tmp_path, run_name=trainer, max_steps=2, eval_base=False),
     )
+    assert recipe.trainer == trainer and recipe.base_kl_weight > 0
     run = train_mod.train(recipe, path)
     m = json.loads((run / "manifest.json").read_text())
     assert m["reference"]["kind"] == ("base" if trainer == "kto" else "none")
@@ -389,6 +388,8 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
     if trainer == "kto":
         assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+    assert m["config"]["base_kl_source"] == "general"
+    assert any("base_kl" in e for e in m["log_history"])  # the guard's KL is logged by every trainer
 
 
 def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run):
