@@ -272,24 +272,30 @@ def test_dpo_recipe_bench_isolates_paths_and_gates_on_log_probs(tiny_models, tin
         data[split] = tmp_path / f"pref_{split}.jsonl"
         data[split].write_text("\n".join((DEMO / f"pref_{split}.jsonl").read_text().splitlines()[:n]) + "\n")
     over = tiny_overrides(tiny_models["gemma3"], data, tmp_path / "runs", trainer="dpo", init_adapter=str(run))
-    over.update(base_kl_weight=0.0, learning_rate=1e-3, lora_dropout=0.0)
+    over.update(base_kl_weight=1.0, learning_rate=1e-3, lora_dropout=0.0)  # the guard: a third row
     over.pop("eval_steps")
     res = bench_recipe(
         RecipeBenchOptions("gemma3-270m-demo", steps=3, gate_batches=2, out=tmp_path / "out", overrides=over),
         log=lambda *_: None,
     )
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert saved["trainer"] == "dpo" and [r["path"] for r in saved["rows"]] == ["plain TRL", "recipe"]
-    plain, ours = saved["rows"]
-    assert plain["pid"] != ours["pid"]
+    paths = [r["path"] for r in saved["rows"]]
+    assert saved["trainer"] == "dpo" and paths == ["plain TRL", "recipe", "recipe+guard"]
+    plain, ours, guarded = saved["rows"]
+    assert len({plain["pid"], ours["pid"], guarded["pid"]}) == 3
     assert plain["gradient_checkpointing"] is True and plain["precompute_ref_log_probs"] is False  # TRL's defaults
     assert ours["switches"] == {"trained_positions_only": True, "precompute_ref_log_probs": True}
     assert ours["reference"]["kind"] == "start_adapter"
     for r in (plain, ours):
         assert r["peak_mem_gib"] > 0 and len(r["losses"]) == 2 and len(r["gate_values"]["logps/chosen"]) == 2
-    (comp,) = saved["comparisons"]
+    comp, with_guard = saved["comparisons"]
     assert (
         comp["scenario"] == "recipe" and comp["speedup"] > 0 and comp["memory_ratio"] > 0 and comp["speedup_wall"] > 0
     )
     assert comp["gate"]["verdict"] == "PASS" and comp["gate"]["batches"] == 6, comp  # 2 losses + 2 x 2 log-probs
+    # the guard's row gates on DPO's own loss (before the KL term) and log-probs of the first batch, before the KL
+    # has moved the continued adapter
+    assert with_guard["scenario"] == "recipe+guard" and with_guard["gate"]["verdict"] == "PASS", with_guard
+    assert with_guard["gate"]["batches"] == 3 and "why_first_batch_only" in with_guard["gate"]
+    assert "guard_extra_step_time" in with_guard
     assert res["table"].count("| plain TRL |") == 1

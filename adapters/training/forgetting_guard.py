@@ -425,6 +425,7 @@ class PreferenceKLMixin(BaseKLMixin):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super(BaseKLMixin, self).compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.last_task_loss = float((out[0] if return_outputs else out).detach())  # the trainer's own loss
         every = max(1, int(self.base_kl_every))
         if not (model.training and self.base_kl_weight > 0 and self.state.global_step % every == 0):
             return out
