@@ -84,6 +84,26 @@ def test_forgetting_flag_threshold():
     assert M.perplexity(0.0) == 1.0 and math.isinf(M.perplexity(1e4))
 
 
+def test_forgetting_advice_names_the_knobs_of_the_runs_trainer(monkeypatch):
+    """A preference trainer refuses base_kl_weight, so its forgetting flag must not advise it: DPO/KTO get beta
+    (their pull to the reference), ORPO (no reference) the rate and steps only; values come from the config."""
+    fg = {"probe": "p", "ppl_base": 10.0, "ppl_tuned": 11.0, "rise": 0.1}
+    sft = M.forgetting_flag(fg, 0.05, M.forgetting_advice(Recipe(max_steps=30)))
+    assert "raise base_kl_weight (now 0;" in sft["message"] and "max_steps (now 30)" in sft["message"]
+    for trainer in ("dpo", "kto"):
+        f = M.forgetting_flag(fg, 0.05, M.forgetting_advice(Recipe(trainer=trainer, beta=0.25, learning_rate=1e-5)))
+        assert "base_kl_weight" not in f["message"], f["message"]
+        assert f"raise beta (now 0.25; {trainer.upper()}'s pull" in f["message"]
+        assert "lower learning_rate (now 1e-05) or num_train_epochs (now 1)" in f["advice"]
+    orpo = M.forgetting_advice(Recipe(trainer="orpo", max_steps=8))
+    assert "base_kl_weight" not in orpo and "raise beta" not in orpo and "max_steps (now 8)" in orpo
+    assert "ORPO has no reference" in orpo
+    # a trainer whose recipe accepts the guard (the coordinator's preference guard) gets it named as well
+    monkeypatch.setattr(M, "guard_accepted", lambda recipe: True)
+    both = M.forgetting_advice(Recipe(trainer="dpo"))
+    assert both.startswith("raise base_kl_weight (now 0;") and "raise beta (now 0.1;" in both
+
+
 def test_stdlib_probe_is_deterministic_prose():
     from adapters.evaluation.forgetting import probe_passages, stdlib_passages
 

@@ -300,6 +300,20 @@ def test_preference_evaluation_compares_base_start_and_tuned(dpo_run):
     assert (dpo_run / "preference.png").is_file()
 
 
+def test_forgetting_flag_of_a_dpo_run_advises_its_own_knobs(dpo_run, monkeypatch):
+    """The DPO recipe refuses base_kl_weight, so the forgetting flag (forced here: threshold -1) names beta, the
+    learning rate and the steps of that run instead."""
+    from adapters.evaluation import evaluate as ev_mod
+    from adapters.evaluation import metrics as M
+
+    real = M.forgetting_flag
+    monkeypatch.setattr(M, "forgetting_flag", lambda fg, threshold, advice=None: real(fg, -1.0, advice))
+    (flag,) = ev_mod.evaluate_run(dpo_run, probe_only=True, log=lambda *a: None)["flags"]
+    assert "base_kl_weight" not in flag["message"], flag["message"]
+    assert "raise beta (now 0.1; DPO's pull towards its reference)" in flag["message"]
+    assert "lower learning_rate (now 0.002) or max_steps (now 4)" in flag["message"]
+
+
 def test_dpo_resume_after_kill_matches_unbroken_run(
     dpo_run, tiny_models, pref_data, sft_adapter, tmp_path, monkeypatch
 ):
