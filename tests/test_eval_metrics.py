@@ -239,6 +239,26 @@ def test_report_to_needs_the_logger_installed(monkeypatch):
         check_report_to(["tensorboard", "wandb"])
 
 
+def test_preference_sweep_objective_space_and_a_continued_adapters_fixed_shape():
+    from adapters.training.sweep import objective_of, search_space
+
+    dpo = Recipe(trainer="dpo", eval_file="pairs_val.jsonl", max_steps=4)
+    obj = objective_of(dpo)
+    assert (obj.name, obj.direction, obj.split) == ("preference_accuracy", "maximize", "pairs_val.jsonl")
+    assert obj.pruner.startswith("none")
+    assert objective_of(Recipe(trainer="dpo", eval_file=None, test_file="t.jsonl")).split == "t.jsonl"
+    with pytest.raises(RecipeError, match="a preference sweep needs held-out pairs"):
+        objective_of(Recipe(trainer="kto", eval_file=None, test_file=None))
+    assert objective_of(Recipe(eval_strategy="steps")).name == "eval_loss"
+    space, _ = search_space(dpo)
+    assert set(space) == {"learning_rate", "beta", "r", "lora_alpha"} and space["beta"]["log"]
+    assert space["learning_rate"]["high"] <= 1e-4  # a DPO LoRA rate, not SFT's
+    cont, _ = search_space(Recipe(trainer="dpo", max_steps=4, init_adapter="outputs/sft"))
+    assert set(cont) == {"learning_rate", "beta"}  # the continued adapter's r / alpha are its own
+    with pytest.raises(RecipeError, match=r"x.yaml: sweep.r: init_adapter outputs/sft fixes the adapter's LoRA"):
+        search_space(Recipe(trainer="dpo", init_adapter="outputs/sft", sweep={"r": [4, 8]}), "x.yaml")
+
+
 def test_sweep_refuses_without_validation_split(tmp_path):
     from pathlib import Path
 

@@ -378,6 +378,52 @@ def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run
     assert row in text, row
 
 
+def test_sweep_of_a_dpo_recipe_maximises_held_out_preference_accuracy(tiny_models, pref_data, sft_adapter, tmp_path):
+    """`adapters sweep` on a DPO recipe: each trial is scored on the held-out pairs (eval_file) as eval.json's
+    preference.tuned.accuracy, maximised, no pruning, forgetting a constraint; sweep.json names the objective."""
+    from adapters.cli import main
+    from adapters.evaluation.preference import held_out_pair_scores
+    from adapters.publish.hub import resolve_adapter
+    from adapters.publish.rundir import load_tuned
+
+    out = tmp_path / "sw"
+    ov = _dpo_overrides(
+        tiny_models,
+        pref_data,
+        tmp_path,
+        eval_file=str(pref_data["val"]),
+        init_adapter=str(sft_adapter),
+        max_steps=2,
+        save_steps=2,
+        sweep={"learning_rate": [1e-3, 1e-2], "beta": [0.1, 0.5]},
+    )
+    argv = ["sweep", "gemma3-270m-dpo-demo", "--trials", "2", "--out", str(out)]
+    for k, v in ov.items():
+        argv += [f"--{k}", json.dumps(v) if isinstance(v, dict) else "null" if v is None else str(v)]
+    assert main(argv) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    obj = summary["objective"]
+    assert (obj["name"], obj["direction"], obj["split"]) == ("preference_accuracy", "maximize", str(pref_data["val"]))
+    assert obj["pruner"].startswith("none")
+    assert set(summary["best_params"]) == {"learning_rate", "beta"}  # r / alpha: the SFT adapter's own
+    assert "best_eval_loss" not in summary
+    trials = summary["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert (out / "trials.csv").read_text().startswith("trial,state,preference_accuracy,margin,forgetting_rise")
+    for t in trials:
+        assert t["preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 held-out pairs
+        assert t["feasible"] == (t["forgetting_rise"] <= 0.05)
+    pool = [t for t in trials if t["feasible"]] or trials
+    top = max(pool, key=lambda t: (t["preference_accuracy"], t["margin"]))
+    assert summary["best_trial"] == top["trial"] and summary["best_preference_accuracy"] == top["preference_accuracy"]
+    # the value is the tuned adapter's accuracy on those pairs, the figure eval.json's preference section holds
+    run = resolve_adapter(out / f"trial-{top['trial']:03d}")
+    model, tok = load_tuned(run)
+    again = held_out_pair_scores(model, tok, run.recipe, pref_data["val"])
+    assert (again["accuracy"], again["margin"]) == (top["preference_accuracy"], top["margin"])
+    assert "held-out preference accuracy" in Path(summary["best_recipe"]).read_text().splitlines()[0]
+
+
 def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
     import dataclasses
 
