@@ -424,6 +424,77 @@ def test_sweep_of_a_dpo_recipe_maximises_held_out_preference_accuracy(tiny_model
     assert "held-out preference accuracy" in Path(summary["best_recipe"]).read_text().splitlines()[0]
 
 
+def test_generate_merge_gguf_export_and_push_of_a_dpo_run_hold_only_the_trained_adapter(
+    dpo_run, tmp_path, monkeypatch, capsys
+):
+    """Issue 23 item 6 on a run that continued an SFT adapter (so TRL held a 'ref' copy): generate (tuned and
+    merged), merge, `export --gguf` (lora and merged; no llama_cpp, so written unverified) and push to a fake hub
+    (adapter and merged). No output holds the reference adapter; the pushed card states the preference training."""
+    import shutil
+    import sys
+
+    from gguf import GGUFReader
+    from huggingface_hub import ModelCard, constants
+
+    from adapters.cli import main
+    from adapters.publish.hub import push
+
+    from .fake_hub import FakeHub
+
+    run = Path(shutil.copytree(dpo_run, tmp_path / "run", ignore=shutil.ignore_patterns("merged", "gguf", "hub")))
+    trained = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    n_lora = len([k for k in trained if ".lora_A." in k or ".lora_B." in k])
+    assert n_lora == len(trained) and not [k for k in trained if ".ref." in k]
+
+    ask = ["--prompt", "Format: Alice Moreau, Lyon, 1950", "--max-new-tokens", "4"]
+    assert main(["generate", str(run), *ask]) == 0
+    tuned_answer = capsys.readouterr().out
+    assert tuned_answer.strip()
+    assert main(["merge", str(run)]) == 0
+    assert json.loads((run / "merge_report.json").read_text())["verdict"] == "pass"
+    names = [k for f in (run / "merged").glob("*.safetensors") for k in load_file(str(f))]
+    assert names and not [n for n in names if "lora" in n or ".ref." in n]
+    assert not [p for p in run.rglob("*") if p.name == "ref"]
+    capsys.readouterr()  # the merge check's table
+    assert main(["generate", str(run), "--merged", *ask]) == 0
+    assert capsys.readouterr().out == tuned_answer  # the merge is the tuned adapter, not the reference
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # no llama.cpp: written, verdict unverified
+    for mode in ("lora", "merged"):
+        out = tmp_path / f"gguf-{mode}"
+        assert main(["export", str(run), "--gguf", "--mode", mode, "--to", str(out)]) == 0
+        assert json.loads((out / "export_report.json").read_text())["verdict"] == "unverified"
+        assert not [p for p in out.rglob("*") if "ref" in p.name.lower().split(".")]
+    lora = GGUFReader(str(tmp_path / "gguf-lora" / "adapter.gguf"))
+    lora_names = [t.name for t in lora.tensors]
+    assert len(lora_names) == n_lora  # one A and one B per wrapped layer: the trained adapter's, no second copy
+    assert all(n.endswith((".lora_a", ".lora_b")) for n in lora_names) and len(set(lora_names)) == n_lora
+
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEtok3n0nlyForTestsXyZ1234567890abc")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    hub = FakeHub(lifetime=120).start()
+    try:
+        push(run, "me/dpo-lora", endpoint=hub.url, backoff=0.01, log=lambda *a: None)
+        push(run, "me/dpo-merged", merged=True, endpoint=hub.url, backoff=0.01, log=lambda *a: None)
+        remote, merged_remote = hub.files("me/dpo-lora"), hub.files("me/dpo-merged")
+    finally:
+        hub.stop()
+    for files in (remote, merged_remote):
+        assert not [p for p in files if p.startswith("ref/") or "/ref/" in p], sorted(files)
+    assert remote["adapter_model.safetensors"] == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "adapter_model.safetensors" not in merged_remote
+    cfg = json.loads(remote["adapter_config.json"])
+    assert cfg["r"] == 16 and "ref" not in json.dumps(cfg.get("auto_mapping") or {})
+    ev = json.loads((run / "eval.json").read_text())["preference"]
+    for files in (remote, merged_remote):
+        text = ModelCard(files["README.md"].decode()).text
+        for needle in ("| trainer | dpo |", "| beta | 0.1 |", "| loss type | sigmoid |", "start_adapter"):
+            assert needle in text, needle
+        row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
+        assert row in text, row
+
+
 def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
     import dataclasses
 
