@@ -339,6 +339,117 @@ def test_dpo_resume_after_kill_matches_unbroken_run(
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+def _entry(run: Path) -> Path:
+    enc = json.loads((run / "manifest.json").read_text())["data"]["encoding"]
+    return Path(enc["cache"])
+
+
+def test_dpo_encoded_cache_holds_trls_own_tokenization_and_a_second_run_reuses_it(
+    dpo_run, tiny_models, pref_data, sft_adapter, capsys
+):
+    """The first DPO run stored TRL's tokenized split (sealed); it equals TRL's own _prepare_dataset on the same rows
+    token for token, and a second run with the same key reads it (no audit, no tokenization) and trains the same
+    adapter and losses."""
+    import types
+
+    from datasets import load_from_disk
+    from trl import DPOConfig, DPOTrainer
+
+    from adapters.data import cache
+    from adapters.data.preference import prepare_preference
+
+    first = json.loads((dpo_run / "manifest.json").read_text())
+    enc = first["data"]["encoding"]
+    assert enc["cache_hit"] is False and enc["stored"] is True and enc["num_proc"] == 1
+    entry = _entry(dpo_run)
+    assert cache.verify(entry) is None and (entry / "report.json").is_file()
+    cached = load_from_disk(str(entry / "train"))
+    # TRL's own tokenization of the same rows (the data stage without a cache: another output_root)
+    recipe, _ = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(tiny_models, pref_data, dpo_run.parent / "nocache", init_adapter=str(sft_adapter)),
+    )
+    tok = _train_tokenizer(recipe)
+    rows, _, report = prepare_preference(recipe, tok, None, say=lambda *a: None)
+    assert report["encoding"]["cache_hit"] is False and "prompt_ids" not in rows.column_names
+    args = DPOConfig(
+        output_dir=str(dpo_run.parent / "nocache"),
+        max_length=recipe.max_length,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+    )
+    own = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok), rows, tok, args, "train")
+    assert len(own) == len(cached) == 16
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"):
+        assert cached[col] == own[col], col
+
+    recipe2, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models,
+            pref_data,
+            dpo_run.parent,
+            run_name="dpo-again",
+            init_adapter=str(sft_adapter),
+            eval_after_train=False,
+        ),
+    )
+    capsys.readouterr()
+    run = train_mod.train(recipe2, path)
+    said = capsys.readouterr()
+    assert f"[data] encoded cache hit: {entry}" in said.out and "Tokenizing train dataset" not in said.out + said.err
+    again = json.loads((run / "manifest.json").read_text())
+    assert again["data"]["encoding"]["cache_hit"] is True and again["data"]["encoding"]["key"] == enc["key"]
+    assert again["data"]["train"] == first["data"]["train"]  # the audit, from the entry
+    assert json.loads((run / "data_audit.json").read_text())["train"] == first["data"]["train"]
+    losses = [(e["step"], e["loss"]) for e in again["log_history"] if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in first["log_history"] if "loss" in e]
+    a = load_file(str(dpo_run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_a_damaged_preference_cache_entry_is_named_set_aside_and_not_used(dpo_run, tmp_path):
+    """RELIABILITY row 35 for preference entries: a changed Arrow file is found before use, named in one line, the
+    entry moved aside; the stage reads, validates and audits the rows again."""
+    import shutil
+
+    from adapters.data.preference import prepare_preference
+    from adapters.publish.rundir import open_run
+
+    src = open_run(dpo_run)
+    root = tmp_path / "out"
+    shutil.copytree(_entry(dpo_run).parent, root / ".cache" / "encoded")
+    recipe = dataclasses_replace(src.recipe, output_root=str(root))
+    entry = root / ".cache" / "encoded" / _entry(dpo_run).name
+    arrow = sorted((entry / "train").glob("*.arrow"))[0]
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    said: list[str] = []
+    train, _, report = prepare_preference(recipe, _train_tokenizer(recipe), None, say=said.append)
+    damaged = [s for s in said if "entry damaged" in s]
+    assert len(damaged) == 1 and arrow.name in damaged[0] and "moved aside" in damaged[0], said
+    assert report["encoding"]["cache_hit"] is False and "prompt_ids" not in train.column_names
+    assert not entry.exists() and [p for p in entry.parent.iterdir() if ".damaged" in p.name]
+
+
+def _train_tokenizer(recipe):
+    """The tokenizer as training loads it (the run's saved copy serializes differently, so its hash differs)."""
+    from adapters.model.loading import load_tokenizer
+    from adapters.model.sources import resolve_model
+
+    return load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
+
+
+def dataclasses_replace(recipe, **kw):
+    import dataclasses
+
+    return dataclasses.replace(recipe, **kw)
+
+
 @pytest.mark.parametrize("trainer", ["kto", "orpo"])
 def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path):
     """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
@@ -355,8 +466,23 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     assert m["status"] == "complete" and math.isfinite(m["train"]["train_loss"])
     _no_ref(run / "adapter")
     assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
-    if trainer == "kto":
-        assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+    enc = m["data"]["encoding"]
+    if trainer == "orpo":  # TRL's ORPOTrainer has no tokenization step a tokenized set can skip: said, not cached
+        assert enc["cache"] is None and "tokenize_row" in enc["not_cached"]
+        return
+    assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+    assert enc["cache_hit"] is False and enc["stored"] is True
+    # a second KTO run reads TRL's tokenized rows (with their KL completions) from the cache: the same training
+    again, _ = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models, pref_data, tmp_path, run_name="kto2", trainer=trainer, max_steps=2, eval_after_train=False
+        ),
+    )
+    run2 = train_mod.train(again, path)
+    m2 = json.loads((run2 / "manifest.json").read_text())
+    assert m2["data"]["encoding"]["cache_hit"] is True and m2["data"]["encoding"]["key"] == enc["key"]
+    assert [e["loss"] for e in m2["log_history"] if "loss" in e] == [e["loss"] for e in m["log_history"] if "loss" in e]
 
 
 def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run):
@@ -536,3 +662,14 @@ def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path
     assert m["status"] == "complete" and m["world_size"] == 2 and m["effective_batch_size"] == 4
     assert abs(_first_log(run)["loss"] - LOG2) < 1e-4
     _no_ref(run / "adapter")
+    assert m["data"]["encoding"]["stored"] is True  # rank 0 stored TRL's tokenized rows; both ranks tokenized
+    assert "Tokenizing train dataset" in proc.stderr
+    # a second 2-process run: every rank reads the entry (the main process's decision), no rank tokenizes
+    args[args.index("ddp")] = "ddp2"
+    proc = launch_two("gemma3-270m-dpo-demo", args, tmp_path, port=29542, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "out" / "ddp2" / "manifest.json").read_text())
+    assert again["data"]["encoding"]["cache_hit"] is True and "Tokenizing train dataset" not in proc.stderr
+    assert [e["loss"] for e in again["log_history"] if "loss" in e] == [
+        e["loss"] for e in m["log_history"] if "loss" in e
+    ]

@@ -84,19 +84,46 @@ def drop_reference(model) -> bool:
     return False
 
 
+class EncodedSplitsMixin:
+    """TRL's ``_prepare_dataset`` (DPO, KTO) for the encoded-data cache: a split that already holds TRL's tokenized
+    columns (read from the cache) is returned as it is; any other is tokenized by TRL and kept in ``tokenized`` so
+    the run can store it (data/preference.py ``store_tokenized``)."""
+
+    tokenized_columns: tuple[str, ...] = ()
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        names = getattr(dataset, "column_names", None) or []
+        if self.tokenized_columns and set(self.tokenized_columns) <= set(names):
+            return dataset  # TRL's own output, from the cache
+        out = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        self.__dict__.setdefault("tokenized", {})[dataset_name] = out
+        return out
+
+
 def build_preference_trainer(
-    model, tok, recipe: Recipe, run: Path, train_ds, eval_ds, *, callbacks: Sequence[Any] = ()
+    model,
+    tok,
+    recipe: Recipe,
+    run: Path,
+    train_ds,
+    eval_ds,
+    *,
+    callbacks: Sequence[Any] = (),
+    data_report: dict[str, Any] | None = None,
 ):
     """The recipe's preference trainer over ``model`` (a PeftModel: a new adapter, or the starting one). Returns
-    (trainer, the non-finite-loss guard)."""
+    (trainer, the non-finite-loss guard). ``data_report``: the data stage's report; on an encoded-cache miss the
+    splits TRL tokenized are stored with it (``report['encoding']``)."""
+    from adapters.data.preference import TOKENIZED_COLUMNS
     from adapters.model.lora import adapter_dtype as dtype_of
     from adapters.training import preference_speed
     from adapters.training.trainer import AdapterDtypeMixin, _ckpt_flag, _log_tensorboard_to, make_callbacks
 
     config_cls, trainer_cls = _classes(recipe.trainer)
 
-    class Trainer(ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, trainer_cls):
+    class Trainer(EncodedSplitsMixin, ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, trainer_cls):
         adapter_dtype = dtype_of(recipe)
+        tokenized_columns = TOKENIZED_COLUMNS.get(recipe.trainer, ())
 
     trainctl.check_report_to(recipe.report_to)
     use_cpu = not torch.cuda.is_available()
@@ -115,6 +142,9 @@ def build_preference_trainer(
         _ckpt_flag(config_cls): False,
         **trainctl.config_fields(recipe, has_eval),
     }
+    encoding = (data_report or {}).get("encoding") or {}
+    if encoding.get("num_proc"):  # TRL's dataset map: dataset_num_proc, else SFT's rule (data/arrow.py)
+        owned["dataset_num_proc"] = encoding["num_proc"]
     args = config_cls(**{**recipe.library_kwargs("training"), **owned})
     guard = make_callbacks()
     kwargs: dict[str, Any] = {}
@@ -131,6 +161,14 @@ def build_preference_trainer(
             callbacks=[guard],
             **kwargs,
         )
+    if encoding.get("cache") and not encoding.get("cache_hit") and trainer.is_world_process_zero():
+        from adapters.data.preference import store_tokenized
+        from adapters.training.run import log
+
+        splits = dict(getattr(trainer, "tokenized", {}))
+        if eval_ds is not None and "eval" not in splits:  # not tokenized (no evaluation): stored as given
+            splits["eval"] = eval_ds
+        encoding["stored"] = store_tokenized(encoding, splits, data_report, run, recipe, say=log)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if not recipe.init_adapter:
         drop_reference(unwrapped)  # a new adapter: the reference is the base (adapter disabled), no copy needed
