@@ -451,7 +451,7 @@ def dataclasses_replace(recipe, **kw):
 
 
 @pytest.mark.parametrize("trainer", ["kto", "orpo"])
-def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path):
+def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path, monkeypatch):
     """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
     adapter and the preference section."""
     recipe, path = load_recipe(
@@ -467,18 +467,29 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     _no_ref(run / "adapter")
     assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
     enc = m["data"]["encoding"]
-    if trainer == "orpo":  # TRL's ORPOTrainer has no tokenization step a tokenized set can skip: said, not cached
-        assert enc["cache"] is None and "tokenize_row" in enc["not_cached"]
-        return
-    assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+    if trainer == "kto":
+        assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
     assert enc["cache_hit"] is False and enc["stored"] is True
-    # a second KTO run reads TRL's tokenized rows (with their KL completions) from the cache: the same training
+    # a second run reads TRL's tokenized rows from the cache (KTO: with their KL completions; ORPO: the columns its
+    # tokenize_row returned): the same training
     again, _ = load_recipe(
         "gemma3-270m-dpo-demo",
         _dpo_overrides(
-            tiny_models, pref_data, tmp_path, run_name="kto2", trainer=trainer, max_steps=2, eval_after_train=False
+            tiny_models,
+            pref_data,
+            tmp_path,
+            run_name=f"{trainer}2",
+            trainer=trainer,
+            max_steps=2,
+            eval_after_train=False,
         ),
     )
+
+    def not_again(*a, **k):
+        raise AssertionError("TRL tokenized the rows again")
+
+    trl_cls = pref_mod._classes(trainer)[1]
+    monkeypatch.setattr(trl_cls, "tokenize_row" if trainer == "orpo" else "_prepare_dataset", not_again)
     run2 = train_mod.train(again, path)
     m2 = json.loads((run2 / "manifest.json").read_text())
     assert m2["data"]["encoding"]["cache_hit"] is True and m2["data"]["encoding"]["key"] == enc["key"]

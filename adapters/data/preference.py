@@ -14,15 +14,16 @@ fills ``max_length``) and the audit (rows kept, tokens, truncation, duplicates, 
 before the model loads (:func:`prepare_preference`). Rows go to TRL in its conversational format, so TRL's own chat
 template handling and tokenization apply.
 
-The encoded-data cache (data/cache.py, as for SFT): TRL's own tokenization of the kept rows (its
-``_prepare_dataset``: prompt / chosen / rejected ids for DPO, prompt / completion ids and the KL completions for KTO)
-is stored with the data report in ``<output_root>/.cache/encoded/<key>/`` once a trainer has made it, sealed with
-sizes and digests (``integrity.json``), and a later run with the same key reads both from there: no reading,
-validation, audit or tokenization. The key: the data files' hashes, the tokenizer and chat template, the trl
-version, the trainer, and every key that changes the rows or TRL's tokenization (PREFERENCE_KEYS, TRL_TOKENIZE_KEYS).
-ORPO is not cached: ``trl.experimental.orpo.ORPOTrainer`` tokenizes in its constructor with three
-``dataset.map`` calls (``maybe_extract_prompt``, ``maybe_apply_chat_template``, ``self.tokenize_row``) and has no
-``_prepare_dataset`` step that a tokenized set could skip (NOT_CACHED).
+The encoded-data cache (data/cache.py, as for SFT): TRL's own tokenization of the kept rows is stored with the data
+report in ``<output_root>/.cache/encoded/<key>/`` once a trainer has made it, sealed with sizes and digests
+(``integrity.json``), and a later run with the same key reads both from there: no reading, validation, audit or
+tokenization. DPO and KTO: the output of their ``_prepare_dataset`` (prompt / chosen / rejected ids; prompt /
+completion ids and the KL completions), which our trainer class skips for a split that already holds it. ORPO
+(``trl.experimental.orpo``) has no such step: its constructor maps ``maybe_extract_prompt``,
+``maybe_apply_chat_template`` and ``self.tokenize_row`` over the rows every time; the entry holds the rows with the
+columns ``tokenize_row`` returned, and our ``tokenize_row`` hands those back (the two template maps still run). The
+key: the data files' hashes, the tokenizer and chat template, the trl version, the trainer, and every key that
+changes the rows or TRL's tokenization (PREFERENCE_KEYS, TRL_TOKENIZE_KEYS).
 """
 
 from __future__ import annotations
@@ -58,12 +59,18 @@ PREFERENCE_KEYS = (
 TRL_TOKENIZE_KEYS = {
     "dpo": ("max_length", "truncation_mode"),
     "kto": ("max_length", "per_device_train_batch_size", "loss_type"),
+    "orpo": ("max_length", "max_completion_length", "padding_value"),
 }
 # the columns TRL's _prepare_dataset adds: a dataset that has them is TRL's output (from the cache), not tokenized again
-TOKENIZED_COLUMNS = {"dpo": ("prompt_ids", "chosen_ids", "rejected_ids"), "kto": ("prompt_ids", "completion_ids")}
-NOT_CACHED = {
-    "orpo": "trl.experimental.orpo.ORPOTrainer tokenizes in its constructor (dataset.map of maybe_extract_prompt, "
-    "maybe_apply_chat_template and self.tokenize_row) with no _prepare_dataset step a tokenized set could skip",
+TOKENIZED_COLUMNS = {
+    "dpo": ("prompt_ids", "chosen_ids", "rejected_ids"),
+    "kto": ("prompt_ids", "completion_ids"),
+    "orpo": tuple(
+        f"{side}{k}"
+        for side in ("chosen_", "rejected_", "prompt_")
+        for k in ("input_ids", "attention_mask", "labels")
+        if not (side == "prompt_" and k == "labels")
+    ),
 }
 LENGTH_BIAS_FIX = (
     "balance the pairs' lengths, or use a length-normalised loss (loss_type: [sigmoid_norm]) or LD-DPO (ld_alpha < 1)"
@@ -445,13 +452,11 @@ def preference_cache_key(recipe, tok) -> dict[str, Any]:
 
 
 def cache_plan(recipe, tok, say=print, write: bool = True) -> dict[str, Any]:
-    """The ``encoding`` record of a preference run: the entry's folder and key, whether it is used (a hit: complete
-    and verified), or why this trainer is not cached. Every process follows the main one's decision, so that all of
+    """The ``encoding`` record of a preference run: the entry's folder and key, and whether it is used (a hit:
+    complete and verified). Every process follows the main one's decision, so that all of
     them either run TRL's tokenization (with its barriers) or none does."""
     from adapters.data import cache
 
-    if recipe.trainer in NOT_CACHED:
-        return {"cache": None, "cache_hit": False, "key": None, "not_cached": NOT_CACHED[recipe.trainer]}
     key = preference_cache_key(recipe, tok)["key"]
     folder = cache.cache_dir(recipe, key)
     hit = cache.complete(folder)

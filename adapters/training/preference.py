@@ -85,11 +85,17 @@ def drop_reference(model) -> bool:
 
 
 class EncodedSplitsMixin:
-    """TRL's ``_prepare_dataset`` (DPO, KTO) for the encoded-data cache: a split that already holds TRL's tokenized
-    columns (read from the cache) is returned as it is; any other is tokenized by TRL and kept in ``tokenized`` so
-    the run can store it (data/preference.py ``store_tokenized``)."""
+    """TRL's tokenization and the encoded-data cache. DPO, KTO: ``_prepare_dataset`` returns a split that already
+    holds TRL's tokenized columns (read from the cache) as it is; any other is tokenized by TRL and kept in
+    ``tokenized`` so the run can store it (data/preference.py ``store_tokenized``). ORPO: ``tokenize_row`` hands back
+    the columns a row already holds from the cache (what TRL's ``tokenize_row`` returned for it)."""
 
     tokenized_columns: tuple[str, ...] = ()
+
+    def tokenize_row(self, feature, model=None):
+        if self.tokenized_columns and all(k in feature for k in self.tokenized_columns):
+            return {k: feature[k] for k in self.tokenized_columns}
+        return super().tokenize_row(feature, model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         names = getattr(dataset, "column_names", None) or []
@@ -166,6 +172,10 @@ def build_preference_trainer(
         from adapters.training.run import log
 
         splits = dict(getattr(trainer, "tokenized", {}))
+        if recipe.trainer == "orpo":  # the rows with the columns ORPO's tokenize_row gave them (same order)
+            splits = {"train": _with_tokens(train_ds, trainer.train_dataset, Trainer.tokenized_columns)}
+            if has_eval:
+                splits["eval"] = _with_tokens(eval_ds, trainer.eval_dataset, Trainer.tokenized_columns)
         if eval_ds is not None and "eval" not in splits:  # not tokenized (no evaluation): stored as given
             splits["eval"] = eval_ds
         encoding["stored"] = store_tokenized(encoding, splits, data_report, run, recipe, say=log)
@@ -181,6 +191,13 @@ def build_preference_trainer(
     trainer.reference = reference_record(recipe, bool(getattr(args, "precompute_ref_log_probs", False)))
     trainctl.install(trainer, recipe, callbacks)
     return trainer, guard
+
+
+def _with_tokens(rows, tokenized, columns):
+    """``rows`` (our conversational rows) with ``columns`` of ``tokenized`` (the same rows after TRL's maps)."""
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([rows, tokenized.select_columns(list(columns))], axis=1)
 
 
 def latest_complete_run(recipe_stem: str, output_root: str | Path = "outputs") -> Path | None:
