@@ -233,7 +233,7 @@ def test_recipe_bench_runs_three_paths_and_writes_the_comparisons(tiny_models, t
     assert [r["path"] for r in saved["rows"]] == ["plain TRL", "recipe", "recipe+guard"]
     assert [c["scenario"] for c in saved["comparisons"]] == ["recipe", "recipe+guard"]
     for c in saved["comparisons"]:
-        assert c["speedup"] > 0 and c["gate"]["verdict"] == "PASS", c
+        assert c["speedup"] > 0 and c["speedup_wall"] > 0 and c["gate"]["verdict"] == "PASS", c
     assert "guard_extra_step_time" in saved["comparisons"][1]
     plain, off, guard = saved["rows"]
     assert plain["gradient_checkpointing"] is True and off["gradient_checkpointing"] is False  # TRL's default, ours
@@ -288,6 +288,8 @@ def test_dpo_recipe_bench_isolates_paths_and_gates_on_log_probs(tiny_models, tin
     for r in (plain, ours):
         assert r["peak_mem_gib"] > 0 and len(r["losses"]) == 2 and len(r["gate_values"]["logps/chosen"]) == 2
     (comp,) = saved["comparisons"]
-    assert comp["scenario"] == "recipe" and comp["speedup"] > 0 and comp["memory_ratio"] > 0
+    assert (
+        comp["scenario"] == "recipe" and comp["speedup"] > 0 and comp["memory_ratio"] > 0 and comp["speedup_wall"] > 0
+    )
     assert comp["gate"]["verdict"] == "PASS" and comp["gate"]["batches"] == 6, comp  # 2 losses + 2 x 2 log-probs
     assert res["table"].count("| plain TRL |") == 1

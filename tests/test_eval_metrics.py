@@ -84,24 +84,24 @@ def test_forgetting_flag_threshold():
     assert M.perplexity(0.0) == 1.0 and math.isinf(M.perplexity(1e4))
 
 
-def test_forgetting_advice_names_the_knobs_of_the_runs_trainer(monkeypatch):
-    """A preference trainer refuses base_kl_weight, so its forgetting flag must not advise it: DPO/KTO get beta
-    (their pull to the reference), ORPO (no reference) the rate and steps only; values come from the config."""
+def test_forgetting_advice_names_the_knobs_of_the_runs_trainer():
+    """The forgetting flag advises what the run's trainer has, with the config's values: base_kl_weight where the
+    recipe accepts it (SFT: on unlabelled positions; preference trainers: on general text, never with
+    base_kl_source: rows), beta for DPO/KTO (their pull to the reference), never ORPO's beta (no reference)."""
     fg = {"probe": "p", "ppl_base": 10.0, "ppl_tuned": 11.0, "rise": 0.1}
     sft = M.forgetting_flag(fg, 0.05, M.forgetting_advice(Recipe(max_steps=30)))
-    assert "raise base_kl_weight (now 0;" in sft["message"] and "max_steps (now 30)" in sft["message"]
+    assert "raise base_kl_weight (now 0; KL to the base on unlabelled positions)" in sft["message"]
+    assert "max_steps (now 30)" in sft["message"] and "beta" not in sft["message"]
     for trainer in ("dpo", "kto"):
         f = M.forgetting_flag(fg, 0.05, M.forgetting_advice(Recipe(trainer=trainer, beta=0.25, learning_rate=1e-5)))
-        assert "base_kl_weight" not in f["message"], f["message"]
+        assert "raise base_kl_weight (now 0; KL to the base on general text)" in f["message"], f["message"]
         assert f"raise beta (now 0.25; {trainer.upper()}'s pull" in f["message"]
         assert "lower learning_rate (now 1e-05) or num_train_epochs (now 1)" in f["advice"]
+        rows = M.forgetting_advice(Recipe(trainer=trainer, base_kl_source="rows"))  # the guard refused here
+        assert "base_kl_weight" not in rows and rows.startswith("raise beta (now 0.1;")
     orpo = M.forgetting_advice(Recipe(trainer="orpo", max_steps=8))
-    assert "base_kl_weight" not in orpo and "raise beta" not in orpo and "max_steps (now 8)" in orpo
-    assert "ORPO has no reference" in orpo
-    # a trainer whose recipe accepts the guard (the coordinator's preference guard) gets it named as well
-    monkeypatch.setattr(M, "guard_accepted", lambda recipe: True)
-    both = M.forgetting_advice(Recipe(trainer="dpo"))
-    assert both.startswith("raise base_kl_weight (now 0;") and "raise beta (now 0.1;" in both
+    assert "raise beta" not in orpo and "max_steps (now 8)" in orpo and "ORPO has no reference" in orpo
+    assert "base_kl_weight" not in M.forgetting_advice(Recipe(trainer="orpo", base_kl_source="rows"))
 
 
 def test_stdlib_probe_is_deterministic_prose():

@@ -45,8 +45,9 @@ def test_trainer_key_chooses_the_config_class_that_owns_the_keys():
         apply_values({"trainer": "dpo", "desirable_weight": 2.0}, "x.yaml")
     with pytest.raises(RecipeError, match="trainer: expected one of sft, dpo, orpo, kto"):
         apply_values({"trainer": "ppo"}, "x.yaml")
-    with pytest.raises(RecipeError, match="base_kl_weight: the forgetting guard"):
-        Recipe(trainer="dpo", base_kl_weight=1.0)
+    with pytest.raises(RecipeError, match="base_kl_source: rows holds the rows' unlabelled positions"):
+        Recipe(trainer="dpo", base_kl_weight=1.0, base_kl_source="rows")
+    assert Recipe(trainer="dpo", base_kl_weight=1.0).base_kl_source == "auto"  # -> general in the run
 
 
 def test_help_lists_the_chosen_trainers_keys(capsys):
@@ -301,15 +302,16 @@ def test_preference_evaluation_compares_base_start_and_tuned(dpo_run):
 
 
 def test_forgetting_flag_of_a_dpo_run_advises_its_own_knobs(dpo_run, monkeypatch):
-    """The DPO recipe refuses base_kl_weight, so the forgetting flag (forced here: threshold -1) names beta, the
-    learning rate and the steps of that run instead."""
+    """The forgetting flag of a DPO run (forced here: threshold -1) names that run's knobs: the guard on general text,
+    beta, the learning rate and the steps, with their values (not SFT's advice)."""
     from adapters.evaluation import evaluate as ev_mod
     from adapters.evaluation import metrics as M
 
     real = M.forgetting_flag
     monkeypatch.setattr(M, "forgetting_flag", lambda fg, threshold, advice=None: real(fg, -1.0, advice))
     (flag,) = ev_mod.evaluate_run(dpo_run, probe_only=True, log=lambda *a: None)["flags"]
-    assert "base_kl_weight" not in flag["message"], flag["message"]
+    assert "raise base_kl_weight (now 0; KL to the base on general text)" in flag["message"], flag["message"]
+    assert "unlabelled positions" not in flag["message"]
     assert "raise beta (now 0.1; DPO's pull towards its reference)" in flag["message"]
     assert "lower learning_rate (now 0.002) or max_steps (now 4)" in flag["message"]
 
@@ -448,6 +450,51 @@ def dataclasses_replace(recipe, **kw):
     import dataclasses
 
     return dataclasses.replace(recipe, **kw)
+
+
+def _kl_to_base_on_general(run: Path, tiny_models) -> float:
+    """Mean KL(base || tuned) over the guard's first general-text windows, for a run's saved adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.training.forgetting_guard import general_passages, general_windows
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["llama"]))
+    windows = general_windows(tok, general_passages())[:8]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]))
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    with torch.no_grad():
+        tuned = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
+        with model.disable_adapter():
+            ref = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
+    return float(torch.nn.functional.kl_div(tuned, ref, log_target=True, reduction="none").sum(-1).mean())
+
+
+def test_dpo_forgetting_guard_holds_the_policy_to_the_base_on_general_text(
+    dpo_run, tiny_models, pref_data, sft_adapter, tmp_path
+):
+    """base_kl_weight on a preference trainer: KL to the bare base on general text joins DPO's loss (auto resolves
+    to general, recorded), is logged, and leaves the policy closer to the base there than the same run without."""
+    recipe, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models,
+            pref_data,
+            tmp_path,
+            run_name="dpo-guard",
+            init_adapter=str(sft_adapter),
+            base_kl_weight=20.0,
+            base_kl_every=1,
+            eval_base=False,
+        ),
+    )
+    run = train_mod.train(recipe, path)
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["config"]["base_kl_source"] == "general" and m["status"] == "complete"
+    logged = [e["base_kl"] for e in m["log_history"] if "base_kl" in e]
+    assert logged and all(math.isfinite(x) and x >= 0 for x in logged)
+    _no_ref(run / "adapter")
+    assert _kl_to_base_on_general(run, tiny_models) < _kl_to_base_on_general(dpo_run, tiny_models)
 
 
 @pytest.mark.parametrize("trainer", ["kto", "orpo"])

@@ -271,10 +271,10 @@ class Recipe(_RecipeFields):
             raise RecipeError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.base_kl_weight < 0:
             raise RecipeError(f"base_kl_weight: must be >= 0, got {self.base_kl_weight}")
-        if self.base_kl_weight and self.trainer in libraries.PREFERENCE_TRAINERS:
+        if self.base_kl_weight and self.trainer in libraries.PREFERENCE_TRAINERS and self.base_kl_source == "rows":
             raise RecipeError(
-                f"base_kl_weight: the forgetting guard adds to the SFT loss only; set it to 0 for trainer "
-                f"{self.trainer} (DPO/KTO stay near their reference through beta)"
+                f"base_kl_source: rows holds the rows' unlabelled positions, which trainer {self.trainer} does not "
+                "have; use general (or auto, the same here) or a file of passages"
             )
         if self.base_kl_positions < 0:
             raise RecipeError(f"base_kl_positions: must be >= 0 (0 = all), got {self.base_kl_positions}")

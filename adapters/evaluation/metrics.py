@@ -241,8 +241,8 @@ def forgetting_advice(recipe) -> str:
 
     SFT: base_kl_weight, then learning_rate / max_steps. DPO and KTO: beta (their KL pull towards the reference,
     which is the base or base + the starting adapter). ORPO has no reference: its beta weighs the odds-ratio term
-    and holds nothing near the base, so only the rate and the length of training are named. base_kl_weight is named
-    for a preference trainer only when the recipe accepts it for that trainer."""
+    and holds nothing near the base, so it is not named. base_kl_weight (for a preference trainer: KL to the bare
+    base on general text) is named only where the recipe would accept it (not with base_kl_source: rows there)."""
     trainer = getattr(recipe, "trainer", "sft") or "sft"
     steps = recipe.max_steps
     length = (
@@ -253,7 +253,8 @@ def forgetting_advice(recipe) -> str:
     lower = f"lower learning_rate (now {recipe.learning_rate:g}) or {length}"
     knobs = []
     if guard_accepted(recipe):
-        knobs.append(f"raise base_kl_weight (now {recipe.base_kl_weight:g}; KL to the base on unlabelled positions)")
+        where = "unlabelled positions" if trainer == "sft" else "general text"  # a pair has no unlabelled answer
+        knobs.append(f"raise base_kl_weight (now {recipe.base_kl_weight:g}; KL to the base on {where})")
     if trainer in ("dpo", "kto"):
         knobs.append(f"raise beta (now {recipe.beta:g}; {trainer.upper()}'s pull towards its reference)")
     if trainer == "orpo":

@@ -123,13 +123,18 @@ def build_preference_trainer(
     from adapters.data.preference import TOKENIZED_COLUMNS
     from adapters.model.lora import adapter_dtype as dtype_of
     from adapters.training import preference_speed
+    from adapters.training.forgetting_guard import PreferenceKLMixin
     from adapters.training.trainer import AdapterDtypeMixin, _ckpt_flag, _log_tensorboard_to, make_callbacks
 
     config_cls, trainer_cls = _classes(recipe.trainer)
 
-    class Trainer(EncodedSplitsMixin, ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, trainer_cls):
+    class Trainer(EncodedSplitsMixin, ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, PreferenceKLMixin, trainer_cls):
         adapter_dtype = dtype_of(recipe)
         tokenized_columns = TOKENIZED_COLUMNS.get(recipe.trainer, ())
+        base_kl_weight = recipe.base_kl_weight  # the forgetting guard on general text (0: off)
+        base_kl_positions = recipe.base_kl_positions
+        base_kl_every = recipe.base_kl_every
+        base_kl_source = recipe.base_kl_source
 
     trainctl.check_report_to(recipe.report_to)
     use_cpu = not torch.cuda.is_available()

@@ -139,7 +139,8 @@ def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life,
     if recipe.base_kl_weight > 0:  # auto -> rows or general, by the audit's trained share; recorded below
         from adapters.training.forgetting_guard import resolve_source, trained_share_of
 
-        recipe.base_kl_source, why = resolve_source(recipe.base_kl_source, trained_share_of(data_report))
+        share = None if recipe.preference else trained_share_of(data_report)  # pairs: general text only
+        recipe.base_kl_source, why = resolve_source(recipe.base_kl_source, share)
         if why:
             log(f"[guard] {why}")
     previous = claim["previous"]
