@@ -438,6 +438,41 @@ def test_a_damaged_preference_cache_entry_is_named_set_aside_and_not_used(dpo_ru
     assert not entry.exists() and [p for p in entry.parent.iterdir() if ".damaged" in p.name]
 
 
+def test_a_cache_hit_restores_the_data_report_and_the_quarantine(tmp_path):
+    """skip_invalid: the rows the first start set aside are stored with the entry and copied to the run that reads
+    it, with the same data_audit.json (the stage alone: the split stored as given)."""
+    from adapters.data.preference import prepare_preference, store_tokenized
+
+    f = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+            {"prompt": "Q?", "chosen": "same", "rejected": "same"},
+            {"prompt": "R?", "chosen": "a", "rejected": "b"},
+        ],
+    )
+    recipe = Recipe(
+        trainer="dpo",
+        train_file=str(f),
+        eval_file=None,
+        test_file=None,
+        skip_invalid=True,
+        max_length=64,
+        output_root=str(tmp_path / "out"),
+    )
+    tok = build_tokenizer()
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    train, _, report = prepare_preference(recipe, tok, first, say=lambda *a: None)
+    assert report["encoding"]["cache_hit"] is False and len(train) == 2
+    assert store_tokenized(report["encoding"], {"train": train}, report, first, recipe, say=lambda *a: None)
+    said: list[str] = []
+    again, _, report2 = prepare_preference(recipe, tok, second, say=said.append)
+    assert report2["encoding"]["cache_hit"] is True and again["chosen"] == train["chosen"]
+    assert (second / "quarantine.jsonl").read_text() == (first / "quarantine.jsonl").read_text()
+    assert json.loads((second / "data_audit.json").read_text()) == json.loads((first / "data_audit.json").read_text())
+    assert any("1 invalid row(s) set aside" in s for s in said), said
+
+
 def _train_tokenizer(recipe):
     """The tokenizer as training loads it (the run's saved copy serializes differently, so its hash differs)."""
     from adapters.model.loading import load_tokenizer

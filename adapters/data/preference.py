@@ -453,29 +453,27 @@ def preference_cache_key(recipe, tok) -> dict[str, Any]:
 
 def cache_plan(recipe, tok, say=print, write: bool = True) -> dict[str, Any]:
     """The ``encoding`` record of a preference run: the entry's folder and key, and whether it is used (a hit:
-    complete and verified). Every process follows the main one's decision, so that all of
-    them either run TRL's tokenization (with its barriers) or none does."""
+    complete and verified). The main process decides and the others follow (broadcast), so that all of them either
+    run TRL's tokenization (with its barriers) or none does."""
+    from accelerate import PartialState
+
     from adapters.data import cache
 
     key = preference_cache_key(recipe, tok)["key"]
     folder = cache.cache_dir(recipe, key)
-    hit = cache.complete(folder)
-    if hit and (damage := cache.verify(folder)):  # checked before use: sizes and digests recorded when written
-        hit = False
-        where = f"moved aside to {cache.set_aside(folder)}" if write else "not used"
-        say(f"[data] warning: encoded cache entry damaged: {damage}; {where}; rebuilding it")
-    return {"cache": str(folder), "cache_hit": _as_main(hit), "key": key}
-
-
-def _as_main(value):
-    from accelerate import PartialState
-
     state = PartialState()
+    hit = False
+    if state.is_main_process:
+        hit = cache.complete(folder)
+        if hit and (damage := cache.verify(folder)):  # checked before use: sizes and digests recorded when written
+            hit = False
+            where = f"moved aside to {cache.set_aside(folder)}" if write else "not used"
+            say(f"[data] warning: encoded cache entry damaged: {damage}; {where}; rebuilding it")
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        value = broadcast_object_list([value])[0]
-    return value
+        hit = broadcast_object_list([hit])[0]
+    return {"cache": str(folder), "cache_hit": hit, "key": key}
 
 
 def store_tokenized(
@@ -494,14 +492,20 @@ def store_tokenized(
         for name, ds in splits.items():
             ds.save_to_disk(str(tmp / name))
         q = Path(recipe.quarantine_file or Path(run_dir) / "quarantine.jsonl")
-        if report.get("invalid_rows") and q.is_file():
+        if _set_aside(report) and q.is_file():  # the rows this start set aside (skip_invalid)
             import shutil
 
             shutil.copyfile(q, tmp / "quarantine.jsonl")
         write_json(tmp / "report.json", {k: v for k, v in report.items() if k != "encoding"})  # last: complete
         cache.seal(tmp)
-    say(f"[data] encoded cache: TRL's tokenized {' and '.join(splits)} stored in {folder}")
+    say(f"[data] encoded cache: {' and '.join(splits)} as TRL prepared them, stored in {folder}")
     return True
+
+
+def _set_aside(report: dict[str, Any]) -> int:
+    """How many rows the stage set aside (skip_invalid): invalid rows and prompts that fill max_length."""
+    audits = [report.get(k) or {} for k in ("train", "eval")]
+    return int(report.get("invalid_rows") or 0) + sum(int(a.get("prompt_fills_max_length") or 0) for a in audits)
 
 
 def _from_cache(recipe, encoding: dict[str, Any], run_dir: Path | None, say, write: bool):
@@ -520,12 +524,12 @@ def _from_cache(recipe, encoding: dict[str, Any], run_dir: Path | None, say, wri
 
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(run_dir) / "data_audit.json", report)
-        if report.get("invalid_rows") and (folder / "quarantine.jsonl").is_file():
+        if _set_aside(report) and (folder / "quarantine.jsonl").is_file():
             import shutil
 
             q = Path(recipe.quarantine_file or Path(run_dir) / "quarantine.jsonl")
             shutil.copyfile(folder / "quarantine.jsonl", q)
-            say(f"[data] {report['invalid_rows']} invalid row(s) set aside ({q})")
+            say(f"[data] {_set_aside(report)} invalid row(s) set aside ({q})")
     report["encoding"] = encoding
     train = _on_disk(load_from_disk(str(folder / "train")), run_dir, "train", write)
     evals = (
