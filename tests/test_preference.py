@@ -310,10 +310,12 @@ def test_forgetting_flag_of_a_dpo_run_advises_its_own_knobs(dpo_run, monkeypatch
     real = M.forgetting_flag
     monkeypatch.setattr(M, "forgetting_flag", lambda fg, threshold, advice=None: real(fg, -1.0, advice))
     (flag,) = ev_mod.evaluate_run(dpo_run, probe_only=True, log=lambda *a: None)["flags"]
-    assert "raise base_kl_weight (now 0; KL to the base on general text)" in flag["message"], flag["message"]
-    assert "unlabelled positions" not in flag["message"]
-    assert "raise beta (now 0.1; DPO's pull towards its reference)" in flag["message"]
-    assert "lower learning_rate (now 0.002) or max_steps (now 4)" in flag["message"]
+    cfg = json.loads((dpo_run / "manifest.json").read_text())["config"]
+    msg = flag["message"]
+    assert f"raise base_kl_weight (now {cfg['base_kl_weight']:g}; KL to the base on general text)" in msg, msg
+    assert "unlabelled positions" not in msg
+    assert f"raise beta (now {cfg['beta']:g}; DPO's pull towards its reference)" in msg
+    assert f"lower learning_rate (now {cfg['learning_rate']:g}) or max_steps (now {cfg['max_steps']})" in msg
 
 
 def test_dpo_resume_after_kill_matches_unbroken_run(
@@ -536,12 +538,11 @@ def test_dpo_forgetting_guard_holds_the_policy_to_the_base_on_general_text(
 def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path, monkeypatch):
     """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
     adapter and the preference section."""
-    recipe, path = load_recipe(
-        "gemma3-270m-dpo-demo",
-        _dpo_overrides(
-            tiny_models, pref_data, tmp_path, run_name=trainer, trainer=trainer, max_steps=2, eval_base=False
-        ),
+    recipe, path = load_recipe(  # the shipped ORPO / KTO demo recipes, with their forgetting guard
+        f"gemma3-270m-{trainer}-demo",
+        _dpo_overrides(tiny_models, pref_data, tmp_path, run_name=trainer, max_steps=2, eval_base=False),
     )
+    assert recipe.trainer == trainer and recipe.base_kl_weight > 0
     run = train_mod.train(recipe, path)
     m = json.loads((run / "manifest.json").read_text())
     assert m["reference"]["kind"] == ("base" if trainer == "kto" else "none")
@@ -551,20 +552,14 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     enc = m["data"]["encoding"]
     if trainer == "kto":
         assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
+    assert m["config"]["base_kl_source"] == "general"
+    assert any("base_kl" in e for e in m["log_history"])  # the guard's KL is logged by every trainer
     assert enc["cache_hit"] is False and enc["stored"] is True
     # a second run reads TRL's tokenized rows from the cache (KTO: with their KL completions; ORPO: the columns its
     # tokenize_row returned): the same training
     again, _ = load_recipe(
-        "gemma3-270m-dpo-demo",
-        _dpo_overrides(
-            tiny_models,
-            pref_data,
-            tmp_path,
-            run_name=f"{trainer}2",
-            trainer=trainer,
-            max_steps=2,
-            eval_after_train=False,
-        ),
+        f"gemma3-270m-{trainer}-demo",
+        _dpo_overrides(tiny_models, pref_data, tmp_path, run_name=f"{trainer}2", max_steps=2, eval_after_train=False),
     )
 
     def not_again(*a, **k):
@@ -706,10 +701,14 @@ def test_generate_merge_gguf_export_and_push_of_a_dpo_run_hold_only_the_trained_
     cfg = json.loads(remote["adapter_config.json"])
     assert cfg["r"] == 16 and "ref" not in json.dumps(cfg.get("auto_mapping") or {})
     ev = json.loads((run / "eval.json").read_text())["preference"]
+    cfg = json.loads((run / "manifest.json").read_text())["config"]
+    losses = cfg["loss_type"] if isinstance(cfg["loss_type"], list) else [cfg["loss_type"]]
     for files in (remote, merged_remote):
         text = ModelCard(files["README.md"].decode()).text
-        for needle in ("| trainer | dpo |", "| beta | 0.1 |", "| loss type | sigmoid |", "start_adapter"):
+        for needle in ("| trainer | dpo |", f"| beta | {cfg['beta']:g} |", "start_adapter"):
             assert needle in text, needle
+        (loss_row,) = [ln for ln in text.splitlines() if ln.startswith("| loss type |")]
+        assert all(name in loss_row for name in losses), loss_row
         row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
         assert row in text, row
 

@@ -242,8 +242,11 @@ def trained_positions_only(on: bool):
 
 def log_metric(trainer, name: str, value: float, mode: str = "train") -> None:
     """Add one value to the metric ``name`` that SFTTrainer averages into its next log line (as it does for
-    ``entropy`` and ``mean_token_accuracy``)."""
-    trainer._metrics[mode][name].append(value)
+    ``entropy`` and ``mean_token_accuracy``); trl.experimental's ORPOTrainer keeps them in ``_stored_metrics``."""
+    store = getattr(trainer, "_metrics", None)
+    if store is None:
+        store = trainer._stored_metrics
+    store[mode][name].append(value)
 
 
 def train_tokens(trainer) -> int | None:
