@@ -84,6 +84,26 @@ def test_forgetting_flag_threshold():
     assert M.perplexity(0.0) == 1.0 and math.isinf(M.perplexity(1e4))
 
 
+def test_forgetting_advice_names_the_knobs_of_the_runs_trainer():
+    """The forgetting flag advises what the run's trainer has, with the config's values: base_kl_weight where the
+    recipe accepts it (SFT: on unlabelled positions; preference trainers: on general text, never with
+    base_kl_source: rows), beta for DPO/KTO (their pull to the reference), never ORPO's beta (no reference)."""
+    fg = {"probe": "p", "ppl_base": 10.0, "ppl_tuned": 11.0, "rise": 0.1}
+    sft = M.forgetting_flag(fg, 0.05, M.forgetting_advice(Recipe(max_steps=30)))
+    assert "raise base_kl_weight (now 0; KL to the base on unlabelled positions)" in sft["message"]
+    assert "max_steps (now 30)" in sft["message"] and "beta" not in sft["message"]
+    for trainer in ("dpo", "kto"):
+        f = M.forgetting_flag(fg, 0.05, M.forgetting_advice(Recipe(trainer=trainer, beta=0.25, learning_rate=1e-5)))
+        assert "raise base_kl_weight (now 0; KL to the base on general text)" in f["message"], f["message"]
+        assert f"raise beta (now 0.25; {trainer.upper()}'s pull" in f["message"]
+        assert "lower learning_rate (now 1e-05) or num_train_epochs (now 1)" in f["advice"]
+        rows = M.forgetting_advice(Recipe(trainer=trainer, base_kl_source="rows"))  # the guard refused here
+        assert "base_kl_weight" not in rows and rows.startswith("raise beta (now 0.1;")
+    orpo = M.forgetting_advice(Recipe(trainer="orpo", max_steps=8))
+    assert "raise beta" not in orpo and "max_steps (now 8)" in orpo and "ORPO has no reference" in orpo
+    assert "base_kl_weight" not in M.forgetting_advice(Recipe(trainer="orpo", base_kl_source="rows"))
+
+
 def test_stdlib_probe_is_deterministic_prose():
     from adapters.evaluation.forgetting import probe_passages, stdlib_passages
 
@@ -217,6 +237,26 @@ def test_report_to_needs_the_logger_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(RecipeError, match=r"report_to: 'wandb' is not installed \(pip install wandb\)"):
         check_report_to(["tensorboard", "wandb"])
+
+
+def test_preference_sweep_objective_space_and_a_continued_adapters_fixed_shape():
+    from adapters.training.sweep import objective_of, search_space
+
+    dpo = Recipe(trainer="dpo", eval_file="pairs_val.jsonl", max_steps=4)
+    obj = objective_of(dpo)
+    assert (obj.name, obj.direction, obj.split) == ("preference_accuracy", "maximize", "pairs_val.jsonl")
+    assert obj.pruner.startswith("none")
+    assert objective_of(Recipe(trainer="dpo", eval_file=None, test_file="t.jsonl")).split == "t.jsonl"
+    with pytest.raises(RecipeError, match="a preference sweep needs held-out pairs"):
+        objective_of(Recipe(trainer="kto", eval_file=None, test_file=None))
+    assert objective_of(Recipe(eval_strategy="steps")).name == "eval_loss"
+    space, _ = search_space(dpo)
+    assert set(space) == {"learning_rate", "beta", "r", "lora_alpha"} and space["beta"]["log"]
+    assert space["learning_rate"]["high"] <= 1e-4  # a DPO LoRA rate, not SFT's
+    cont, _ = search_space(Recipe(trainer="dpo", max_steps=4, init_adapter="outputs/sft"))
+    assert set(cont) == {"learning_rate", "beta"}  # the continued adapter's r / alpha are its own
+    with pytest.raises(RecipeError, match=r"x.yaml: sweep.r: init_adapter outputs/sft fixes the adapter's LoRA"):
+        search_space(Recipe(trainer="dpo", init_adapter="outputs/sft", sweep={"r": [4, 8]}), "x.yaml")
 
 
 def test_sweep_refuses_without_validation_split(tmp_path):

@@ -301,6 +301,23 @@ def test_preference_evaluation_compares_base_start_and_tuned(dpo_run):
     assert (dpo_run / "preference.png").is_file()
 
 
+def test_forgetting_flag_of_a_dpo_run_advises_its_own_knobs(dpo_run, monkeypatch):
+    """The forgetting flag of a DPO run (forced here: threshold -1) names that run's knobs: the guard on general text,
+    beta, the learning rate and the steps, with their values (not SFT's advice)."""
+    from adapters.evaluation import evaluate as ev_mod
+    from adapters.evaluation import metrics as M
+
+    real = M.forgetting_flag
+    monkeypatch.setattr(M, "forgetting_flag", lambda fg, threshold, advice=None: real(fg, -1.0, advice))
+    (flag,) = ev_mod.evaluate_run(dpo_run, probe_only=True, log=lambda *a: None)["flags"]
+    cfg = json.loads((dpo_run / "manifest.json").read_text())["config"]
+    msg = flag["message"]
+    assert f"raise base_kl_weight (now {cfg['base_kl_weight']:g}; KL to the base on general text)" in msg, msg
+    assert "unlabelled positions" not in msg
+    assert f"raise beta (now {cfg['beta']:g}; DPO's pull towards its reference)" in msg
+    assert f"lower learning_rate (now {cfg['learning_rate']:g}) or max_steps (now {cfg['max_steps']})" in msg
+
+
 def test_dpo_resume_after_kill_matches_unbroken_run(
     dpo_run, tiny_models, pref_data, sft_adapter, tmp_path, monkeypatch
 ):
@@ -324,6 +341,152 @@ def test_dpo_resume_after_kill_matches_unbroken_run(
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def _entry(run: Path) -> Path:
+    enc = json.loads((run / "manifest.json").read_text())["data"]["encoding"]
+    return Path(enc["cache"])
+
+
+def test_dpo_encoded_cache_holds_trls_own_tokenization_and_a_second_run_reuses_it(
+    dpo_run, tiny_models, pref_data, sft_adapter, capsys
+):
+    """The first DPO run stored TRL's tokenized split (sealed); it equals TRL's own _prepare_dataset on the same rows
+    token for token, and a second run with the same key reads it (no audit, no tokenization) and trains the same
+    adapter and losses."""
+    import types
+
+    from datasets import load_from_disk
+    from trl import DPOConfig, DPOTrainer
+
+    from adapters.data import cache
+    from adapters.data.preference import prepare_preference
+
+    first = json.loads((dpo_run / "manifest.json").read_text())
+    enc = first["data"]["encoding"]
+    assert enc["cache_hit"] is False and enc["stored"] is True and enc["num_proc"] == 1
+    entry = _entry(dpo_run)
+    assert cache.verify(entry) is None and (entry / "report.json").is_file()
+    cached = load_from_disk(str(entry / "train"))
+    # TRL's own tokenization of the same rows (the data stage without a cache: another output_root)
+    recipe, _ = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(tiny_models, pref_data, dpo_run.parent / "nocache", init_adapter=str(sft_adapter)),
+    )
+    tok = _train_tokenizer(recipe)
+    rows, _, report = prepare_preference(recipe, tok, None, say=lambda *a: None)
+    assert report["encoding"]["cache_hit"] is False and "prompt_ids" not in rows.column_names
+    args = DPOConfig(
+        output_dir=str(dpo_run.parent / "nocache"),
+        max_length=recipe.max_length,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+    )
+    own = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok), rows, tok, args, "train")
+    assert len(own) == len(cached) == 16
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"):
+        assert cached[col] == own[col], col
+
+    recipe2, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models,
+            pref_data,
+            dpo_run.parent,
+            run_name="dpo-again",
+            init_adapter=str(sft_adapter),
+            eval_after_train=False,
+        ),
+    )
+    capsys.readouterr()
+    run = train_mod.train(recipe2, path)
+    said = capsys.readouterr()
+    assert f"[data] encoded cache hit: {entry}" in said.out and "Tokenizing train dataset" not in said.out + said.err
+    again = json.loads((run / "manifest.json").read_text())
+    assert again["data"]["encoding"]["cache_hit"] is True and again["data"]["encoding"]["key"] == enc["key"]
+    assert again["data"]["train"] == first["data"]["train"]  # the audit, from the entry
+    assert json.loads((run / "data_audit.json").read_text())["train"] == first["data"]["train"]
+    losses = [(e["step"], e["loss"]) for e in again["log_history"] if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in first["log_history"] if "loss" in e]
+    a = load_file(str(dpo_run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_a_damaged_preference_cache_entry_is_named_set_aside_and_not_used(dpo_run, tmp_path):
+    """RELIABILITY row 35 for preference entries: a changed Arrow file is found before use, named in one line, the
+    entry moved aside; the stage reads, validates and audits the rows again."""
+    import shutil
+
+    from adapters.data.preference import prepare_preference
+    from adapters.publish.rundir import open_run
+
+    src = open_run(dpo_run)
+    root = tmp_path / "out"
+    shutil.copytree(_entry(dpo_run).parent, root / ".cache" / "encoded")
+    recipe = dataclasses_replace(src.recipe, output_root=str(root))
+    entry = root / ".cache" / "encoded" / _entry(dpo_run).name
+    arrow = sorted((entry / "train").glob("*.arrow"))[0]
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    said: list[str] = []
+    train, _, report = prepare_preference(recipe, _train_tokenizer(recipe), None, say=said.append)
+    damaged = [s for s in said if "entry damaged" in s]
+    assert len(damaged) == 1 and arrow.name in damaged[0] and "moved aside" in damaged[0], said
+    assert report["encoding"]["cache_hit"] is False and "prompt_ids" not in train.column_names
+    assert not entry.exists() and [p for p in entry.parent.iterdir() if ".damaged" in p.name]
+
+
+def test_a_cache_hit_restores_the_data_report_and_the_quarantine(tmp_path):
+    """skip_invalid: the rows the first start set aside are stored with the entry and copied to the run that reads
+    it, with the same data_audit.json (the stage alone: the split stored as given)."""
+    from adapters.data.preference import prepare_preference, store_tokenized
+
+    f = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+            {"prompt": "Q?", "chosen": "same", "rejected": "same"},
+            {"prompt": "R?", "chosen": "a", "rejected": "b"},
+        ],
+    )
+    recipe = Recipe(
+        trainer="dpo",
+        train_file=str(f),
+        eval_file=None,
+        test_file=None,
+        skip_invalid=True,
+        max_length=64,
+        output_root=str(tmp_path / "out"),
+    )
+    tok = build_tokenizer()
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    train, _, report = prepare_preference(recipe, tok, first, say=lambda *a: None)
+    assert report["encoding"]["cache_hit"] is False and len(train) == 2
+    assert store_tokenized(report["encoding"], {"train": train}, report, first, recipe, say=lambda *a: None)
+    said: list[str] = []
+    again, _, report2 = prepare_preference(recipe, tok, second, say=said.append)
+    assert report2["encoding"]["cache_hit"] is True and again["chosen"] == train["chosen"]
+    assert (second / "quarantine.jsonl").read_text() == (first / "quarantine.jsonl").read_text()
+    assert json.loads((second / "data_audit.json").read_text()) == json.loads((first / "data_audit.json").read_text())
+    assert any("1 invalid row(s) set aside" in s for s in said), said
+
+
+def _train_tokenizer(recipe):
+    """The tokenizer as training loads it (the run's saved copy serializes differently, so its hash differs)."""
+    from adapters.model.loading import load_tokenizer
+    from adapters.model.sources import resolve_model
+
+    return load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
+
+
+def dataclasses_replace(recipe, **kw):
+    import dataclasses
+
+    return dataclasses.replace(recipe, **kw)
 
 
 def _kl_to_base_on_general(run: Path, tiny_models) -> float:
@@ -372,7 +535,7 @@ def test_dpo_forgetting_guard_holds_the_policy_to_the_base_on_general_text(
 
 
 @pytest.mark.parametrize("trainer", ["kto", "orpo"])
-def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path):
+def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path, monkeypatch):
     """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
     adapter and the preference section."""
     recipe, path = load_recipe(  # the shipped ORPO / KTO demo recipes, with their forgetting guard
@@ -386,10 +549,28 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     assert m["status"] == "complete" and math.isfinite(m["train"]["train_loss"])
     _no_ref(run / "adapter")
     assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
+    enc = m["data"]["encoding"]
     if trainer == "kto":
         assert m["data"]["train"]["labels"] == {"desirable": 16, "undesirable": 16}
     assert m["config"]["base_kl_source"] == "general"
     assert any("base_kl" in e for e in m["log_history"])  # the guard's KL is logged by every trainer
+    assert enc["cache_hit"] is False and enc["stored"] is True
+    # a second run reads TRL's tokenized rows from the cache (KTO: with their KL completions; ORPO: the columns its
+    # tokenize_row returned): the same training
+    again, _ = load_recipe(
+        f"gemma3-270m-{trainer}-demo",
+        _dpo_overrides(tiny_models, pref_data, tmp_path, run_name=f"{trainer}2", max_steps=2, eval_after_train=False),
+    )
+
+    def not_again(*a, **k):
+        raise AssertionError("TRL tokenized the rows again")
+
+    trl_cls = pref_mod._classes(trainer)[1]
+    monkeypatch.setattr(trl_cls, "tokenize_row" if trainer == "orpo" else "_prepare_dataset", not_again)
+    run2 = train_mod.train(again, path)
+    m2 = json.loads((run2 / "manifest.json").read_text())
+    assert m2["data"]["encoding"]["cache_hit"] is True and m2["data"]["encoding"]["key"] == enc["key"]
+    assert [e["loss"] for e in m2["log_history"] if "loss" in e] == [e["loss"] for e in m["log_history"] if "loss" in e]
 
 
 def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run):
@@ -409,6 +590,127 @@ def test_card_states_trainer_beta_loss_reference_and_preference_accuracy(dpo_run
     ev = json.loads((dpo_run / "eval.json").read_text())["preference"]
     row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
     assert row in text, row
+
+
+def test_sweep_of_a_dpo_recipe_maximises_held_out_preference_accuracy(tiny_models, pref_data, sft_adapter, tmp_path):
+    """`adapters sweep` on a DPO recipe: each trial is scored on the held-out pairs (eval_file) as eval.json's
+    preference.tuned.accuracy, maximised, no pruning, forgetting a constraint; sweep.json names the objective."""
+    from adapters.cli import main
+    from adapters.evaluation.preference import held_out_pair_scores
+    from adapters.publish.hub import resolve_adapter
+    from adapters.publish.rundir import load_tuned
+
+    out = tmp_path / "sw"
+    ov = _dpo_overrides(
+        tiny_models,
+        pref_data,
+        tmp_path,
+        eval_file=str(pref_data["val"]),
+        init_adapter=str(sft_adapter),
+        max_steps=2,
+        save_steps=2,
+        sweep={"learning_rate": [1e-3, 1e-2], "beta": [0.1, 0.5]},
+    )
+    argv = ["sweep", "gemma3-270m-dpo-demo", "--trials", "2", "--out", str(out)]
+    for k, v in ov.items():
+        argv += [f"--{k}", json.dumps(v) if isinstance(v, dict) else "null" if v is None else str(v)]
+    assert main(argv) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    obj = summary["objective"]
+    assert (obj["name"], obj["direction"], obj["split"]) == ("preference_accuracy", "maximize", str(pref_data["val"]))
+    assert obj["pruner"].startswith("none")
+    assert set(summary["best_params"]) == {"learning_rate", "beta"}  # r / alpha: the SFT adapter's own
+    assert "best_eval_loss" not in summary
+    trials = summary["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert (out / "trials.csv").read_text().startswith("trial,state,preference_accuracy,margin,forgetting_rise")
+    for t in trials:
+        assert t["preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 held-out pairs
+        assert t["feasible"] == (t["forgetting_rise"] <= 0.05)
+    pool = [t for t in trials if t["feasible"]] or trials
+    top = max(pool, key=lambda t: (t["preference_accuracy"], t["margin"]))
+    assert summary["best_trial"] == top["trial"] and summary["best_preference_accuracy"] == top["preference_accuracy"]
+    # the value is the tuned adapter's accuracy on those pairs, the figure eval.json's preference section holds
+    run = resolve_adapter(out / f"trial-{top['trial']:03d}")
+    model, tok = load_tuned(run)
+    again = held_out_pair_scores(model, tok, run.recipe, pref_data["val"])
+    assert (again["accuracy"], again["margin"]) == (top["preference_accuracy"], top["margin"])
+    assert "held-out preference accuracy" in Path(summary["best_recipe"]).read_text().splitlines()[0]
+
+
+def test_generate_merge_gguf_export_and_push_of_a_dpo_run_hold_only_the_trained_adapter(
+    dpo_run, tmp_path, monkeypatch, capsys
+):
+    """Issue 23 item 6 on a run that continued an SFT adapter (so TRL held a 'ref' copy): generate (tuned and
+    merged), merge, `export --gguf` (lora and merged; no llama_cpp, so written unverified) and push to a fake hub
+    (adapter and merged). No output holds the reference adapter; the pushed card states the preference training."""
+    import shutil
+    import sys
+
+    from gguf import GGUFReader
+    from huggingface_hub import ModelCard, constants
+
+    from adapters.cli import main
+    from adapters.publish.hub import push
+
+    from .fake_hub import FakeHub
+
+    run = Path(shutil.copytree(dpo_run, tmp_path / "run", ignore=shutil.ignore_patterns("merged", "gguf", "hub")))
+    trained = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    n_lora = len([k for k in trained if ".lora_A." in k or ".lora_B." in k])
+    assert n_lora == len(trained) and not [k for k in trained if ".ref." in k]
+
+    ask = ["--prompt", "Format: Alice Moreau, Lyon, 1950", "--max-new-tokens", "4"]
+    assert main(["generate", str(run), *ask]) == 0
+    tuned_answer = capsys.readouterr().out
+    assert tuned_answer.strip()
+    assert main(["merge", str(run)]) == 0
+    assert json.loads((run / "merge_report.json").read_text())["verdict"] == "pass"
+    names = [k for f in (run / "merged").glob("*.safetensors") for k in load_file(str(f))]
+    assert names and not [n for n in names if "lora" in n or ".ref." in n]
+    assert not [p for p in run.rglob("*") if p.name == "ref"]
+    capsys.readouterr()  # the merge check's table
+    assert main(["generate", str(run), "--merged", *ask]) == 0
+    assert capsys.readouterr().out == tuned_answer  # the merge is the tuned adapter, not the reference
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # no llama.cpp: written, verdict unverified
+    for mode in ("lora", "merged"):
+        out = tmp_path / f"gguf-{mode}"
+        assert main(["export", str(run), "--gguf", "--mode", mode, "--to", str(out)]) == 0
+        assert json.loads((out / "export_report.json").read_text())["verdict"] == "unverified"
+        assert not [p for p in out.rglob("*") if "ref" in p.name.lower().split(".")]
+    lora = GGUFReader(str(tmp_path / "gguf-lora" / "adapter.gguf"))
+    lora_names = [t.name for t in lora.tensors]
+    assert len(lora_names) == n_lora  # one A and one B per wrapped layer: the trained adapter's, no second copy
+    assert all(n.endswith((".lora_a", ".lora_b")) for n in lora_names) and len(set(lora_names)) == n_lora
+
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEtok3n0nlyForTestsXyZ1234567890abc")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    hub = FakeHub(lifetime=120).start()
+    try:
+        push(run, "me/dpo-lora", endpoint=hub.url, backoff=0.01, log=lambda *a: None)
+        push(run, "me/dpo-merged", merged=True, endpoint=hub.url, backoff=0.01, log=lambda *a: None)
+        remote, merged_remote = hub.files("me/dpo-lora"), hub.files("me/dpo-merged")
+    finally:
+        hub.stop()
+    for files in (remote, merged_remote):
+        assert not [p for p in files if p.startswith("ref/") or "/ref/" in p], sorted(files)
+    assert remote["adapter_model.safetensors"] == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "adapter_model.safetensors" not in merged_remote
+    cfg = json.loads(remote["adapter_config.json"])
+    assert cfg["r"] == 16 and "ref" not in json.dumps(cfg.get("auto_mapping") or {})
+    ev = json.loads((run / "eval.json").read_text())["preference"]
+    cfg = json.loads((run / "manifest.json").read_text())["config"]
+    losses = cfg["loss_type"] if isinstance(cfg["loss_type"], list) else [cfg["loss_type"]]
+    for files in (remote, merged_remote):
+        text = ModelCard(files["README.md"].decode()).text
+        for needle in ("| trainer | dpo |", f"| beta | {cfg['beta']:g} |", "start_adapter"):
+            assert needle in text, needle
+        (loss_row,) = [ln for ln in text.splitlines() if ln.startswith("| loss type |")]
+        assert all(name in loss_row for name in losses), loss_row
+        row = "| accuracy | " + " | ".join(f"{ev[k]['accuracy']:.6g}" for k in ("base", "start", "tuned")) + " |"
+        assert row in text, row
 
 
 def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
@@ -452,3 +754,14 @@ def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path
     assert m["status"] == "complete" and m["world_size"] == 2 and m["effective_batch_size"] == 4
     assert abs(_first_log(run)["loss"] - LOG2) < 1e-4
     _no_ref(run / "adapter")
+    assert m["data"]["encoding"]["stored"] is True  # rank 0 stored TRL's tokenized rows; both ranks tokenized
+    assert "Tokenizing train dataset" in proc.stderr
+    # a second 2-process run: every rank reads the entry (the main process's decision), no rank tokenizes
+    args[args.index("ddp")] = "ddp2"
+    proc = launch_two("gemma3-270m-dpo-demo", args, tmp_path, port=29542, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "out" / "ddp2" / "manifest.json").read_text())
+    assert again["data"]["encoding"]["cache_hit"] is True and "Tokenizing train dataset" not in proc.stderr
+    assert [e["loss"] for e in again["log_history"] if "loss" in e] == [
+        e["loss"] for e in m["log_history"] if "loss" in e
+    ]

@@ -9,7 +9,7 @@ import sys
 def register(sub) -> None:
     p = sub.add_parser(
         "sweep",
-        help="Optuna search (TPE + median pruning on validation loss); writes the best recipe",
+        help="Optuna search (TPE; SFT: validation loss, median pruning; dpo/orpo/kto: held-out preference accuracy, no pruning); writes the best recipe",
         epilog="example: adapters sweep gemma3-270m-demo --trials 3 --max_steps 10",
     )
     p.add_argument("recipe", help="a recipe YAML path or the name of a shipped recipe")

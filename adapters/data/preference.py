@@ -13,6 +13,17 @@ A row's problems are found without a tokenizer (``adapters data check``); the to
 fills ``max_length``) and the audit (rows kept, tokens, truncation, duplicates, held-out overlap, length bias) run
 before the model loads (:func:`prepare_preference`). Rows go to TRL in its conversational format, so TRL's own chat
 template handling and tokenization apply.
+
+The encoded-data cache (data/cache.py, as for SFT): TRL's own tokenization of the kept rows is stored with the data
+report in ``<output_root>/.cache/encoded/<key>/`` once a trainer has made it, sealed with sizes and digests
+(``integrity.json``), and a later run with the same key reads both from there: no reading, validation, audit or
+tokenization. DPO and KTO: the output of their ``_prepare_dataset`` (prompt / chosen / rejected ids; prompt /
+completion ids and the KL completions), which our trainer class skips for a split that already holds it. ORPO
+(``trl.experimental.orpo``) has no such step: its constructor maps ``maybe_extract_prompt``,
+``maybe_apply_chat_template`` and ``self.tokenize_row`` over the rows every time; the entry holds the rows with the
+columns ``tokenize_row`` returned, and our ``tokenize_row`` hands those back (the two template maps still run). The
+key: the data files' hashes, the tokenizer and chat template, the trl version, the trainer, and every key that
+changes the rows or TRL's tokenization (PREFERENCE_KEYS, TRL_TOKENIZE_KEYS).
 """
 
 from __future__ import annotations
@@ -28,6 +39,39 @@ from adapters.data.rows import DataError, Problem, Record
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 KTO_FIELDS = ("prompt", "completion", "label")
+PREFERENCE_ENCODING_VERSION = 1  # bump when what an entry holds changes: old entries are then never read
+# the recipe keys that change the rows given to TRL or the data report stored with them
+PREFERENCE_KEYS = (
+    "trainer",
+    "train_file",
+    "eval_file",
+    "test_file",
+    "data_columns",
+    "data_split",
+    "data_subset",
+    "skip_invalid",
+    "dedup",
+    "max_length",
+    "length_bias_threshold",
+)
+# the trainer config keys TRL's _prepare_dataset reads (DPO: the keep_start filter; KTO: the filter, and the KL
+# completions rotated within a batch when the loss estimates KL)
+TRL_TOKENIZE_KEYS = {
+    "dpo": ("max_length", "truncation_mode"),
+    "kto": ("max_length", "per_device_train_batch_size", "loss_type"),
+    "orpo": ("max_length", "max_completion_length", "padding_value"),
+}
+# the columns TRL's _prepare_dataset adds: a dataset that has them is TRL's output (from the cache), not tokenized again
+TOKENIZED_COLUMNS = {
+    "dpo": ("prompt_ids", "chosen_ids", "rejected_ids"),
+    "kto": ("prompt_ids", "completion_ids"),
+    "orpo": tuple(
+        f"{side}{k}"
+        for side in ("chosen_", "rejected_", "prompt_")
+        for k in ("input_ids", "attention_mask", "labels")
+        if not (side == "prompt_" and k == "labels")
+    ),
+}
 LENGTH_BIAS_FIX = (
     "balance the pairs' lengths, or use a length-normalised loss (loss_type: [sigmoid_norm]) or LD-DPO (ld_alpha < 1)"
 )
@@ -382,14 +426,133 @@ def to_trl_dataset(rows: list[PreferenceRow]):
     return Dataset.from_list([r.trl() for r in rows])
 
 
+# ---------------------------------------------------------------------------------------------------- the cache
+def preference_cache_key(recipe, tok) -> dict[str, Any]:
+    """Everything the key of a preference entry is made of, and the key (``key``)."""
+    import hashlib
+
+    import trl
+
+    from adapters.data import cache
+    from adapters.utils.hashing import chat_template_sha256
+
+    files = [p for p in (recipe.train_file, recipe.eval_file, recipe.test_file) if p]
+    keys = PREFERENCE_KEYS + TRL_TOKENIZE_KEYS.get(recipe.trainer, ())
+    parts = {
+        "version": PREFERENCE_ENCODING_VERSION,
+        "format": "preference",
+        "trl": trl.__version__,
+        "files": {p: cache.file_hash(p, recipe) for p in sorted(set(files))},
+        "tokenizer": cache.tokenizer_sha256(tok),
+        "chat_template": chat_template_sha256(tok),
+        "keys": {k: getattr(recipe, k, None) for k in keys},
+    }
+    parts["key"] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return parts
+
+
+def cache_plan(recipe, tok, say=print, write: bool = True) -> dict[str, Any]:
+    """The ``encoding`` record of a preference run: the entry's folder and key, and whether it is used (a hit:
+    complete and verified). The main process decides and the others follow (broadcast), so that all of them either
+    run TRL's tokenization (with its barriers) or none does."""
+    from accelerate import PartialState
+
+    from adapters.data import cache
+
+    key = preference_cache_key(recipe, tok)["key"]
+    folder = cache.cache_dir(recipe, key)
+    state = PartialState()
+    hit = False
+    if state.is_main_process:
+        hit = cache.complete(folder)
+        if hit and (damage := cache.verify(folder)):  # checked before use: sizes and digests recorded when written
+            hit = False
+            where = f"moved aside to {cache.set_aside(folder)}" if write else "not used"
+            say(f"[data] warning: encoded cache entry damaged: {damage}; {where}; rebuilding it")
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        hit = broadcast_object_list([hit])[0]
+    return {"cache": str(folder), "cache_hit": hit, "key": key}
+
+
+def store_tokenized(
+    encoding: dict[str, Any], splits: dict[str, Any], report: dict[str, Any], run_dir: Path, recipe, say=print
+) -> bool:
+    """After TRL tokenized a run's splits (a miss): the entry ``encoding['cache']`` = each split as TRL returned it,
+    the data report and the run's quarantine, sealed, published whole (staged, renamed). False when nothing to
+    store."""
+    from adapters.data import cache
+    from adapters.utils.atomic import staged_dir, write_json
+
+    if not encoding.get("cache") or encoding.get("cache_hit") or "train" not in splits:
+        return False
+    folder = Path(encoding["cache"])
+    with staged_dir(folder, unique=True) as tmp:
+        for name, ds in splits.items():
+            ds.save_to_disk(str(tmp / name))
+        q = Path(recipe.quarantine_file or Path(run_dir) / "quarantine.jsonl")
+        if _set_aside(report) and q.is_file():  # the rows this start set aside (skip_invalid)
+            import shutil
+
+            shutil.copyfile(q, tmp / "quarantine.jsonl")
+        write_json(tmp / "report.json", {k: v for k, v in report.items() if k != "encoding"})  # last: complete
+        cache.seal(tmp)
+    say(f"[data] encoded cache: {' and '.join(splits)} as TRL prepared them, stored in {folder}")
+    return True
+
+
+def _set_aside(report: dict[str, Any]) -> int:
+    """How many rows the stage set aside (skip_invalid): invalid rows and prompts that fill max_length."""
+    audits = [report.get(k) or {} for k in ("train", "eval")]
+    return int(report.get("invalid_rows") or 0) + sum(int(a.get("prompt_fills_max_length") or 0) for a in audits)
+
+
+def _from_cache(recipe, encoding: dict[str, Any], run_dir: Path | None, say, write: bool):
+    """A hit: the data report and TRL's tokenized splits from the entry; nothing is read, audited or tokenized."""
+    from datasets import load_from_disk
+
+    folder = Path(encoding["cache"])
+    say(f"[data] encoded cache hit: {folder}")
+    report = json.loads((folder / "report.json").read_text())
+    for line in format_preference_audit(report["train"], "train"):
+        say(line)
+    for f in report["train"].get("flags") or []:
+        say(f"[warn] {f['message']}")
+    if run_dir is not None and write:
+        from adapters.utils.atomic import write_json
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(run_dir) / "data_audit.json", report)
+        if _set_aside(report) and (folder / "quarantine.jsonl").is_file():
+            import shutil
+
+            q = Path(recipe.quarantine_file or Path(run_dir) / "quarantine.jsonl")
+            shutil.copyfile(folder / "quarantine.jsonl", q)
+            say(f"[data] {_set_aside(report)} invalid row(s) set aside ({q})")
+    report["encoding"] = encoding
+    train = _on_disk(load_from_disk(str(folder / "train")), run_dir, "train", write)
+    evals = (
+        _on_disk(load_from_disk(str(folder / "eval")), run_dir, "eval", write) if (folder / "eval").is_dir() else None
+    )
+    return train, evals, report
+
+
 # ---------------------------------------------------------------------------------------------------- the stage
 def prepare_preference(recipe, tok, run_dir: Path | None, say=print, write: bool = True):
     """Read, validate, dedup, audit the recipe's preference splits. Returns (train Dataset, eval Dataset or None,
     the data report). Stops with a DataError (``file:line: field: message``) on the first bad row unless
-    skip_invalid; rows whose prompt fills max_length are such problems too."""
+    skip_invalid; rows whose prompt fills max_length are such problems too. With a hit in the encoded-data cache
+    the report and TRL's tokenized splits come from there (``report['encoding']``)."""
+    from adapters.data.arrow import default_num_proc
     from adapters.data.validate import write_quarantine
     from adapters.utils.hashing import file_sha256
 
+    encoding = cache_plan(recipe, tok, say, write)
+    if encoding["cache_hit"]:
+        train_ds, eval_ds, report = _from_cache(recipe, encoding, run_dir, say, write)
+        encoding["num_proc"] = default_num_proc(len(train_ds) + len(eval_ds or []), recipe.dataset_num_proc)
+        return train_ds, eval_ds, report
     bad: list[Record] = []
     train = read_preference(recipe.train_file, recipe, bad)
     evals = read_preference(recipe.eval_file, recipe, bad) if recipe.eval_file else []
@@ -430,21 +593,24 @@ def prepare_preference(recipe, tok, run_dir: Path | None, say=print, write: bool
             say(f"[data] {len(bad) + len(problems)} invalid row(s) set aside ({q})")
     if not train:
         raise DataError(f"{recipe.train_file}: no valid preference rows left to train on")
+    # TRL's dataset map runs with this many processes (SFT's rule: dataset_num_proc, else the cores from
+    # PARALLEL_MIN_ROWS rows on)
+    encoding["num_proc"] = default_num_proc(len(train) + len(evals), recipe.dataset_num_proc)
+    report["encoding"] = encoding
     return (
-        _on_disk(train, run_dir, "train", write),
-        (_on_disk(evals, run_dir, "eval", write) if evals else None),
+        _on_disk(to_trl_dataset(train), run_dir, "train", write),
+        (_on_disk(to_trl_dataset(evals), run_dir, "eval", write) if evals else None),
         report,
     )
 
 
-def _on_disk(rows: list[PreferenceRow], run_dir: Path | None, split: str, write: bool):
+def _on_disk(ds, run_dir: Path | None, split: str, write: bool):
     """The split as a Dataset saved in the run folder (``preference_data/<split>``) and read back, so it has cache
     files in a folder every process shares: TRL's precomputed reference log-probs are written next to them by one
     process and read by all (an in-memory dataset's cache lands in each process's own temporary folder)."""
     from accelerate import PartialState
     from datasets import load_from_disk
 
-    ds = to_trl_dataset(rows)
     if run_dir is None:
         return ds
     out = Path(run_dir) / "preference_data" / split

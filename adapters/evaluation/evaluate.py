@@ -77,7 +77,7 @@ def evaluate_model(
     flags = [
         M.negative_transfer(evaluation.get("base"), evaluation.get("tuned"), M.primary_metric(recipe.labels)),
         M.overfitting(log_history or [], recipe.overfit_window),
-        M.forgetting_flag(evaluation["forgetting"], recipe.forgetting_threshold),
+        M.forgetting_flag(evaluation["forgetting"], recipe.forgetting_threshold, M.forgetting_advice(recipe)),
         M.collapse(preds["tuned"], references) if "tuned" in preds else None,
         *_audit_warnings(run_dir),
     ]
@@ -149,7 +149,7 @@ def evaluate_run(
     model, tok = load_tuned(run, quantize=True)
     if probe_only:
         fg = probe(model, tok, recipe, log=log)
-        flag = M.forgetting_flag(fg, recipe.forgetting_threshold)
+        flag = M.forgetting_flag(fg, recipe.forgetting_threshold, M.forgetting_advice(recipe))
         if flag:
             log(f"[warn] {flag['message']}")
         return {"forgetting": fg, "flags": [flag] if flag else []}

@@ -200,14 +200,66 @@ def overfitting(log_history: list[dict[str, Any]], window: int = 3) -> dict[str,
     }
 
 
-def forgetting_flag(forgetting: dict[str, Any] | None, threshold: float) -> dict[str, Any] | None:
+def forgetting_flag(
+    forgetting: dict[str, Any] | None, threshold: float, advice: str | None = None
+) -> dict[str, Any] | None:
+    """The ``forgetting`` flag when the probe's perplexity rose by more than ``threshold``. ``advice`` is what to
+    change (``forgetting_advice(recipe)``: the knobs the run's trainer has); without it, the SFT advice."""
     if not forgetting or forgetting.get("rise") is None or forgetting["rise"] <= threshold:
         return None
+    advice = advice or (
+        "raise base_kl_weight (KL to the base on unlabelled positions), or lower learning_rate or max_steps"
+    )
     return {
         "name": "forgetting",
         "rise": forgetting["rise"],
         "threshold": threshold,
+        "advice": advice,
         "message": f"forgetting: perplexity on the general-text probe rose by {forgetting['rise']:.1%} "
-        f"(threshold {threshold:.0%}): {forgetting['ppl_base']:.3f} -> {forgetting['ppl_tuned']:.3f}; "
-        "raise base_kl_weight (KL to the base on unlabelled positions), or lower learning_rate or max_steps",
+        f"(threshold {threshold:.0%}): {forgetting['ppl_base']:.3f} -> {forgetting['ppl_tuned']:.3f}; {advice}",
     }
+
+
+def guard_accepted(recipe) -> bool:
+    """Whether this recipe's trainer takes ``base_kl_weight`` (the forgetting guard): asked of the recipe's own
+    validation, so a trainer that gains the guard is advised to use it without a change here."""
+    import dataclasses
+
+    from adapters.config.schema import RecipeError
+
+    if getattr(recipe, "base_kl_weight", 0) > 0 or getattr(recipe, "trainer", "sft") == "sft":
+        return True
+    try:
+        dataclasses.replace(recipe, base_kl_weight=1.0)
+    except RecipeError:
+        return False
+    return True
+
+
+def forgetting_advice(recipe) -> str:
+    """What to change against forgetting, from the run's config: the knobs its trainer has, with their values.
+
+    SFT: base_kl_weight, then learning_rate / max_steps. DPO and KTO: beta (their KL pull towards the reference,
+    which is the base or base + the starting adapter). ORPO has no reference: its beta weighs the odds-ratio term
+    and holds nothing near the base, so it is not named. base_kl_weight (for a preference trainer: KL to the bare
+    base on general text) is named only where the recipe would accept it (not with base_kl_source: rows there)."""
+    trainer = getattr(recipe, "trainer", "sft") or "sft"
+    steps = recipe.max_steps
+    length = (
+        f"max_steps (now {steps})"
+        if isinstance(steps, int) and steps > 0
+        else f"num_train_epochs (now {recipe.num_train_epochs:g})"
+    )
+    lower = f"lower learning_rate (now {recipe.learning_rate:g}) or {length}"
+    knobs = []
+    if guard_accepted(recipe):
+        where = "unlabelled positions" if trainer == "sft" else "general text"  # a pair has no unlabelled answer
+        knobs.append(f"raise base_kl_weight (now {recipe.base_kl_weight:g}; KL to the base on {where})")
+    if trainer in ("dpo", "kto"):
+        knobs.append(f"raise beta (now {recipe.beta:g}; {trainer.upper()}'s pull towards its reference)")
+    if trainer == "orpo":
+        return (
+            ", or ".join(knobs + [lower])
+            + " (ORPO has no reference: its beta weighs the odds-ratio term and holds nothing near the base)"
+        )
+    return ", or ".join(knobs + [lower])

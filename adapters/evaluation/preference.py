@@ -78,6 +78,20 @@ def pair_scores(logps: list[tuple[float, int]]) -> dict[str, float]:
     return {"accuracy": round(wins / n, 4), "accuracy_avg": round(wins_avg / n, 4), "margin": round(margin, 4)}
 
 
+def held_out_pair_scores(model, tok, recipe, path, limit: int | None = None) -> dict[str, Any]:
+    """``n``, ``accuracy``, ``accuracy_avg`` and ``margin`` of ``model`` on the pairs of ``path``: the scores of
+    eval.json's ``preference.tuned`` without the generation (the objective of a preference sweep)."""
+    from adapters.data.preference import read_preference
+    from adapters.data.rows import DataError
+
+    rows = [r for r in read_preference(path, recipe) if r.paired]
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"{path}: no chosen/rejected pairs: preference accuracy is scored on pairs")
+    return {"n": len(rows), **pair_scores(answer_logps(model, _sequences(tok, rows)))}
+
+
 def _score(model, tok, rows, seqs, budget: int, batch_size: int, desc: str) -> dict[str, Any]:
     scores = pair_scores(answer_logps(model, seqs))
     chosen = [r.answer_text("chosen") for r in rows]

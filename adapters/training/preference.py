@@ -84,11 +84,43 @@ def drop_reference(model) -> bool:
     return False
 
 
+class EncodedSplitsMixin:
+    """TRL's tokenization and the encoded-data cache. DPO, KTO: ``_prepare_dataset`` returns a split that already
+    holds TRL's tokenized columns (read from the cache) as it is; any other is tokenized by TRL and kept in
+    ``tokenized`` so the run can store it (data/preference.py ``store_tokenized``). ORPO: ``tokenize_row`` hands back
+    the columns a row already holds from the cache (what TRL's ``tokenize_row`` returned for it)."""
+
+    tokenized_columns: tuple[str, ...] = ()
+
+    def tokenize_row(self, feature, model=None):
+        if self.tokenized_columns and all(k in feature for k in self.tokenized_columns):
+            return {k: feature[k] for k in self.tokenized_columns}
+        return super().tokenize_row(feature, model)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        names = getattr(dataset, "column_names", None) or []
+        if self.tokenized_columns and set(self.tokenized_columns) <= set(names):
+            return dataset  # TRL's own output, from the cache
+        out = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        self.__dict__.setdefault("tokenized", {})[dataset_name] = out
+        return out
+
+
 def build_preference_trainer(
-    model, tok, recipe: Recipe, run: Path, train_ds, eval_ds, *, callbacks: Sequence[Any] = ()
+    model,
+    tok,
+    recipe: Recipe,
+    run: Path,
+    train_ds,
+    eval_ds,
+    *,
+    callbacks: Sequence[Any] = (),
+    data_report: dict[str, Any] | None = None,
 ):
     """The recipe's preference trainer over ``model`` (a PeftModel: a new adapter, or the starting one). Returns
-    (trainer, the non-finite-loss guard)."""
+    (trainer, the non-finite-loss guard). ``data_report``: the data stage's report; on an encoded-cache miss the
+    splits TRL tokenized are stored with it (``report['encoding']``)."""
+    from adapters.data.preference import TOKENIZED_COLUMNS
     from adapters.model.lora import adapter_dtype as dtype_of
     from adapters.training import preference_speed
     from adapters.training.forgetting_guard import PreferenceKLMixin
@@ -96,8 +128,9 @@ def build_preference_trainer(
 
     config_cls, trainer_cls = _classes(recipe.trainer)
 
-    class Trainer(ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, PreferenceKLMixin, trainer_cls):
+    class Trainer(EncodedSplitsMixin, ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, PreferenceKLMixin, trainer_cls):
         adapter_dtype = dtype_of(recipe)
+        tokenized_columns = TOKENIZED_COLUMNS.get(recipe.trainer, ())
         base_kl_weight = recipe.base_kl_weight  # the forgetting guard on general text (0: off)
         base_kl_positions = recipe.base_kl_positions
         base_kl_every = recipe.base_kl_every
@@ -120,6 +153,9 @@ def build_preference_trainer(
         _ckpt_flag(config_cls): False,
         **trainctl.config_fields(recipe, has_eval),
     }
+    encoding = (data_report or {}).get("encoding") or {}
+    if encoding.get("num_proc"):  # TRL's dataset map: dataset_num_proc, else SFT's rule (data/arrow.py)
+        owned["dataset_num_proc"] = encoding["num_proc"]
     args = config_cls(**{**recipe.library_kwargs("training"), **owned})
     guard = make_callbacks()
     kwargs: dict[str, Any] = {}
@@ -136,6 +172,18 @@ def build_preference_trainer(
             callbacks=[guard],
             **kwargs,
         )
+    if encoding.get("cache") and not encoding.get("cache_hit") and trainer.is_world_process_zero():
+        from adapters.data.preference import store_tokenized
+        from adapters.training.run import log
+
+        splits = dict(getattr(trainer, "tokenized", {}))
+        if recipe.trainer == "orpo":  # the rows with the columns ORPO's tokenize_row gave them (same order)
+            splits = {"train": _with_tokens(train_ds, trainer.train_dataset, Trainer.tokenized_columns)}
+            if has_eval:
+                splits["eval"] = _with_tokens(eval_ds, trainer.eval_dataset, Trainer.tokenized_columns)
+        if eval_ds is not None and "eval" not in splits:  # not tokenized (no evaluation): stored as given
+            splits["eval"] = eval_ds
+        encoding["stored"] = store_tokenized(encoding, splits, data_report, run, recipe, say=log)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if not recipe.init_adapter:
         drop_reference(unwrapped)  # a new adapter: the reference is the base (adapter disabled), no copy needed
@@ -148,6 +196,13 @@ def build_preference_trainer(
     trainer.reference = reference_record(recipe, bool(getattr(args, "precompute_ref_log_probs", False)))
     trainctl.install(trainer, recipe, callbacks)
     return trainer, guard
+
+
+def _with_tokens(rows, tokenized, columns):
+    """``rows`` (our conversational rows) with ``columns`` of ``tokenized`` (the same rows after TRL's maps)."""
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([rows, tokenized.select_columns(list(columns))], axis=1)
 
 
 def latest_complete_run(recipe_stem: str, output_root: str | Path = "outputs") -> Path | None:

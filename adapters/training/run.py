@@ -267,7 +267,9 @@ def _fit(model, tok, recipe: Recipe, run: Path, train_enc, eval_enc, packed, cal
     if recipe.preference:  # DPO / KTO / ORPO on the same LoRA model; the reference is chosen there
         from adapters.training.preference import build_preference_trainer
 
-        trainer, guard = build_preference_trainer(model, tok, recipe, run, train_enc, eval_enc, callbacks=callbacks)
+        trainer, guard = build_preference_trainer(
+            model, tok, recipe, run, train_enc, eval_enc, callbacks=callbacks, data_report=manifest.get("data")
+        )
         manifest["reference"] = trainer.reference
         log(
             f"[{recipe.trainer}] reference: {trainer.reference['kind']}: {trainer.reference.get('how', trainer.reference.get('why'))}"

@@ -18,7 +18,20 @@ Forgetting is a constraint, not an afterthought: each finished trial is scored o
 Optuna's TPE sampler (``constraints_func``) and for the choice of the best trial. Low validation loss bought by
 forgetting general text is not "best". ``constrain_forgetting: false`` in the mapping turns this off.
 
-Outputs: trials.csv, trials.md, search.png and <recipe>-best.yaml (the recipe with the best values, runnable as is).
+A preference recipe (``trainer: dpo | orpo | kto``) maximises held-out preference accuracy instead: after each trial
+the tuned adapter scores the recipe's held-out pairs (``eval_file``; ``test_file`` when there is none, with a
+warning, since the final eval scores those too) exactly as eval.json's ``preference.tuned.accuracy``: the share of
+pairs with log p(chosen) > log p(rejected), log-probs summed (ties between trials go to the larger mean margin).
+Its pruner is off: the objective exists only once a trial is trained, and what TRL logs during training
+(``eval_loss``, ``rewards/accuracies``) is measured against the reference, with a strict ``>`` that reads 0 at step
+0, so it ranks trials on another quantity. Forgetting is the same constraint. The default space is the learning
+rate, ``beta`` and the epochs (plus ``r`` / ``lora_alpha`` for a new adapter).
+
+With ``init_adapter`` the adapter's LoRA shape is fixed: the default space leaves ``r`` and ``lora_alpha`` out, and
+a searched key of that shape (LORA_KEYS) is refused.
+
+Outputs: trials.csv, trials.md, search.png, sweep.json (``objective`` names what was optimised, on which split, and
+the pruner) and <recipe>-best.yaml (the recipe with the best values, runnable as is).
 """
 
 from __future__ import annotations
@@ -42,14 +55,77 @@ DEFAULT_SPACE: dict[str, Any] = {
     "lora_dropout": [0.0, 0.2],
     "num_train_epochs": [1, 3],
 }
+# preference trainers: TRL's LoRA rates (5e-6..1e-5) sit inside; beta is DPO/KTO's pull to the reference (ORPO's
+# odds-ratio weight)
+PREFERENCE_SPACE: dict[str, Any] = {
+    "learning_rate": [1.0e-6, 1.0e-4],
+    "beta": [0.05, 0.5],
+    "r": [4, 8, 16, 32],
+    "lora_alpha": [8, 16, 32, 64],
+    "num_train_epochs": [1, 3],
+}
 PRUNER_KEYS = {"pruner_startup_trials": 2, "pruner_warmup_steps": 0}
 OPTION_KEYS = {"constrain_forgetting": True}
-LOG_KEYS = {"learning_rate", "weight_decay"}
+LOG_KEYS = {"learning_rate", "weight_decay", "beta"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a sweep optimises: ``name`` (the trials' column and sweep.json's ``best_<name>``), its direction, the
+    held-out file it is measured on, and the pruner that goes with it."""
+
+    name: str
+    direction: str
+    split: str
+    what: str
+    pruner: str
+
+    @property
+    def label(self) -> str:
+        return "held-out preference accuracy" if self.name == "preference_accuracy" else "validation loss"
+
+
+def objective_of(recipe: Recipe, source: str = "recipe") -> Objective:
+    """The sweep objective of this recipe; RecipeError when it has no held-out split to measure it on."""
+    if recipe.preference:
+        held = recipe.eval_file or recipe.test_file
+        if not held:
+            raise RecipeError(
+                f"{source}: a preference sweep needs held-out pairs: set eval_file (or test_file) to a pair file"
+            )
+        return Objective(
+            name="preference_accuracy",
+            direction="maximize",
+            split=str(held),
+            what="share of held-out pairs with log p(chosen | prompt) > log p(rejected | prompt), log-probs summed "
+            "over the answer (eval.json's preference.tuned.accuracy), scored after each trial; ties: larger margin",
+            pruner="none: the objective exists only after a trial is trained, and TRL's in-training eval_loss and "
+            "rewards/accuracies are relative to the reference (0 at step 0), another quantity",
+        )
+    if not recipe.eval_file or recipe.eval_strategy == "no":
+        raise RecipeError(f"{source}: a sweep needs a validation split: set eval_file and eval_strategy: steps")
+    return Objective(
+        name="eval_loss",
+        direction="minimize",
+        split=str(recipe.eval_file),
+        what="lowest validation loss logged during the trial",
+        pruner="median on eval_loss at every evaluation",
+    )
+
+
+def default_space(recipe: Recipe) -> dict[str, Any]:
+    """DEFAULT_SPACE (SFT) or PREFERENCE_SPACE; without the LoRA shape when an adapter is continued."""
+    space = dict(PREFERENCE_SPACE if recipe.preference else DEFAULT_SPACE)
+    if recipe.init_adapter:
+        from adapters.model.lora import LORA_KEYS
+
+        space = {k: v for k, v in space.items() if k not in LORA_KEYS}
+    return space
 
 
 def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """({key: spec}, options: pruner settings and constrain_forgetting) from DEFAULT_SPACE and ``recipe.sweep``."""
-    raw = {**DEFAULT_SPACE, **(recipe.sweep or {})}
+    raw = {**default_space(recipe), **(recipe.sweep or {})}
     pruner: dict[str, Any] = {k: int(raw.pop(k, v)) for k, v in PRUNER_KEYS.items()}
     for k, v in OPTION_KEYS.items():
         val = raw.pop(k, v)
@@ -94,6 +170,15 @@ def search_space(recipe: Recipe, source: str = "recipe") -> tuple[dict[str, dict
                 raise RecipeError(f"{where}: a log-scale range needs low > 0, got {spec['low']}")
             spec["int"] = isinstance(spec["low"], int) and isinstance(spec["high"], int)
         space[key] = spec
+    if recipe.init_adapter:
+        from adapters.model.lora import LORA_KEYS
+
+        shape = next((k for k in space if k in LORA_KEYS and space[k]["kind"] != "fixed"), None)
+        if shape:
+            raise RecipeError(
+                f"{source}: sweep.{shape}: init_adapter {recipe.init_adapter} fixes the adapter's LoRA shape; "
+                f"remove {shape} from the search"
+            )
     if recipe.max_steps > 0 and "num_train_epochs" in space:
         del space["num_train_epochs"]  # max_steps wins over epochs: searching epochs would change nothing
     return space, pruner
@@ -135,8 +220,9 @@ def best_eval_loss(log_history: list[dict[str, Any]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
-def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None:
-    cols = ["trial", "state", "eval_loss", "forgetting_rise", "feasible", "steps", *keys]
+def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path, metric: str = "eval_loss") -> None:
+    extra = ["margin"] if metric == "preference_accuracy" else []
+    cols = ["trial", "state", metric, *extra, "forgetting_rise", "feasible", "steps", *keys]
     with open(out / "trials.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
@@ -151,37 +237,40 @@ def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None
     (out / "trials.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_search(rows: list[dict[str, Any]], out: Path) -> Path:
+def plot_search(rows: list[dict[str, Any]], out: Path, objective: Objective | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = objective.name if objective else "eval_loss"
+    label = objective.label if objective else "validation loss"
+    pick = max if objective and objective.direction == "maximize" else min
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
         pts = [
-            (r["trial"], r["eval_loss"], r.get("learning_rate"))
+            (r["trial"], r[metric], r.get("learning_rate"))
             for r in rows
-            if r["state"] == state and r["eval_loss"] is not None and math.isfinite(r["eval_loss"])
+            if r["state"] == state and r[metric] is not None and math.isfinite(r[metric])
         ]
         if pts:
             a.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=state.lower())
             if all(p[2] is not None for p in pts):
                 b.scatter([p[2] for p in pts], [p[1] for p in pts], marker=marker, label=state.lower())
-    done = [r["eval_loss"] for r in rows if r["state"] == "COMPLETE" and r["eval_loss"] is not None]
+    done = [r[metric] for r in rows if r["state"] == "COMPLETE" and r[metric] is not None]
     if done:
-        best = [min(done[: i + 1]) for i in range(len(done))]
+        best = [pick(done[: i + 1]) for i in range(len(done))]
         a.plot(
-            [r["trial"] for r in rows if r["state"] == "COMPLETE" and r["eval_loss"] is not None],
+            [r["trial"] for r in rows if r["state"] == "COMPLETE" and r[metric] is not None],
             best,
             label="best so far",
         )
     a.set_xlabel("trial")
-    a.set_ylabel("best validation loss")
+    a.set_ylabel(label)
     a.legend()
     b.set_xscale("log")
     b.set_xlabel("learning_rate")
-    b.set_ylabel("best validation loss")
+    b.set_ylabel(label)
     fig.tight_layout()
     fig.savefig(out / "search.png")
     plt.close(fig)
@@ -195,6 +284,7 @@ def write_best_recipe(
     value: float,
     out: Path,
     rise: float | None = None,
+    label: str = "validation loss",
 ) -> Path:
     raw = load_yaml(recipe_path.read_text(encoding="utf-8")) or {}
     raw.update({k: v for k, v in overrides.items() if k not in ("run_name", "output_root")})
@@ -202,7 +292,7 @@ def write_best_recipe(
     path = out / f"{recipe_path.stem}-best.yaml"
     header = (
         f"# Best of `adapters sweep {recipe_path.stem}` ({datetime.now():%Y-%m-%d %H:%M}): "
-        f"validation loss {value:.4f}"
+        f"{label} {value:.4f}"
         + ("" if rise is None else f", forgetting-probe rise {rise:+.1%}")
         + f"\n# Run: adapters train {path}\n"
     )
@@ -219,16 +309,16 @@ def sweep(
     out_dir: str | Path | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Optuna TPE over the recipe's search space, median pruning on validation loss, forgetting as a constraint;
-    writes trials.md/csv, search.png, sweep.json and the best recipe."""
+    """Optuna TPE over the recipe's search space, forgetting as a constraint; SFT: lowest validation loss, median
+    pruning; preference: highest held-out preference accuracy, no pruning. Writes trials.md/csv, search.png,
+    sweep.json and the best recipe."""
     import optuna
 
     from adapters.training.run import TrainingDiverged
 
     if trials < 1:
         raise RecipeError(f"--trials: must be >= 1, got {trials}")
-    if not recipe.eval_file or recipe.eval_strategy == "no":
-        raise RecipeError(f"{recipe_path}: a sweep needs a validation split: set eval_file and eval_strategy: steps")
+    objective_spec = objective_of(recipe, str(recipe_path))
     space, pruner_cfg = search_space(recipe, str(recipe_path))
     out = (
         Path(out_dir)
@@ -240,23 +330,34 @@ def sweep(
         f"[sweep] {trials} trials -> {out}; space: "
         + ", ".join(f"{k}={s.get('choices') or s.get('value') or [s['low'], s['high']]}" for k, s in space.items())
     )
+    log(f"[sweep] objective: {objective_spec.direction} {objective_spec.name} on {objective_spec.split}")
+    if recipe.preference and not recipe.eval_file:
+        log(
+            f"[warn] sweep: no eval_file: trials are scored on test_file's pairs ({recipe.test_file}), which the "
+            "final eval scores too; give an eval_file of other pairs for an unbiased held-out figure"
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     constrain = pruner_cfg["constrain_forgetting"]
 
     def constraints(t) -> tuple[float, ...]:  # <= 0 is feasible (Optuna's convention)
         return tuple(t.user_attrs.get("constraint", (0.0,)))
 
+    pruner = (
+        optuna.pruners.NopPruner()
+        if recipe.preference
+        else optuna.pruners.MedianPruner(
+            n_startup_trials=pruner_cfg["pruner_startup_trials"], n_warmup_steps=pruner_cfg["pruner_warmup_steps"]
+        )
+    )
     study = optuna.create_study(
-        direction="minimize",
+        direction=objective_spec.direction,
         study_name=out.name,
         sampler=optuna.samplers.TPESampler(seed=recipe.seed, constraints_func=constraints if constrain else None),
-        pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=pruner_cfg["pruner_startup_trials"], n_warmup_steps=pruner_cfg["pruner_warmup_steps"]
-        ),
+        pruner=pruner,
     )
-    objective = _Objective(recipe, recipe_path, space, out, constrain, log)
+    objective = _Objective(recipe, recipe_path, space, out, constrain, log, objective_spec)
     study.optimize(objective, n_trials=trials, catch=(TrainingDiverged,))
-    return _summarise(study, recipe, recipe_path, overrides or {}, space, out, constrain, log)
+    return _summarise(study, recipe, recipe_path, overrides or {}, space, out, constrain, log, objective_spec)
 
 
 @dataclass
@@ -269,6 +370,7 @@ class _Objective:
     out: Path
     constrain: bool
     log: Any
+    objective: Objective | None = None
 
     def __call__(self, trial) -> float:
         import json
@@ -289,6 +391,9 @@ class _Objective:
             f"[sweep] trial {trial.number}: "
             + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         )
+        if self.recipe.preference:
+            run = train(t, self.recipe_path)  # no pruner: the objective is scored once the trial is trained
+            return self._preference(trial, run)
         run = train(t, self.recipe_path, callbacks=[pruning_callback(trial)])
         history = json.loads((run / "manifest.json").read_text()).get("log_history") or []
         value = best_eval_loss(history)
@@ -299,19 +404,49 @@ class _Objective:
         self.log(msg)
         return value
 
+    def _preference(self, trial, run: Path) -> float:
+        """A preference trial: the tuned adapter (loaded once) on the held-out pairs, then on the forgetting probe."""
+        import json
+
+        from adapters.evaluation.forgetting import probe
+        from adapters.evaluation.preference import held_out_pair_scores
+        from adapters.publish.hub import resolve_adapter
+        from adapters.publish.rundir import load_tuned
+
+        history = json.loads((run / "manifest.json").read_text()).get("log_history") or []
+        trial.set_user_attr("steps", max((h.get("step", 0) for h in history), default=0))
+        done = resolve_adapter(run)
+        model, tok = load_tuned(done, quantize=True)
+        split = self.objective.split if self.objective else self.recipe.eval_file
+        scores = held_out_pair_scores(model, tok, done.recipe, split, self.recipe.eval_limit)
+        trial.set_user_attr("margin", scores["margin"])
+        trial.set_user_attr("accuracy_avg", scores["accuracy_avg"])
+        msg = (
+            f"[sweep] trial {trial.number}: held-out preference accuracy {scores['accuracy']:.3f} on "
+            f"{scores['n']} pairs (length-averaged {scores['accuracy_avg']:.3f}, margin {scores['margin']:.3f})"
+        )
+        if self.constrain:
+            rise = float(probe(model, tok, done.recipe, base=True, log=lambda *_: None)["rise"])
+            msg += self._constrain(trial, rise)
+        self.log(msg)
+        return float(scores["accuracy"])
+
     def _forgetting(self, trial, run: Path) -> str:
         """The trial's adapter vs the same model with it disabled, on the recipe's probe: a constraint."""
         from adapters.evaluation.evaluate import evaluate_run
 
-        limit = self.recipe.forgetting_threshold
         rise = float(evaluate_run(run, probe_only=True, log=lambda *_: None)["forgetting"]["rise"])
+        return self._constrain(trial, rise)
+
+    def _constrain(self, trial, rise: float) -> str:
+        limit = self.recipe.forgetting_threshold
         trial.set_user_attr("forgetting_rise", rise)
         trial.set_user_attr("constraint", (rise - limit,))
         ok = rise <= limit
         return f", forgetting {rise:+.1%} ({'feasible' if ok else 'infeasible'}: limit {limit:.0%})"
 
 
-def _trial_rows(study) -> list[dict[str, Any]]:
+def _trial_rows(study, metric: str = "eval_loss") -> list[dict[str, Any]]:
     rows = []
     for t in study.trials:
         value = (
@@ -323,7 +458,8 @@ def _trial_rows(study) -> list[dict[str, Any]]:
             {
                 "trial": t.number,
                 "state": t.state.name,
-                "eval_loss": value,
+                metric: value,
+                **({"margin": t.user_attrs.get("margin")} if metric == "preference_accuracy" else {}),
                 "forgetting_rise": t.user_attrs.get("forgetting_rise"),
                 "feasible": None if "constraint" not in t.user_attrs else t.user_attrs["constraint"][0] <= 0,
                 "steps": t.user_attrs.get("steps", max(t.intermediate_values, default=None)),
@@ -333,30 +469,51 @@ def _trial_rows(study) -> list[dict[str, Any]]:
     return rows
 
 
-def _summarise(study, recipe: Recipe, recipe_path: Path, overrides, space, out: Path, constrain: bool, log):
-    """Tables and plot of every trial; the best feasible trial (lowest validation loss) becomes the best recipe."""
+def _summarise(
+    study,
+    recipe: Recipe,
+    recipe_path: Path,
+    overrides,
+    space,
+    out: Path,
+    constrain: bool,
+    log,
+    objective: Objective | None = None,
+):
+    """Tables and plot of every trial; the best feasible trial (by the objective) becomes the best recipe."""
     from adapters.utils.atomic import write_json
 
-    rows = _trial_rows(study)
-    write_tables(rows, list(space), out)
-    plot_search(rows, out)
+    objective = objective or objective_of(recipe, str(recipe_path))
+    rows = _trial_rows(study, objective.name)
+    write_tables(rows, list(space), out, objective.name)
+    plot_search(rows, out, objective)
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
     if not complete:
         raise RuntimeError(f"{out}: no trial completed (see trials.md)")
     feasible = [t for t in complete if t.user_attrs.get("constraint", (0.0,))[0] <= 0]
-    best = min(feasible or complete, key=lambda t: t.value)
+    if objective.direction == "maximize":  # ties (a few held-out pairs) go to the larger margin
+        best = max(feasible or complete, key=lambda t: (t.value, t.user_attrs.get("margin") or -math.inf))
+    else:
+        best = min(feasible or complete, key=lambda t: t.value)
     if constrain and not feasible:
         log(
             f"[warn] sweep: every trial forgot more than {recipe.forgetting_threshold:.0%} on the probe; the best "
-            "validation loss is reported anyway - raise base_kl_weight or lower the learning_rate range"
+            f"{objective.label} is reported anyway - {_infeasible_advice(recipe)}"
         )
     best_params = {**{k: s["value"] for k, s in space.items() if s["kind"] == "fixed"}, **best.params}
     best_path = write_best_recipe(
-        recipe_path, overrides, best_params, best.value, out, best.user_attrs.get("forgetting_rise")
+        recipe_path, overrides, best_params, best.value, out, best.user_attrs.get("forgetting_rise"), objective.label
     )
     summary = {
+        "objective": {
+            "name": objective.name,
+            "direction": objective.direction,
+            "split": objective.split,
+            "what": objective.what,
+            "pruner": objective.pruner,
+        },
         "best_trial": best.number,
-        "best_eval_loss": best.value,
+        f"best_{objective.name}": best.value,
         "best_forgetting_rise": best.user_attrs.get("forgetting_rise"),
         "best_is_feasible": bool(feasible) if constrain else None,
         "best_params": best_params,
@@ -364,5 +521,16 @@ def _summarise(study, recipe: Recipe, recipe_path: Path, overrides, space, out: 
         "trials": rows,
     }
     write_json(out / "sweep.json", summary)
-    log(f"[sweep] best trial {best.number}: validation loss {best.value:.4f} -> {best_path}")
+    log(f"[sweep] best trial {best.number}: {objective.label} {best.value:.4f} -> {best_path}")
     return summary
+
+
+def _infeasible_advice(recipe: Recipe) -> str:
+    """What to search instead when every trial forgot too much: the knobs this trainer has."""
+    from adapters.evaluation.metrics import guard_accepted
+
+    knobs = ["raise base_kl_weight"] if guard_accepted(recipe) else []
+    if recipe.trainer in ("dpo", "kto"):
+        knobs.append("search a higher beta")
+    knobs.append("lower the learning_rate range")
+    return " or ".join([", ".join(knobs[:-1]), knobs[-1]] if len(knobs) > 1 else knobs)
