@@ -166,7 +166,9 @@ def pref_data(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _dpo_overrides(tiny_models, pref_data, out, **kw):
+def _dpo_overrides(tiny_models, pref_data, out, plain: bool = True, **kw):
+    """Tiny-run overrides; ``plain``: DPO's own sigmoid loss without the NLL term or the guard (the demo recipe has
+    both), so that the reference checks can read log 2 and zero rewards at the first step."""
     given = dict(
         eval_file=None,
         eval_strategy="no",
@@ -180,6 +182,8 @@ def _dpo_overrides(tiny_models, pref_data, out, **kw):
         logging_steps=1,
         forgetting_probe_tokens=64,
     )
+    if plain:
+        given.update(loss_type=["sigmoid"], loss_weights=None, base_kl_weight=0.0)
     return tiny_overrides(tiny_models["llama"], pref_data, out, **{**given, **kw})
 
 
@@ -534,18 +538,21 @@ def test_dpo_forgetting_guard_holds_the_policy_to_the_base_on_general_text(
     assert _kl_to_base_on_general(run, tiny_models) < _kl_to_base_on_general(dpo_run, tiny_models)
 
 
-@pytest.mark.parametrize("trainer", ["kto", "orpo"])
-def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_path, monkeypatch):
-    """KTO unpairs the pairs (reference: the base, adapter disabled); ORPO has no reference. Both write a plain
-    adapter and the preference section."""
-    recipe, path = load_recipe(  # the shipped ORPO / KTO demo recipes, with their forgetting guard
+@pytest.mark.parametrize("trainer", ["kto", "orpo", "dpo"])
+def test_each_shipped_preference_recipe_trains_from_the_base(trainer, tiny_models, pref_data, tmp_path, monkeypatch):
+    """The shipped DPO (its NLL term and guard), KTO and ORPO demo recipes from the base: KTO unpairs the pairs and,
+    like DPO, takes the base (adapter disabled) as its reference; ORPO has none. Each writes a plain adapter and the
+    preference section, and a second run reads TRL's tokenized rows from the cache."""
+    recipe, path = load_recipe(  # the shipped demo recipes, with their forgetting guard
         f"gemma3-270m-{trainer}-demo",
-        _dpo_overrides(tiny_models, pref_data, tmp_path, run_name=trainer, max_steps=2, eval_base=False),
+        _dpo_overrides(tiny_models, pref_data, tmp_path, False, run_name=trainer, max_steps=2, eval_base=False),
     )
     assert recipe.trainer == trainer and recipe.base_kl_weight > 0
     run = train_mod.train(recipe, path)
     m = json.loads((run / "manifest.json").read_text())
-    assert m["reference"]["kind"] == ("base" if trainer == "kto" else "none")
+    assert m["reference"]["kind"] == ("none" if trainer == "orpo" else "base")
+    if trainer == "dpo":
+        assert m["config"]["loss_type"] == ["sigmoid", "sft"]
     assert m["status"] == "complete" and math.isfinite(m["train"]["train_loss"])
     _no_ref(run / "adapter")
     assert json.loads((run / "eval.json").read_text())["preference"]["n"] == 4
@@ -559,7 +566,9 @@ def test_kto_and_orpo_train_from_the_base(trainer, tiny_models, pref_data, tmp_p
     # tokenize_row returned): the same training
     again, _ = load_recipe(
         f"gemma3-270m-{trainer}-demo",
-        _dpo_overrides(tiny_models, pref_data, tmp_path, run_name=f"{trainer}2", max_steps=2, eval_after_train=False),
+        _dpo_overrides(
+            tiny_models, pref_data, tmp_path, False, run_name=f"{trainer}2", max_steps=2, eval_after_train=False
+        ),
     )
 
     def not_again(*a, **k):
