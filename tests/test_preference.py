@@ -728,13 +728,14 @@ def test_plan_counts_chosen_and_rejected_and_the_reference_pass():
     from adapters.planning.memory import count_parameters, estimate, model_config
 
     dpo = load_recipe("gemma3-270m-dpo-demo")[0]
-    # the same checkpointing on both sides (the SFT demo checkpoints, the DPO demo does not)
+    # the same checkpointing on both sides
     sft = load_recipe("gemma3-270m-demo", {"gradient_checkpointing": dpo.gradient_checkpointing})[0]
     counts = count_parameters(model_config(dpo)[0], dpo)
-    s, d = estimate(sft, counts), estimate(dpo, counts)
+    pre = dataclasses.replace(dpo, precompute_ref_log_probs=True)  # the demo's 8-bit base: not precomputed
+    s, d = estimate(sft, counts), estimate(pre, counts)
     assert d.activations_per_sample == pytest.approx(2 * s.activations_per_sample)
     assert d.logits_per_sample == pytest.approx(2 * s.logits_per_sample)  # reference precomputed: no pass
-    live = estimate(dataclasses.replace(dpo, precompute_ref_log_probs=False), counts)
+    live = estimate(dpo, counts)
     assert live.details["reference_pass_per_sample"] > 0
     assert live.logits_per_sample == pytest.approx(d.logits_per_sample + live.details["reference_pass_per_sample"])
 
@@ -774,3 +775,105 @@ def test_dpo_two_processes_on_gloo(tiny_models, pref_data, sft_adapter, tmp_path
     assert [e["loss"] for e in again["log_history"] if "loss" in e] == [
         e["loss"] for e in m["log_history"] if "loss" in e
     ]
+
+
+def test_precompute_default_follows_the_base_and_a_recipe_value_wins():
+    """Our DPO/KTO default precomputes the frozen reference's log-probs, except on an 8-bit base (LLM.int8's outlier
+    columns come from the whole batch, so a precomputed pair's log-probs differ from the same pair in a training
+    batch); the resolved value is what the manifest's config records, and a recipe's own value wins."""
+    from adapters.config.describe import describe_keys
+    from adapters.training import preference_speed
+
+    int8 = load_recipe("gemma3-270m-dpo-demo")[0]
+    assert int8.load_in_8bit and int8.precompute_ref_log_probs is False
+    assert int8.to_dict()["precompute_ref_log_probs"] is False
+    why = preference_speed.plan(int8)["precompute_ref_log_probs"]
+    assert why["value"] is False and why["source"] == "ours" and "8-bit" in why["why"]
+    for name in ("gemma3-270m-dpo-demo", "gemma3-270m-kto-demo"):
+        nf4 = load_recipe(name, {"load_in_8bit": False, "load_in_4bit": True})[0]
+        assert nf4.precompute_ref_log_probs is True and nf4.to_dict()["precompute_ref_log_probs"] is True
+    given = load_recipe("gemma3-270m-dpo-demo", {"precompute_ref_log_probs": True})[0]
+    assert given.precompute_ref_log_probs is True
+    assert preference_speed.plan(given)["precompute_ref_log_probs"]["source"] == "recipe"
+    line = next(x for x in describe_keys(int8).splitlines() if x.split()[:1] == ["precompute_ref_log_probs"])
+    assert "True (False on an 8-b" in line and "False" in line.split("...")[1]  # the default, then this recipe's
+
+
+def test_trainer_constructor_keeps_the_continued_adapters_exact_values(tiny_models, pref_data, sft_adapter, tmp_path):
+    """On a quantized base TRL rounds the trainable LoRA tensors to bfloat16 in its constructor (after it copied the
+    continued adapter to 'ref'). Our constructor wrapper puts the exact values back: the policy starts equal to
+    its reference and to the saved SFT adapter, bit for bit, on an 8-bit base (no precompute: the reference runs in
+    the training batch) and the first DPO loss is log 2 with zero rewards."""
+    recipe, path = load_recipe(
+        "gemma3-270m-dpo-demo",
+        _dpo_overrides(
+            tiny_models,
+            pref_data,
+            tmp_path,
+            run_name="int8",
+            init_adapter=str(sft_adapter),
+            load_in_8bit=True,
+            max_steps=1,
+            eval_after_train=False,
+        ),
+    )
+    seen = {}
+    real = pref_mod.build_preference_trainer
+
+    def spy(model, *a, **kw):
+        trainer, guard = real(model, *a, **kw)
+        params = dict(trainer.model.named_parameters())
+        pairs = [(p, params[n.replace(".default.", ".ref.")]) for n, p in params.items() if ".default." in n]
+        seen["pairs"] = [(p.dtype, torch.equal(p.float(), r.float())) for p, r in pairs]  # before any step
+        seen["trainable"] = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        return trainer, guard
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(pref_mod, "build_preference_trainer", spy):
+        run = train_mod.train(recipe, path)
+    assert seen["pairs"] and all(dtype == torch.float32 and same for dtype, same in seen["pairs"])
+    saved = load_file(str(sft_adapter / "adapter" / "adapter_model.safetensors"))
+    start = {k.replace(".default", ""): v for k, v in seen["trainable"].items()}
+    assert all(torch.equal(start[k], v) for k, v in saved.items() if k in start) and saved.keys() <= start.keys()
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["fast_path"]["precompute_ref_log_probs"]["value"] is False
+    first = _first_log(run)
+    assert abs(first["loss"] - LOG2) < 1e-6 and abs(first["rewards/chosen"]) < 1e-6, first
+
+
+def test_exact_trainable_restores_values_a_constructor_rounded():
+    from adapters.compat.trl import exact_trainable
+
+    model = torch.nn.Linear(4, 3)
+    model.bias.requires_grad_(False)
+    before = model.weight.detach().clone()
+    with exact_trainable(model):
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)  # what TRL's constructors do to trainable tensors
+    assert model.weight.dtype == torch.float32 and torch.equal(model.weight, before)
+    assert model.bias.dtype == torch.bfloat16  # not trainable: not ours to restore
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_answer_log_probs_score_only_answer_positions_and_equal_full_logits(tiny_models, arch):
+    """The preference evaluation's log-probs run the LM head on the batch's answer positions only
+    (``logits_to_keep``); they equal the same sums from every position's logits, one sequence at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from adapters.evaluation.preference import answer_logps
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models[arch]), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    seqs = [
+        (torch.randint(3, vocab, (n,), generator=g).tolist(), start)
+        for n, start in ((9, 4), (14, 10), (6, 1), (11, 0), (5, 5))
+    ]
+    got = answer_logps(model, seqs, batch_size=3)
+    for (ids, start), (lp, n) in zip(seqs, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        pos = torch.arange(max(start, 1) - 1, len(ids) - 1)
+        want = torch.log_softmax(logits[pos], -1).gather(-1, torch.tensor(ids)[pos + 1, None]).sum()
+        assert n == len(pos) and lp == pytest.approx(float(want), abs=1e-4)

@@ -7,6 +7,9 @@
   entropy, log_sum_sq_probs, mean_logits, is_top1)``; ``trained_positions_only`` swaps in ``MaterializedLogProb``.
 - ``SFTTrainer._metrics``: the per-mode lists ``SFTTrainer.log`` averages into each log line; ``log_metric``
   appends to it.
+- The trainers' constructors (``SFTTrainer``, ``DPOTrainer``, ``KTOTrainer``; ``trl.experimental`` for ORPO) cast
+  the trainable tensors of a quantized model to bfloat16 in place (QLoRA's recipe); ``exact_trainable`` puts the
+  values back.
 - ``SFTTrainer._total_train_tokens``: the running count logged as ``num_tokens``, set to 0 in ``__init__`` and kept
   in no checkpoint file; ``train_tokens`` / ``restore_train_tokens`` read it for the checkpoint marker and put it
   back on resume.
@@ -238,6 +241,25 @@ def trained_positions_only(on: bool):
         yield
     finally:
         trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = before, kernel
+
+
+@contextmanager
+def exact_trainable(model):
+    """Around a TRL trainer's constructor: the trainable tensors come out with the values they went in with.
+
+    On a quantized base TRL 1.16 rounds every trainable tensor to bfloat16 in its constructor (``param.data =
+    param.data.to(torch.bfloat16)``). Casting back to our ``adapter_dtype`` afterwards restores the dtype, not the
+    bits: a continued adapter (``--init_adapter``) would start 2**-8 relative away from the adapter it continues,
+    and for DPO away from TRL's ``ref`` copy of it, made before the cast, so the policy would not equal the
+    reference at step 0. A tensor the constructor left in its dtype is left alone."""
+    saved = {n: p.data for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            old = saved.get(n)
+            if old is not None and p.data.dtype != old.dtype and p.data.shape == old.shape:
+                p.data = old
 
 
 def log_metric(trainer, name: str, value: float, mode: str = "train") -> None:

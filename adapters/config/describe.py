@@ -103,6 +103,8 @@ def describe_keys(recipe: Recipe | None = None) -> str:
                 mark = " *"
                 reasons.append(f"  * {name}: {lib.ours[name][1]} (library default: {_value(key.default)})")
             value = _value(getattr(recipe, name)) if recipe is not None else ""
-            rows.append((name, type_name(key.type), _value(lib.default(name)) + mark, value, key.doc))
+            ours = lib.ours.get(name, (None,))[0]
+            default = str(ours) if isinstance(ours, libraries.OnBase) else _value(lib.default(name))
+            rows.append((name, type_name(key.type), default + mark, value, key.doc))
         blocks.append(_table(f"{lib.section}: {lib.name}", rows, recipe) + reasons)
     return "\n\n".join("\n".join(b) for b in blocks) + "\n"

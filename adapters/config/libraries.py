@@ -48,18 +48,40 @@ SFT_DEFAULTS: dict[str, tuple[Any, str]] = {
 # The preference trainers share the SFT defaults that are about the run (schedule, logging, checkpoints, precision),
 # not about the loss; their own changes follow.
 _RUN_DEFAULTS = {k: SFT_DEFAULTS[k] for k in SFT_DEFAULTS if k != "learning_rate"}
+
+
+@dataclass(frozen=True)
+class OnBase:
+    """One of our defaults that depends on how the base is loaded: ``int8`` on an 8-bit (LLM.int8) base, ``other``
+    on any other. ``recipe``: a Recipe, or a manifest's config dict."""
+
+    other: Any
+    int8: Any
+
+    def resolve(self, recipe: Any = None) -> Any:
+        int8 = recipe.get("load_in_8bit") if isinstance(recipe, dict) else getattr(recipe, "load_in_8bit", False)
+        return self.int8 if int8 else self.other
+
+    def __str__(self) -> str:
+        return f"{self.other} ({self.int8} on an 8-bit base)"
+
+
+_PRECOMPUTE = (
+    OnBase(True, False),
+    "the reference is frozen: its log-probs computed once before training save a forward per step. Not on an "
+    "8-bit base: LLM.int8 picks its outlier columns from the whole batch, so a pair's log-probs change with the "
+    "pairs batched with it (up to 1 nat on the demo) and a precomputed reference no longer equals the policy at "
+    "step 0; the reference then runs in the training batch, as TRL's default does",
+)
 DPO_DEFAULTS: dict[str, tuple[Any, str]] = {
     **_RUN_DEFAULTS,
     "learning_rate": (5e-6, "TRL's docs suggest 5e-6 to 1e-5 for LoRA DPO; 1e-6 is the full fine-tune rate"),
-    "precompute_ref_log_probs": (
-        True,
-        "the reference is frozen: its log-probs computed once before training are exact and save a forward per step",
-    ),
+    "precompute_ref_log_probs": _PRECOMPUTE,
 }
 KTO_DEFAULTS: dict[str, tuple[Any, str]] = {
     **_RUN_DEFAULTS,
     "learning_rate": (5e-6, "as for DPO: LoRA needs more than the full fine-tune rate 1e-6"),
-    "precompute_ref_log_probs": (True, "the reference is frozen: exact, and a forward less per step"),
+    "precompute_ref_log_probs": _PRECOMPUTE,
 }
 ORPO_DEFAULTS: dict[str, tuple[Any, str]] = {
     **_RUN_DEFAULTS,
@@ -128,10 +150,12 @@ class Library:
         """Every key the class accepts (pipeline keys included), with its type, library default and help."""
         return _library_keys(self.path)
 
-    def default(self, name: str) -> Any:
-        """Our default where we chose one, else the library's."""
+    def default(self, name: str, recipe: Any = None) -> Any:
+        """Our default where we chose one (resolved for ``recipe`` where it depends on the base), else the
+        library's."""
         if name in self.ours:
-            return self.ours[name][0]
+            value = self.ours[name][0]
+            return value.resolve(recipe) if isinstance(value, OnBase) else value
         return self.keys()[name].default
 
 

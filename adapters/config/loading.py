@@ -240,7 +240,7 @@ def library_changes(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in {**config, **(config.get("sft_extra") or {})}.items():
         lib = None if key in own else libraries.library_of(key, own, config.get("trainer"))
-        if lib is not None and value != lib.default(key):
+        if lib is not None and value != lib.default(key, config):
             out[key] = value
     return out
 

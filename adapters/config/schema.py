@@ -314,7 +314,7 @@ class Recipe(_RecipeFields):
         if lib is None:
             raise AttributeError(f"{type(self).__name__!r} has no key {name!r}")
         given = self.__dict__.get(lib.section) or {}
-        return given[name] if name in given else copy.deepcopy(lib.default(name))  # library defaults are shared
+        return given[name] if name in given else copy.deepcopy(lib.default(name, self))  # defaults are shared
 
     def __setattr__(self, name: str, value: Any) -> None:
         lib = (
@@ -330,7 +330,7 @@ class Recipe(_RecipeFields):
     def library_kwargs(self, section: str) -> dict[str, Any]:
         """Keyword arguments for one library's config class: our defaults, then the keys the recipe gives."""
         lib = libraries.section_library(section, self.trainer)
-        return copy.deepcopy({**{k: v for k, (v, _) in lib.ours.items()}, **getattr(self, section)})
+        return copy.deepcopy({**{k: lib.default(k, self) for k in lib.ours}, **getattr(self, section)})
 
     @property
     def preference(self) -> bool:

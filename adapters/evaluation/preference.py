@@ -44,9 +44,10 @@ def _sequences(tok, rows) -> list[tuple[list[int], int]]:
 
 
 @torch.no_grad()
-def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 4) -> list[tuple[float, int]]:
+def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed log-prob of the answer tokens, their count) per sequence. Only the answer positions go through the
-    log-softmax, one batch at a time (Gemma's vocabulary makes full logits large)."""
+    LM head (``logits_to_keep``: the batch's answer positions; Gemma's 262k vocabulary makes the head most of a
+    small model's forward) and the log-softmax, one batch at a time."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -58,11 +59,17 @@ def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 4) 
         for j, (s, _) in enumerate(batch):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for j, (s, start) in enumerate(batch):
-            pos = torch.arange(max(start, 1) - 1, len(s) - 1, device=logits.device)  # position t predicts t+1
+        spans = [torch.arange(max(start, 1) - 1, len(s) - 1) for s, start in batch]  # position t predicts t+1
+        keep = torch.unique(torch.cat(spans)) if spans else torch.zeros(0, dtype=torch.long)
+        kw = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        try:
+            logits = model(**kw, logits_to_keep=keep.to(device)).logits
+        except TypeError:  # a model class without logits_to_keep: every position
+            logits, keep = model(**kw).logits, torch.arange(width)
+        for j, pos in enumerate(spans):
             target = ids[j, pos + 1].to(logits.device)
-            lp = torch.log_softmax(logits[j, pos].float(), dim=-1).gather(-1, target[:, None]).sum()
+            rows = torch.searchsorted(keep, pos).to(logits.device)
+            lp = torch.log_softmax(logits[j, rows].float(), dim=-1).gather(-1, target[:, None]).sum()
             out.append((float(lp), len(pos)))
     return out
 

@@ -120,6 +120,7 @@ def build_preference_trainer(
     """The recipe's preference trainer over ``model`` (a PeftModel: a new adapter, or the starting one). Returns
     (trainer, the non-finite-loss guard). ``data_report``: the data stage's report; on an encoded-cache miss the
     splits TRL tokenized are stored with it (``report['encoding']``)."""
+    from adapters.compat.trl import exact_trainable
     from adapters.data.preference import TOKENIZED_COLUMNS
     from adapters.model.lora import adapter_dtype as dtype_of
     from adapters.training import preference_speed
@@ -162,7 +163,8 @@ def build_preference_trainer(
     if recipe.trainer != "orpo":
         kwargs["ref_model"] = None  # a PeftModel without peft_config: TRL copies its adapter into 'ref'
     fast_path = preference_speed.plan(recipe)  # completion positions only through the LM head (speed levers)
-    with preference_speed.constructing(fast_path):  # TRL's reference precompute runs in the constructor
+    # TRL's reference precompute runs in the constructor; TRL rounds LoRA to bfloat16 there on a quantized base
+    with preference_speed.constructing(fast_path), exact_trainable(model):
         trainer = Trainer(
             model=model,
             args=args,
@@ -188,7 +190,7 @@ def build_preference_trainer(
     if not recipe.init_adapter:
         drop_reference(unwrapped)  # a new adapter: the reference is the base (adapter disabled), no copy needed
     save_trained_only(unwrapped)
-    trainer.keep_adapter_dtype()  # TRL has just cast LoRA to bfloat16 on a quantized base
+    trainer.keep_adapter_dtype()
     if trainer.is_world_process_zero():
         ckpt.save_run_tokenizer(tok, run)
     _log_tensorboard_to(trainer, run / "tensorboard")

@@ -3,15 +3,17 @@
 TRL's ``DPOTrainer`` / ``KTOTrainer`` call the model with ``labels`` = the completion tokens (prompt and padding
 -100) and ``fused_lm_head=True``, for the policy and for the reference. Off Triton devices TRL's fused head projects
 every position onto the vocabulary (to keep tile shapes fixed for compiled backends) and recomputes every tile in
-its backward; on Gemma's 262k vocabulary that is most of a small model's step. The levers, each exact:
+its backward; on Gemma's 262k vocabulary that is most of a small model's step. The levers (exact; the precompute not
+on an 8-bit base):
 
 - ``trained_positions_only`` (the SFT switch, ``adapters/compat/trl.py``): only completion positions go through the
   LM head, policy and reference alike: no logits for prompt tokens. With a frozen head (LoRA) the log-probs come
   from the lean tiled kernel, which keeps ``[N, hidden]`` instead of the ``[N, vocabulary]`` softmax for the
   backward.
-- ``precompute_ref_log_probs`` (a DPOConfig / KTOConfig key, our default true in config/libraries.py): the
-  reference is frozen, so TRL computes its log-probs once, in the trainer's constructor, and a step runs the policy
-  only. ``constructing`` puts the switch above around that constructor, so the precompute also scores completion
+- ``precompute_ref_log_probs`` (a DPOConfig / KTOConfig key, our default true in config/libraries.py, false on an
+  8-bit base): the reference is frozen, so TRL computes its log-probs once, in the trainer's constructor, and a
+  step runs the policy only. Not exact on an 8-bit base: LLM.int8 chooses its outlier columns from the whole batch,
+  so a pair scored in the precompute's batch and again in a shuffled training batch gets other log-probs. ``constructing`` puts the switch above around that constructor, so the precompute also scores completion
   positions only (the training loop's switch, run.py, starts after it).
 
 ORPO (``trl.experimental.orpo``) computes its logits itself: none of this applies, and the report says so.
@@ -37,17 +39,21 @@ def plan(recipe) -> dict[str, Any]:
         speed._trained_positions_only(p, {"trained_positions_only": recipe.trained_positions_only}, _cuda())
     else:
         p.set("trained_positions_only", False, f"{recipe.trainer}: TRL's trainer computes its own logits", "trl")
-    pre = bool(getattr(recipe, "precompute_ref_log_probs", False)) if recipe.trainer in FUSED_HEAD_TRAINERS else False
-    p.set(
-        "precompute_ref_log_probs",
-        pre,
-        "the frozen reference's log-probs computed once before training"
-        if pre
-        else "the reference runs in every step"
-        if recipe.trainer in FUSED_HEAD_TRAINERS
-        else f"{recipe.trainer}: no reference model",
-        "recipe" if "precompute_ref_log_probs" in (recipe.training or {}) else "ours",
-    )
+    fused = recipe.trainer in FUSED_HEAD_TRAINERS
+    pre = bool(getattr(recipe, "precompute_ref_log_probs", False)) if fused else False
+    given = "precompute_ref_log_probs" in (recipe.training or {})
+    if not fused:
+        why = f"{recipe.trainer}: no reference model"
+    elif pre:
+        why = "the frozen reference's log-probs computed once before training"
+    elif recipe.load_in_8bit and not given:
+        why = (
+            "8-bit base: LLM.int8's log-probs depend on the other rows of the batch, so the reference runs in each "
+            "training batch (exact at step 0: policy = reference)"
+        )
+    else:
+        why = "the reference runs in every step"
+    p.set("precompute_ref_log_probs", pre, why, "recipe" if given else "ours")
     return p.report()
 
 

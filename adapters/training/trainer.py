@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from adapters.compat.trl import exact_trainable
 from adapters.config import Recipe
 from adapters.training import callbacks as trainctl
 from adapters.training import checkpoints as ckpt
@@ -183,15 +184,16 @@ def build_trainer(
         **_streaming_kwargs(recipe),
     )
     guard = make_callbacks()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds if has_eval else None,
-        processing_class=tok,
-        callbacks=[guard],
-    )
-    trainer.keep_adapter_dtype()  # TRL has just cast LoRA to bfloat16 on a quantized base
+    with exact_trainable(model):  # TRL rounds LoRA to bfloat16 on a quantized base: the values come back
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds if has_eval else None,
+            processing_class=tok,
+            callbacks=[guard],
+        )
+    trainer.keep_adapter_dtype()
     if trainer.is_world_process_zero():
         ckpt.save_run_tokenizer(tok, run)  # once per run: checkpoints carry none
     _log_tensorboard_to(trainer, run / "tensorboard")
