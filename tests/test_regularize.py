@@ -58,9 +58,12 @@ def test_kl_is_zero_for_a_fresh_adapter_and_has_gradients_after(tiny_models, tin
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_lean_kl_equals_the_log_softmax_kl_in_value_and_gradients(tiny_models, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["rows", "general"])
+def test_lean_kl_equals_the_log_softmax_kl_in_value_and_gradients(where, tiny_models, tiny_data, tmp_path, monkeypatch):
     """The guard's tiled KL (nothing of [N, vocabulary] kept for the backward) against F.kl_div on both
-    log-softmaxes, on a tiny Gemma 3 with the tiles forced small (3 rows): same KL, same LoRA gradients (fp32)."""
+    log-softmaxes, on a tiny Gemma 3 with the tiles forced small (3 rows): same KL, same LoRA gradients (fp32). Both
+    sources: the rows' unlabelled positions (kl_to_base) and general-text windows (kl_on_general, the preference
+    trainers' guard)."""
     import adapters.training.forgetting_guard as guard
     from adapters.model.loading import load_model
     from adapters.model.lora import attach_lora
@@ -81,13 +84,20 @@ def test_lean_kl_equals_the_log_softmax_kl_in_value_and_gradients(tiny_models, t
     labels[:, :9] = -100
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     body = model.get_base_model().model
-    results = []
+    results, tiled = [], []
+    real_apply = guard._LeanKL.apply
+    monkeypatch.setattr(guard._LeanKL, "apply", lambda *a: tiled.append(1) or real_apply(*a))
     for lean in (True, False):
         if not lean:
+            assert tiled, "the tiled KL was not used"
             monkeypatch.setattr(guard, "_head", lambda _m: None)
         model.zero_grad()
         h = body(input_ids=ids, attention_mask=inputs["attention_mask"]).last_hidden_state
-        kl = kl_to_base(model, inputs, h, 0)
+        if where == "rows":
+            kl = kl_to_base(model, inputs, h, 0)
+        else:
+            flat = (torch.arange(3).unsqueeze(1) * 14 + torch.arange(13)).reshape(-1)
+            kl = guard.kl_on_general(model, ids, h, flat, 10, torch.Generator().manual_seed(7))
         (2.5 * kl).backward()
         results.append((kl.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (k_lean, g_lean), (k_ref, g_ref) = results

@@ -333,8 +333,13 @@ def kl_on_general(model, windows: torch.Tensor, hidden: torch.Tensor, flat: torc
     width = int(cols.max()) + 1
     with torch.no_grad(), model.disable_adapter():
         hb = _hidden(_body(model)(input_ids=windows[:, :width].to(hidden.device), use_cache=False))
-        logp_base = F.log_softmax(_logits(model, hb[rows.to(hb.device), cols.to(hb.device)]), dim=-1)
+        hb = hb[rows.to(hb.device), cols.to(hb.device)]
     ht = hidden.reshape(-1, hidden.shape[-1])[flat[pick.to(flat.device)]]
+    head = _head(model)
+    if head is not None:  # as kl_to_base: in tiles, no [N, vocabulary] tensor kept for the backward
+        return _LeanKL.apply(ht, hb.detach(), head[0], head[1]) / ht.shape[0]
+    with torch.no_grad():
+        logp_base = F.log_softmax(_logits(model, hb), dim=-1)
     logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)
     return F.kl_div(logp_tuned, logp_base, log_target=True, reduction="batchmean")
 
