@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from adapters.compat.trl import log_metric
+from adapters.data.audit import FEW_TRAINED_SHARE
+from adapters.data.rows import IGNORE_INDEX
 
 
 def _body(model):
@@ -167,6 +169,19 @@ class _LeanKL(torch.autograd.Function):
         return (grad * (g * ctx.scale)).to(ctx.h_dtype), None, None, None
 
 
+def _kl(model, ht: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+    """KL(p_base || p_tuned), mean over rows, from the tuned hidden states ``ht`` (with the gradient) and the base's
+    ``hb`` at the same positions; in tiles (``_LeanKL``: [N, hidden] kept for the backward, not [N, vocabulary]) when
+    the LM head allows, else through both log-softmaxes."""
+    head = _head(model)
+    if head is not None:
+        return _LeanKL.apply(ht, hb.detach(), head[0], head[1]) / ht.shape[0]
+    with torch.no_grad():
+        logp_base = F.log_softmax(_logits(model, hb), dim=-1)
+    logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)
+    return F.kl_div(logp_tuned, logp_base, log_target=True, reduction="batchmean")
+
+
 def _up_to(inputs: dict[str, Any], width: int, seq_len: int) -> dict[str, Any]:
     """The body's inputs cut to the first ``width`` positions (causal attention: earlier hidden states are the same).
 
@@ -195,14 +210,7 @@ def kl_to_base(model, inputs: dict[str, Any], hidden: torch.Tensor, per_row: int
     body_inputs = _up_to(inputs, int(cols.max()) + 1, seq_len)
     with torch.no_grad(), model.disable_adapter():
         hb = _hidden(_body(model)(**body_inputs))[rows, cols]
-    ht = hidden[rows, cols]
-    head = _head(model)
-    if head is not None:  # the same KL, in tiles, keeping [N, hidden] instead of [N, vocabulary] for the backward
-        return _LeanKL.apply(ht, hb.detach(), head[0], head[1]) / ht.shape[0]
-    with torch.no_grad():
-        logp_base = F.log_softmax(_logits(model, hb), dim=-1)
-    logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)
-    return F.kl_div(logp_tuned, logp_base, log_target=True, reduction="batchmean")
+    return _kl(model, hidden[rows, cols], hb)
 
 
 # Prose-heavy standard-library modules that the default forgetting probe (evaluation/forgetting.py) does not read.
@@ -233,7 +241,7 @@ GUARD_MODULES = (
 GENERAL_LENGTH = 64  # tokens per general-text window (BOS + 63)
 
 
-ROWS_MIN_TRAINED_SHARE = 0.10  # the few_trained_tokens threshold of the audit (adapters/data/audit.py)
+ROWS_MIN_TRAINED_SHARE = FEW_TRAINED_SHARE  # the audit's few_trained_tokens threshold
 
 
 def trained_share_of(data_report: dict[str, Any] | None) -> float | None:
@@ -243,6 +251,24 @@ def trained_share_of(data_report: dict[str, Any] | None) -> float | None:
         if isinstance(part, dict) and part.get("trained_share") is not None:
             return float(part["trained_share"])
     return None
+
+
+def source_for_rows(source: str, rows, limit: int = 2048) -> str:
+    """``base_kl_source`` as trained for a caller without the data stage's report: ``auto`` resolved from the trained
+    share of up to ``limit`` of ``rows`` (encoded rows with ``labels``), as the audit's share would resolve it."""
+    if source != "auto":
+        return source
+    trained = total = 0
+    try:
+        for i, row in enumerate(rows):
+            if i >= limit:
+                break
+            labels = row["labels"] if isinstance(row, dict) else row.labels
+            trained += sum(1 for x in labels if x != IGNORE_INDEX)
+            total += len(labels)
+    except (TypeError, KeyError, AttributeError):  # rows without labels (a stream not read twice): general
+        total = 0
+    return resolve_source("auto", trained / total if total else None)[0]
 
 
 def resolve_source(source: str, trained_share: float | None) -> tuple[str, str | None]:
@@ -334,14 +360,7 @@ def kl_on_general(model, windows: torch.Tensor, hidden: torch.Tensor, flat: torc
     with torch.no_grad(), model.disable_adapter():
         hb = _hidden(_body(model)(input_ids=windows[:, :width].to(hidden.device), use_cache=False))
         hb = hb[rows.to(hb.device), cols.to(hb.device)]
-    ht = hidden.reshape(-1, hidden.shape[-1])[flat[pick.to(flat.device)]]
-    head = _head(model)
-    if head is not None:  # as kl_to_base: in tiles, no [N, vocabulary] tensor kept for the backward
-        return _LeanKL.apply(ht, hb.detach(), head[0], head[1]) / ht.shape[0]
-    with torch.no_grad():
-        logp_base = F.log_softmax(_logits(model, hb), dim=-1)
-    logp_tuned = F.log_softmax(_logits(model, ht), dim=-1)
-    return F.kl_div(logp_tuned, logp_base, log_target=True, reduction="batchmean")
+    return _kl(model, hidden.reshape(-1, hidden.shape[-1])[flat[pick.to(flat.device)]], hb)
 
 
 def _n_rows(inputs: dict[str, Any]) -> int:

@@ -105,26 +105,6 @@ def _log_tensorboard_to(trainer, log_dir: Path) -> None:
     trainer.add_callback(TensorBoardCallback(tb_writer=writer))
 
 
-def _guard_source(recipe: Recipe, rows, limit: int = 2048) -> str:
-    """``base_kl_source`` as trained: the run resolved ``auto`` already (training/run.py); otherwise the trained
-    share of up to ``limit`` of ``rows`` (encoded rows with ``labels``) decides, as the audit's would."""
-    from adapters.training.forgetting_guard import resolve_source
-
-    if recipe.base_kl_source != "auto":
-        return recipe.base_kl_source
-    trained = total = 0
-    try:
-        for i, row in enumerate(rows):
-            if i >= limit:
-                break
-            labels = row["labels"] if isinstance(row, dict) else row.labels
-            trained += sum(1 for x in labels if x != -100)
-            total += len(labels)
-    except (TypeError, KeyError, AttributeError):  # rows without labels (a stream not read twice): general
-        total = 0
-    return resolve_source("auto", trained / total if total else None)[0]
-
-
 def build_trainer(
     model,
     tok,
@@ -143,7 +123,7 @@ def build_trainer(
     from trl import SFTTrainer
 
     from adapters.model.lora import adapter_dtype as dtype_of
-    from adapters.training.forgetting_guard import BaseKLMixin
+    from adapters.training.forgetting_guard import BaseKLMixin, source_for_rows
     from adapters.training.speed import for_recipe
 
     class Trainer(ckpt.AtomicCheckpointMixin, AdapterDtypeMixin, BaseKLMixin, SFTTrainer):
@@ -151,7 +131,7 @@ def build_trainer(
         base_kl_positions = recipe.base_kl_positions
         base_kl_every = recipe.base_kl_every
         # the run resolves auto from the data audit; a caller that builds the trainer itself, from these rows
-        base_kl_source = _guard_source(recipe, train_ds if length_sample is None else length_sample)
+        base_kl_source = source_for_rows(recipe.base_kl_source, train_ds if length_sample is None else length_sample)
         adapter_dtype = dtype_of(recipe)
 
     trainctl.check_report_to(recipe.report_to)
