@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--test", required=True, help="held-out rows (any format the toolkit reads)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=42, help="LoRA init and data order (the recipe's seed)")
     args = ap.parse_args()
 
     import torch
@@ -74,7 +75,7 @@ def main() -> None:
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
         max_length=128,
-        seed=42,
+        seed=args.seed,
         gradient_checkpointing=False,
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
@@ -83,7 +84,7 @@ def main() -> None:
         report_to=[],
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    set_seed(42)
+    set_seed(args.seed)
     trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=peft_config)
     t0 = time.time()
     trainer.train()

@@ -343,3 +343,48 @@ def test_sweep_three_trials_writes_best_recipe(tiny_models, tiny_data, tmp_path)
     assert summary["best_eval_loss"] == min(t["eval_loss"] for t in pool)
     assert summary["best_is_feasible"] == any(t["feasible"] for t in done)
     assert best.model_name_or_path == str(tiny_models["llama"]) and best.max_steps == 4
+
+
+def test_base_perplexity_is_cached_by_its_key(finished_run, tmp_path, monkeypatch):
+    """The base's probe perplexity is computed once per key (base file hash, quantization, probe tokens, libraries,
+    device) and read back after; another key, a damaged entry or a base without a file hash computes it again."""
+    import dataclasses
+
+    from adapters.evaluation import forgetting as F
+    from adapters.publish.hub import resolve_adapter
+    from adapters.publish.rundir import load_tuned
+
+    run = resolve_adapter(finished_run)
+    model, tok = load_tuned(run, quantize=True)
+    recipe = dataclasses.replace(run.recipe, output_root=str(tmp_path))
+    manifest = {**run.manifest, "base_model": {**run.manifest["base_model"], "sha256": "ab" * 32}}
+    calls: list[str] = []
+    real = F.perplexity
+    monkeypatch.setattr(F, "perplexity", lambda m, c, desc="": calls.append(desc) or real(m, c, desc))
+    quiet = {"log": lambda *_: None}
+    tuned, base = "forgetting probe (tuned)", "forgetting probe (base)"
+
+    first = F.probe(model, tok, recipe, manifest=manifest, **quiet)
+    assert calls == [tuned, base] and first["ppl_base_from"] == "computed"
+    assert len(list((tmp_path / ".cache" / "forgetting").glob("*.json"))) == 1
+    calls.clear()
+    second = F.probe(model, tok, recipe, manifest=manifest, **quiet)
+    assert calls == [tuned] and second["ppl_base_from"] == "cache"
+    assert (second["ppl_base"], second["rise"]) == (first["ppl_base"], first["rise"])
+
+    other_base = {**manifest, "base_model": {"sha256": "cd" * 32}}
+    for m, r in ((other_base, recipe), (manifest, dataclasses.replace(recipe, forgetting_probe_tokens=128))):
+        calls.clear()
+        assert F.probe(model, tok, r, manifest=m, **quiet)["ppl_base_from"] == "computed" and calls == [tuned, base]
+
+    for entry in (tmp_path / ".cache" / "forgetting").glob("*.json"):
+        entry.write_text("{cut short")
+    calls.clear()
+    again = F.probe(model, tok, recipe, manifest=manifest, **quiet)
+    assert calls == [tuned, base] and again["ppl_base"] == first["ppl_base"]
+
+    entries = sorted((tmp_path / ".cache" / "forgetting").glob("*.json"))
+    no_hash = {**manifest, "base_model": {"sha256": None}}
+    calls.clear()
+    assert F.probe(model, tok, recipe, manifest=no_hash, **quiet)["ppl_base_from"] == "computed"
+    assert calls == [tuned, base] and sorted((tmp_path / ".cache" / "forgetting").glob("*.json")) == entries

@@ -71,7 +71,7 @@ def evaluate_model(
             for i, (c, r) in enumerate(zip(conversations, references))
             if i < recipe.eval_samples
         ]
-    evaluation["forgetting"] = probe(model, tok, recipe, base=has_adapter, log=log)
+    evaluation["forgetting"] = probe(model, tok, recipe, base=has_adapter, log=log, manifest=_manifest(run_dir))
     evaluation["forgetting"]["base_kl_weight"] = recipe.base_kl_weight  # the guard it was trained with
 
     flags = [
@@ -107,14 +107,18 @@ def evaluate_model(
     return evaluation
 
 
-def _audit_warnings(run_dir: Path) -> list[dict[str, Any]]:
-    """The data audit's warnings recorded in the run's manifest (``few_trained_tokens``), as flags."""
+def _manifest(run_dir: Path) -> dict[str, Any]:
     import json
 
     try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        return json.loads((run_dir / "manifest.json").read_text())
     except (OSError, ValueError):
-        return []
+        return {}
+
+
+def _audit_warnings(run_dir: Path) -> list[dict[str, Any]]:
+    """The data audit's warnings recorded in the run's manifest (``few_trained_tokens``), as flags."""
+    manifest = _manifest(run_dir)
     return list(((manifest.get("data") or {}).get("audit") or {}).get("warnings") or [])
 
 
@@ -148,7 +152,7 @@ def evaluate_run(
         check_room(run.path / "eval.json", hint="copy the run to a writable place and evaluate it there")
     model, tok = load_tuned(run, quantize=True)
     if probe_only:
-        fg = probe(model, tok, recipe, log=log)
+        fg = probe(model, tok, recipe, log=log, manifest=run.manifest)
         flag = M.forgetting_flag(fg, recipe.forgetting_threshold, M.forgetting_advice(recipe))
         if flag:
             log(f"[warn] {flag['message']}")

@@ -3,6 +3,12 @@
 The default probe is built at run time from the docstrings of Python standard-library modules, which every machine
 that runs this toolkit has. The selection is deterministic: a fixed module list, names in sorted order, passages in
 order. A user file (passages separated by blank lines) replaces it (recipe key ``forgetting_probe``).
+
+The base's perplexity is the same number for every run on the same base: it is kept in
+``<output_root>/.cache/forgetting/<key>.json`` and read back by the next evaluation whose key matches. The key is the
+base's file hash from the run's manifest, its quantization and dtype, the probe's token ids, the library versions and
+the device (LLM.int8 and the CPU's kernels decide the last digits); a run without a file hash is never cached.
+``forgetting.ppl_base_from`` in eval.json says where the figure came from.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import json
 import math
 import sys
 from contextlib import nullcontext
@@ -135,9 +142,80 @@ def perplexity(model, chunks: list[list[int]], desc: str = "forgetting probe") -
     return math.exp(nll / count) if count else float("nan")
 
 
-def probe(model, tok, recipe, base: bool = True, log=print) -> dict[str, Any]:
-    """``{"probe", "ppl_base", "ppl_tuned", "rise", "tokens", "passages", "sha256"}`` for a PeftModel: the base is
-    the same model with its adapter disabled, so both numbers come from one set of weights in memory."""
+BASE_CACHE_VERSION = 1
+
+
+def base_cache_key(model, recipe, manifest: dict[str, Any] | None, probe_sha256: str) -> str | None:
+    """The cache key of the base's perplexity on this probe, or None when the base has no file hash to name it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    sha = ((manifest or {}).get("base_model") or {}).get("sha256")
+    if not sha:
+        return None
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    device = next(model.parameters()).device
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{device.type}:{torch.backends.cpu.get_cpu_capability()}"
+    )
+    key = {
+        "version": BASE_CACHE_VERSION,
+        "base_sha256": sha,
+        "base_fingerprint": (manifest or {}).get("base_fingerprint"),
+        "quantization": _quantization(recipe),
+        "load_in_8bit": bool(recipe.load_in_8bit),
+        "load_in_4bit": bool(recipe.load_in_4bit),
+        "dtype": recipe.dtype,
+        "probe_sha256": probe_sha256,
+        "versions": versions,
+        "device": where,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _quantization(recipe) -> dict[str, Any] | None:
+    """The BitsAndBytesConfig keys that shape the loaded base (the 4-bit ones only when it is loaded in 4 bit)."""
+    if not recipe.quantized:
+        return None
+    kwargs = recipe.library_kwargs("quantization")
+    return {k: v for k, v in kwargs.items() if recipe.load_in_4bit or not k.startswith("bnb_4bit_")}
+
+
+def _cache_path(recipe, key: str) -> Path:
+    return Path(recipe.output_root) / ".cache" / "forgetting" / f"{key}.json"
+
+
+def _cached_base(recipe, key: str | None) -> float | None:
+    if key is None:
+        return None
+    try:
+        value = json.loads(_cache_path(recipe, key).read_text()).get("ppl_base")
+    except (OSError, ValueError):  # absent, or unreadable: computed again
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+
+def _store_base(recipe, key: str | None, ppl: float, log) -> None:
+    from adapters.utils.atomic import write_json
+
+    if key is None or not math.isfinite(ppl):
+        return
+    try:
+        write_json(_cache_path(recipe, key), {"ppl_base": ppl})
+    except OSError as e:  # a read-only output root: the figure is still in this run's eval.json
+        log(f"[forgetting] base perplexity not cached ({e})")
+
+
+def probe(model, tok, recipe, base: bool = True, log=print, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"probe", "ppl_base", "ppl_tuned", "rise", "tokens", "passages", "sha256", "ppl_base_from"}`` for a
+    PeftModel: the base is the same model with its adapter disabled, so both numbers come from one set of weights in
+    memory. With the run's ``manifest`` the base's figure is cached by its key (see the module doc)."""
     name, passages = probe_passages(recipe.forgetting_probe)
     chunks = encode_probe(tok, passages, min(recipe.max_length, 512), recipe.forgetting_probe_tokens)
     if not chunks:
@@ -152,16 +230,23 @@ def probe(model, tok, recipe, base: bool = True, log=print) -> dict[str, Any]:
     ppl_tuned = perplexity(model, chunks, "forgetting probe (tuned)")
     out["ppl_tuned"] = round(ppl_tuned, 4)
     if base:
-        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-        with ctx:
-            ppl_base = perplexity(model, chunks, "forgetting probe (base)")
+        key = base_cache_key(model, recipe, manifest, digest)
+        ppl_base = _cached_base(recipe, key)
+        out["ppl_base_from"] = "cache" if ppl_base is not None else "computed"
+        if ppl_base is None:
+            ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+            with ctx:
+                ppl_base = perplexity(model, chunks, "forgetting probe (base)")
+            _store_base(recipe, key, ppl_base, log)
         out["ppl_base"] = round(ppl_base, 4)
         out["rise"] = round((ppl_tuned - ppl_base) / ppl_base, 4)
     else:
         out["ppl_base"] = None
         out["rise"] = None
     log(
-        f"[forgetting] {name}: {out['tokens']} tokens, perplexity base {out['ppl_base']} tuned {out['ppl_tuned']}"
+        f"[forgetting] {name}: {out['tokens']} tokens, perplexity base {out['ppl_base']}"
+        + (" (cached)" if out.get("ppl_base_from") == "cache" else "")
+        + f" tuned {out['ppl_tuned']}"
         + (f" ({out['rise']:+.1%})" if out["rise"] is not None else "")
     )
     return out

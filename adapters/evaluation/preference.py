@@ -50,9 +50,12 @@ def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) 
     small model's forward) and the log-softmax, one batch at a time."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        batch = seqs[i : i + batch_size]
+    # Batches of sequences whose answers start together (a pair's two answers share their prompt): the union of the
+    # batch's answer positions, which all its rows go through the head at, is then little more than each row's own.
+    order = sorted(range(len(seqs)), key=lambda k: (seqs[k][1], len(seqs[k][0])))
+    out: list[tuple[float, int]] = []
+    for i in range(0, len(order), batch_size):
+        batch = [seqs[k] for k in order[i : i + batch_size]]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -71,7 +74,10 @@ def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) 
             rows = torch.searchsorted(keep, pos).to(logits.device)
             lp = torch.log_softmax(logits[j, rows].float(), dim=-1).gather(-1, target[:, None]).sum()
             out.append((float(lp), len(pos)))
-    return out
+    result: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    for k, score in zip(order, out):
+        result[k] = score
+    return result
 
 
 def pair_scores(logps: list[tuple[float, int]]) -> dict[str, float]:

@@ -82,6 +82,12 @@ def write_report(evaluation: dict[str, Any], run_dir: Path, title: str) -> Path:
             f"| {_fmt(fg.get('ppl_base'))} | {_fmt(fg.get('ppl_tuned'))} | {rise} |",
             "",
         ]
+        if fg.get("ppl_base_from") == "cache":
+            lines += [
+                "The base's perplexity was read from the cache of an earlier evaluation of the same base, probe, "
+                "libraries and device (`outputs/.cache/forgetting/`).",
+                "",
+            ]
         w = fg.get("base_kl_weight")
         if w is not None:
             lines += [

@@ -426,7 +426,7 @@ class _Objective:
             f"{scores['n']} pairs (length-averaged {scores['accuracy_avg']:.3f}, margin {scores['margin']:.3f})"
         )
         if self.constrain:
-            rise = float(probe(model, tok, done.recipe, base=True, log=lambda *_: None)["rise"])
+            rise = float(probe(model, tok, done.recipe, base=True, log=lambda *_: None, manifest=done.manifest)["rise"])
             msg += self._constrain(trial, rise)
         self.log(msg)
         return float(scores["accuracy"])
