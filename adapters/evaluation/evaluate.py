@@ -71,7 +71,8 @@ def evaluate_model(
             for i, (c, r) in enumerate(zip(conversations, references))
             if i < recipe.eval_samples
         ]
-    evaluation["forgetting"] = probe(model, tok, recipe, base=has_adapter, log=log, manifest=_manifest(run_dir))
+    manifest = _manifest(run_dir)  # the base's file hash (probe cache) and the data audit's warnings
+    evaluation["forgetting"] = probe(model, tok, recipe, base=has_adapter, log=log, manifest=manifest)
     evaluation["forgetting"]["base_kl_weight"] = recipe.base_kl_weight  # the guard it was trained with
 
     flags = [
@@ -79,7 +80,7 @@ def evaluate_model(
         M.overfitting(log_history or [], recipe.overfit_window),
         M.forgetting_flag(evaluation["forgetting"], recipe.forgetting_threshold, M.forgetting_advice(recipe)),
         M.collapse(preds["tuned"], references) if "tuned" in preds else None,
-        *_audit_warnings(run_dir),
+        *_audit_warnings(manifest),
     ]
     flags += evaluation.get("preference", {}).pop("flags", [])
     evaluation["flags"] = [f for f in flags if f]
@@ -116,9 +117,8 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _audit_warnings(run_dir: Path) -> list[dict[str, Any]]:
+def _audit_warnings(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The data audit's warnings recorded in the run's manifest (``few_trained_tokens``), as flags."""
-    manifest = _manifest(run_dir)
     return list(((manifest.get("data") or {}).get("audit") or {}).get("warnings") or [])
 
 

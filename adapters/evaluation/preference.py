@@ -53,7 +53,7 @@ def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) 
     # Batches of sequences whose answers start together (a pair's two answers share their prompt): the union of the
     # batch's answer positions, which all its rows go through the head at, is then little more than each row's own.
     order = sorted(range(len(seqs)), key=lambda k: (seqs[k][1], len(seqs[k][0])))
-    out: list[tuple[float, int]] = []
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)  # in the callers' order
     for i in range(0, len(order), batch_size):
         batch = [seqs[k] for k in order[i : i + batch_size]]
         width = max(len(ids) for ids, _ in batch)
@@ -73,11 +73,8 @@ def answer_logps(model, seqs: list[tuple[list[int], int]], batch_size: int = 8) 
             target = ids[j, pos + 1].to(logits.device)
             rows = torch.searchsorted(keep, pos).to(logits.device)
             lp = torch.log_softmax(logits[j, rows].float(), dim=-1).gather(-1, target[:, None]).sum()
-            out.append((float(lp), len(pos)))
-    result: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    for k, score in zip(order, out):
-        result[k] = score
-    return result
+            out[order[i + j]] = (float(lp), len(pos))
+    return out
 
 
 def pair_scores(logps: list[tuple[float, int]]) -> dict[str, float]:

@@ -13,7 +13,8 @@ on an 8-bit base):
 - ``precompute_ref_log_probs`` (a DPOConfig / KTOConfig key, our default true in config/libraries.py, false on an
   8-bit base): the reference is frozen, so TRL computes its log-probs once, in the trainer's constructor, and a
   step runs the policy only. Not exact on an 8-bit base: LLM.int8 chooses its outlier columns from the whole batch,
-  so a pair scored in the precompute's batch and again in a shuffled training batch gets other log-probs. ``constructing`` puts the switch above around that constructor, so the precompute also scores completion
+  so a pair scored in the precompute's batch and again in a shuffled training batch gets other log-probs.
+  ``constructing`` puts the switch above around that constructor, so the precompute also scores completion
   positions only (the training loop's switch, run.py, starts after it).
 
 ORPO (``trl.experimental.orpo``) computes its logits itself: none of this applies, and the report says so.
