@@ -62,27 +62,52 @@ def raw_run(base_model_dir, pc_data, tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- template
-def test_auto_template_rule(base_model_dir, tiny_models, tiny_data, pc_data, tmp_path):
-    """auto: plain prompt/completion rows on a tokenizer without a template train raw; chat rows, or a tokenizer
-    with its own template, chat; an explicit value wins."""
+def _resolved(model, data, tmp_path, **kw):
     from adapters.config import load_recipe
     from adapters.model.loading import load_tokenizer, template_of
     from adapters.model.sources import resolve_model
 
-    def resolved(model, data, **kw):
-        recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(model, data, tmp_path, **kw))
-        tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
-        assert template_of(tok) == recipe.template
-        return recipe.template, tok
+    recipe, _ = load_recipe("gemma3-270m-demo", tiny_overrides(model, data, tmp_path, **kw))
+    tok = load_tokenizer(resolve_model(recipe.model_name_or_path), recipe)
+    assert template_of(tok) == recipe.template
+    return recipe.template, tok
 
-    assert resolved(base_model_dir, pc_data)[0] == "raw"
-    assert resolved(base_model_dir, tiny_data)[0] == "chat"  # messages rows
-    alpaca = tmp_path / "alpaca.jsonl"
-    alpaca.write_text(json.dumps({"instruction": "Name a city.", "output": "Riga"}) + "\n")
-    assert resolved(base_model_dir, {**pc_data, "train": alpaca})[0] == "chat"  # no natural raw join
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_auto_template_rule(base_model_dir, tiny_models, tiny_data, pc_data, tmp_path):
+    """auto: on a tokenizer without a template, rows of one exchange train raw (plain prompt/completion strings as
+    written, rows written as turns with the turns' join); rows of several exchanges, or a tokenizer with its own
+    template, chat; an explicit value wins."""
+    from adapters.model.loading import builtin_template
+
+    def resolved(model, data, **kw):
+        return _resolved(model, data, tmp_path, **kw)
+
+    template, tok = resolved(base_model_dir, pc_data)
+    assert template == "raw" and tok.chat_template == builtin_template("raw")  # strings: joined as written
+    template, tok = resolved(base_model_dir, tiny_data)  # messages rows, one exchange each
+    assert template == "raw" and tok.chat_template == builtin_template("raw-turns")
+    alpaca = _write_rows(tmp_path / "alpaca.jsonl", [{"instruction": "Name a city.", "output": "Riga"}])
+    assert resolved(base_model_dir, {**pc_data, "train": alpaca})[0] == "raw"
+    two = [
+        {"role": "user", "content": "Name a city."},
+        {"role": "assistant", "content": "Riga"},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Oslo"},
+    ]
+    one = {"messages": two[:2]}
+    multi = _write_rows(tmp_path / "multi.jsonl", [one] * 3 + [{"messages": two}])  # judged on every row read
+    assert resolved(base_model_dir, {**pc_data, "train": multi})[0] == "chat"
+    conv_pc = _write_rows(tmp_path / "conv_pc.jsonl", [{"prompt": two[:1], "completion": two[1:2]}])
+    assert resolved(base_model_dir, {**pc_data, "train": conv_pc})[0] == "raw"
     assert resolved(tiny_models["gemma3"], pc_data)[0] == "chat"  # the tokenizer has a template of its own
     assert resolved(base_model_dir, pc_data, template="chat")[0] == "chat"
     assert resolved(tiny_models["gemma3"], tiny_data, template="raw")[0] == "raw"
+    assert resolved(base_model_dir, {**pc_data, "train": multi}, template="raw")[0] == "raw"
     # raw: BOS + prompt + completion + EOS, the completion and EOS trained, nothing else
     from adapters.data.encode import encode_messages
 
@@ -96,7 +121,67 @@ def test_auto_template_rule(base_model_dir, tiny_models, tiny_data, pc_data, tmp
     )
     assert "<start_of_turn>" not in tok.decode(ids)
     with pytest.raises(Exception, match="template"):
+        from adapters.config import load_recipe
+
         load_recipe("gemma3-270m-demo", tiny_overrides(base_model_dir, pc_data, tmp_path, template="plain"))
+
+
+def test_turns_trained_raw_read_as_running_text(base_model_dir, tiny_data, pc_data, tmp_path):
+    """Rows written as turns, trained raw: after a prompt that ends in a colon the answer is written after a space
+    (part of the answer), so a ``messages`` row trains the ids of the same row as prompt/completion strings with the
+    space in the completion (what TRL trains); any other prompt ends its line (part of the prompt, in the generation
+    prompt too); whitespace already there is kept as it is."""
+    from adapters.data.encode import encode_messages, render
+    from adapters.data.fill import TemplateFill
+
+    _, strings = _resolved(base_model_dir, pc_data, tmp_path)
+    _, turns = _resolved(base_model_dir, tiny_data, tmp_path)
+    prompt = "Classify the record by region: north, south or central.\ncity: Leipzig\nAnswer:"
+    as_turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "central"}]
+    as_strings = [{"role": "user", "content": prompt}, {"role": "assistant", "content": " central"}]
+    assert encode_messages(turns, as_turns) == encode_messages(strings, as_strings)
+    assert render(turns, as_turns[:1], add_generation_prompt=True) == render(strings, as_strings[:1], True)
+    assert render(turns, as_turns).endswith("Answer: central" + turns.eos_token)
+    assert render(strings, [as_turns[0], as_turns[1]]).endswith("Answer:central" + turns.eos_token)  # as written
+    for spaced in ([as_strings[0], as_strings[1]], [{"role": "user", "content": prompt + "\n"}, as_turns[1]]):
+        assert render(turns, spaced) == render(strings, spaced)  # nothing added where whitespace is there
+    system = [{"role": "system", "content": "Be brief."}, *as_turns]
+    assert render(turns, system).endswith("Be brief.\n\n" + prompt + " central" + turns.eos_token)
+    # a prompt that does not end in a colon ends its line, in training and in the generation prompt alike
+    record = [
+        {"role": "user", "content": "Rewrite as a catalogue entry: born: 1945, name=Farid Zeller, city=Turin"},
+        {"role": "assistant", "content": "Zeller, Farid (Turin, 1945)"},
+    ]
+    assert render(turns, record).endswith("city=Turin\nZeller, Farid (Turin, 1945)" + turns.eos_token)
+    assert render(turns, record[:1], add_generation_prompt=True).endswith("city=Turin\n")
+    ids, labels = encode_messages(turns, record)
+    assert turns.decode([x for x in labels if x != -100]) == "Zeller, Farid (Turin, 1945)" + turns.eos_token
+    fill = TemplateFill(turns)  # the data stage's fill without Jinja gives the template's text
+    for conv in (as_turns, as_strings, system, record, [{"role": "user", "content": prompt + " "}, as_turns[1]]):
+        assert fill.render(conv) == render(turns, conv)
+
+
+def test_continued_or_resumed_run_keeps_its_template(base_model_dir, raw_run, tiny_data, tmp_path):
+    """Under template: auto, a run that continues an adapter (init_adapter) trains with the template saved with it,
+    and a resumed run with its own, not what the rule would pick for the rows now; an explicit value still wins."""
+    from adapters.config import load_recipe
+    from adapters.model.loading import builtin_template
+    from adapters.training.run import train
+
+    # raw_run trained plain strings (raw.jinja); these messages rows alone would resolve to raw-turns
+    template, tok = _resolved(base_model_dir, tiny_data, tmp_path, init_adapter=str(raw_run))
+    assert template == "raw" and tok.chat_template == builtin_template("raw")
+    template, tok = _resolved(base_model_dir, tiny_data, tmp_path, init_adapter=str(raw_run), template="chat")
+    assert template == "chat"
+    # a run started with the chat template, resumed under auto: still chat (the rule would say raw)
+    over = tiny_overrides(base_model_dir, tiny_data, tmp_path / "runs", run_name="kept", save_steps=2, eval_steps=2)
+    recipe, path = load_recipe("gemma3-270m-demo", {**over, "template": "chat", "max_steps": 2, "base_kl_weight": 0})
+    run = train(recipe, path)
+    recipe, path = load_recipe("gemma3-270m-demo", {**over, "max_steps": 4, "base_kl_weight": 0})
+    train(recipe, path, resume=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["template"] == "chat"
+    assert manifest["resumes"] and (run / "adapter" / "chat_template.jinja").read_text() == builtin_template("gemma")
 
 
 def test_raw_run_end_to_end(raw_run, tmp_path, monkeypatch):

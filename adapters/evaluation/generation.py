@@ -1,5 +1,5 @@
 """Scoring: greedy generation with the run's chat template, stopped at EOS / end of turn (and, for single-line
-answers, at the first newline), batched by prompt length, and exact match."""
+answers, at the first newline after the answer's text), batched by prompt length, and exact match."""
 
 from __future__ import annotations
 
@@ -37,25 +37,35 @@ def answer_budget(tok, references: list[str], margin: int = 8) -> int:
     return longest + margin
 
 
-def _newline_stop(tok):
-    """A stopping criterion: a row is done once its last token decodes to text holding a newline.
+def _newline_stop(tok, cache: dict[int, tuple[bool, bool, bool]] | None = None):
+    """A stopping criterion for one batch: a row is done at the first newline after the answer's first visible text,
+    the line ``first_line`` scores. A newline before any text (an answer that starts on a new line, as raw-turns
+    rows of a prompt without a closing colon are trained) does not stop it.
 
     transformers' ``stop_strings`` builds a table over the whole vocabulary first (seconds for Gemma's 262k tokens,
-    per ``generate`` call); decoding only the tokens generated, once each, costs nothing. A newline is one byte, so
-    no token that holds part of another character can hold it.
+    per ``generate`` call); decoding only the tokens generated, once each (``cache``, shared across batches), costs
+    nothing. A newline is one byte, so no token that holds part of another character can hold it.
     """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    seen = {} if cache is None else cache
+
     class NewlineStop(StoppingCriteria):
         def __init__(self):
-            self.seen: dict[int, bool] = {}
+            self.started: list[bool] | None = None  # per row: visible text generated yet
 
         def __call__(self, input_ids, scores, **kwargs):
+            last = input_ids[:, -1].tolist()
+            if self.started is None:
+                self.started = [False] * len(last)
             done = []
-            for t in input_ids[:, -1].tolist():
-                if t not in self.seen:
-                    self.seen[t] = "\n" in tok.decode([t])
-                done.append(self.seen[t])
+            for row, t in enumerate(last):
+                if t not in seen:
+                    text = tok.decode([t])
+                    seen[t] = ("\n" in text, bool(text.strip()), "\n" in text.lstrip())
+                newline, visible, newline_after_text = seen[t]
+                done.append(newline_after_text or (newline and self.started[row]))
+                self.started[row] = self.started[row] or visible
             return torch.tensor(done, device=input_ids.device)
 
     return StoppingCriteriaList([NewlineStop()])
@@ -79,7 +89,8 @@ def generate_answers(
     stats: list[dict[str, int | bool]] | None = None,
 ) -> list[str]:
     """Greedy answers for each conversation, in their order; decoding stops at EOS or the template's end-of-turn
-    token and, with ``one_line``, at the first newline (the answer is then its first line: see ``single_line``)."""
+    token and, with ``one_line``, at the first newline after the answer's first text (the answer is then its first line:
+    see ``single_line``)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -88,11 +99,12 @@ def generate_answers(
     stops = stop_token_ids(tok)
     texts = [render(tok, c, add_generation_prompt=True) for c in conversations]
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-    newline = {"stopping_criteria": _newline_stop(tok)} if one_line else {}
+    decoded: dict[int, tuple[bool, bool, bool]] = {}  # the newline stop's decoded tokens, for every batch
     out: list[str] = [""] * len(texts)
     counts: list[dict[str, int | bool]] = [{} for _ in texts]
     for batch in tqdm(by_length(lengths, batch_size), desc=desc, total=math.ceil(len(texts) / batch_size)):
         enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        newline = {"stopping_criteria": _newline_stop(tok, decoded)} if one_line else {}
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,

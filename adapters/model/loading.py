@@ -70,12 +70,14 @@ def builtin_template(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def load_tokenizer(ref: ModelRef, recipe: Recipe):
+def load_tokenizer(ref: ModelRef, recipe: Recipe, follow: Path | None = None, say=None):
     """The model's tokenizer with a chat template and a pad token.
 
     The template is the recipe's (a built-in name or a .jinja path), else the tokenizer's own, else the built-in
-    template of the model family. A missing pad token becomes EOS; labels are built by position, so EOS stays
-    supervised even then.
+    template of the model family. Under ``template: auto`` a run that continues an adapter (``init_adapter``) keeps
+    the template saved with it, and a resumed run the one saved in its folder (``follow``), so an adapter goes on
+    training with the text it learnt. ``say``: where a ``[template]`` line tells what ``auto`` chose and why. A
+    missing pad token becomes EOS; labels are built by position, so EOS stays supervised even then.
     """
     from transformers import AutoTokenizer
 
@@ -93,73 +95,132 @@ def load_tokenizer(ref: ModelRef, recipe: Recipe):
         )
         raise ModelSourceError(f"model {ref.source!r}: cannot load the tokenizer from {ref.path}: {e}{hint}") from None
     own = bool(tok.chat_template)
-    if resolve_template(recipe, own) == "raw":
-        tok.chat_template = builtin_template("raw")
+    follow = follow or _init_adapter_dir(recipe)
+    auto = recipe.template == "auto" and not recipe.chat_template
+    kept = saved_template(follow) if follow and auto else None
+    shape = rows_shape(recipe) if recipe.template != "chat" and not kept else None
+    why = ""
+    if kept:
+        tok.chat_template = kept
+        why = f"the template saved with {follow}"
+    elif resolve_template(recipe, own, shape) == "raw":
+        tok.chat_template = builtin_template(RAW_TURNS if shape != "strings" else "raw")
+        why = (
+            "plain prompt/completion strings, joined as written"
+            if shape == "strings"
+            else "one exchange a row, written as turns; a prompt that ends in a colon is answered after a space, any "
+            "other ends its line"
+        ) + ("; the tokenizer has no chat template of its own" if auto else "")
     elif recipe.chat_template:
         p = Path(recipe.chat_template)
         tok.chat_template = (
             p.read_text(encoding="utf-8") if p.suffix == ".jinja" else builtin_template(recipe.chat_template)
         )
-    elif not own:
-        family = ref.default_chat_template or _family_template(ref.path)
-        tok.chat_template = builtin_template(family)
+    else:
+        why = "the tokenizer's own chat template" if own else "rows of several exchanges"
+        if not own:
+            family = ref.default_chat_template or _family_template(ref.path)
+            tok.chat_template = builtin_template(family)
     recipe.template = template_of(tok)  # the manifest's config.template: the resolved chat or raw
+    if say and auto:
+        say(f"[template] auto -> {recipe.template} ({why})")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # for batched generation; training collators pad on the right themselves
     return tok
 
 
+RAW_TURNS = "raw-turns"  # raw text for rows written as turns: an answer never touches its prompt
+
+
+def _init_adapter_dir(recipe: Recipe) -> Path | None:
+    if not recipe.init_adapter:
+        return None
+    from adapters.publish.hub import resolve_adapter
+
+    return resolve_adapter(recipe.init_adapter).adapter_dir
+
+
+def saved_template(folder: Path) -> str | None:
+    """The chat template saved with a tokenizer in ``folder`` (``chat_template.jinja``, or ``tokenizer_config.json``'s
+    ``chat_template`` as older transformers wrote it), or None."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        found = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 def template_of(tok) -> str:
-    """``raw`` when the tokenizer renders the raw template (template: raw), else ``chat``."""
-    return "raw" if (tok.chat_template or "").strip() == builtin_template("raw").strip() else "chat"
+    """``raw`` when the tokenizer renders a raw template (template: raw; either join), else ``chat``."""
+    have = (tok.chat_template or "").strip()
+    return "raw" if have in (builtin_template("raw").strip(), builtin_template(RAW_TURNS).strip()) else "chat"
 
 
-def resolve_template(recipe: Recipe, own_template: bool) -> str:
-    """The recipe's ``template`` as chat or raw. ``auto``: raw when the training rows are TRL's non-conversational
-    prompt/completion strings and the tokenizer has no chat template of its own and the recipe names none, chat
-    otherwise. Measured in issue 24 on the embedded Gemma 3 270M, a base model: the same one-word-answer rows
-    learned more in the same steps as raw text (plain TRL, 0.72 exact match) than through a chat template it never
-    saw (0.42); docs/data.md#template-chatrawauto-chat-turns-or-plain-text."""
+def resolve_template(recipe: Recipe, own_template: bool, shape: str | None = None) -> str:
+    """The recipe's ``template`` as chat or raw. ``auto``: raw when the tokenizer has no chat template of its own and
+    the recipe names none, and each training row is one exchange: TRL's plain prompt/completion strings, or one
+    prompt and its answer written as turns (messages, conversational prompt/completion, alpaca, preference pairs);
+    chat otherwise (several exchanges, where the turns' boundaries need the template). Measured in issue 24 on the
+    embedded Gemma 3 270M, a base model: the same one-word-answer rows learned more in the same steps as raw text
+    (plain TRL, 0.72 exact match) than through a chat template it never saw (0.42); docs/training.md#short-answers-on-a-base-model
+    has the turns' measurements. Rows written as turns train raw with ``raw-turns.jinja`` (a prompt that ends in a
+    colon is answered after a space, any other ends its line), plain strings with ``raw.jinja`` (exactly as written,
+    as TRL joins them).
+    ``shape``: ``rows_shape(recipe)`` where the caller has it."""
     if recipe.template != "auto":
         return recipe.template
     if own_template or recipe.chat_template:
         return "chat"
-    return "chat" if rows_conversational(recipe) else "raw"
+    return "chat" if (shape or rows_shape(recipe)) == "conversation" else "raw"
 
 
-def rows_conversational(recipe: Recipe) -> bool:
-    """Whether the training sources hold rows that are not TRL's plain prompt/completion strings, judged on each
-    source's first row: chat (``messages``), conversational prompt/completion (lists of turns), alpaca (whose
-    instruction/input/output have no natural raw join). Plain text rows never use a template; a source that cannot
-    be read says so later, in the data stage."""
+def rows_shape(recipe: Recipe) -> str:
+    """How the training sources write their rows, judged on each source's first 50 rows: ``strings`` (TRL's plain
+    prompt/completion strings, or plain text), ``exchange`` (one prompt and its answer written as turns: ``messages``
+    with at most a system turn, one user turn and the answer; conversational prompt/completion; alpaca; preference
+    pairs and KTO rows) or ``conversation`` (a row with more than one user turn). A source that cannot be read says
+    so later, in the data stage."""
     from itertools import islice
 
     from adapters.data.formats import detect_format
     from adapters.data.readers import iter_records
 
-    if recipe.data_format in ("chat", "text"):
-        return recipe.data_format == "chat"
+    if recipe.data_format == "text":
+        return "strings"
     columns = {src: canon for canon, src in (recipe.data_columns or {}).items()}
+    shape = "strings"
     for source in [*(recipe.data_mix or {}), recipe.train_file]:
         try:
-            first = next(
-                (
-                    r.obj
-                    for r in islice(iter_records(source, recipe.data_split, recipe.data_subset), 50)
-                    if isinstance(r.obj, dict)
-                ),
-                None,
-            )
+            rows = [
+                r.obj
+                for r in islice(iter_records(source, recipe.data_split, recipe.data_subset), 50)
+                if isinstance(r.obj, dict)
+            ]
         except Exception:  # noqa: BLE001 - unreadable here: the data stage reports it with file and line
-            first = None
-        if first is None:
-            continue
-        obj = {columns.get(k, k): v for k, v in first.items()}
-        fmt = recipe.data_format or detect_format(obj)
-        if fmt != "prompt_completion" or isinstance(obj.get("prompt"), list) or isinstance(obj.get("completion"), list):
-            return True
-    return False
+            rows = []
+        for row in rows:
+            obj = {columns.get(k, k): v for k, v in row.items()}
+            fmt = recipe.data_format or detect_format(obj)
+            lists = {k: v for k, v in obj.items() if k in _TURN_KEYS and isinstance(v, list)}
+            if fmt == "text" or (not lists and fmt not in ("chat", "alpaca")):
+                continue  # plain text, or TRL's plain strings (prompt/completion, preference pairs, KTO rows)
+            shape = "exchange"
+            asked = sum(_users(lists[k]) for k in ("messages", "conversations", "prompt") if k in lists)
+            answered = max((_users(lists[k]) for k in ("completion", "chosen", "rejected") if k in lists), default=0)
+            if asked + answered > 1:
+                return "conversation"
+    return shape
+
+
+_TURN_KEYS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+
+
+def _users(turns: list) -> int:
+    return sum(1 for t in turns if isinstance(t, dict) and t.get("role", t.get("from")) in ("user", "human"))
 
 
 def _family_template(path: str) -> str:

@@ -120,7 +120,8 @@ def _run(recipe: Recipe, recipe_path: Path, claim: dict, callbacks, state, life,
     run, resume_from = claim["run"], claim["resume_from"]
     ref = resolve_model(recipe.model_name_or_path)
     before_train(recipe, ref.path)  # known-bad recipe / launcher / model combinations fail here, naming the fix
-    tok = load_tokenizer(ref, recipe)
+    saved = run / ckpt.TOKENIZER_DIR
+    tok = load_tokenizer(ref, recipe, follow=saved if claim["previous"] and saved.is_dir() else None, say=log)
     packed = False if recipe.preference else packing_guard(recipe, say=log)  # only where samples stay apart
     if recipe.preference:  # pairs or KTO rows, validated and audited; TRL tokenizes them (adapters/data/preference.py)
         from adapters.data.preference import prepare_preference
