@@ -166,11 +166,11 @@ def resolve_template(recipe: Recipe, own_template: bool, shape: str | None = Non
     prompt and its answer written as turns (messages, conversational prompt/completion, alpaca, preference pairs);
     chat otherwise (several exchanges, where the turns' boundaries need the template). Measured in issue 24 on the
     embedded Gemma 3 270M, a base model: the same one-word-answer rows learned more in the same steps as raw text
-    (plain TRL, 0.72 exact match) than through a chat template it never saw (0.42); docs/training.md#short-answers-on-a-base-model
-    has the turns' measurements. Rows written as turns train raw with ``raw-turns.jinja`` (a prompt that ends in a
-    colon is answered after a space, any other ends its line), plain strings with ``raw.jinja`` (exactly as written,
-    as TRL joins them).
-    ``shape``: ``rows_shape(recipe)`` where the caller has it."""
+    (plain TRL, 0.72 exact match) than through a chat template it never saw (0.42); the turns' measurements are in
+    docs/training.md#short-answers-on-a-base-model. Rows written as turns train raw with ``raw-turns.jinja`` (a
+    prompt that ends in a colon is answered after a space, any other ends its line), plain strings with
+    ``raw.jinja`` (exactly as written, as TRL joins them). ``shape``: ``rows_shape(recipe)`` where the caller has
+    it."""
     if recipe.template != "auto":
         return recipe.template
     if own_template or recipe.chat_template:
