@@ -252,6 +252,51 @@ def test_raw_gguf_verified_with_plain_completion(raw_run, tmp_path, monkeypatch)
     assert prompts[0] == convs[0][-1]["content"]  # the plain prompt text: no template, no BOS (llama.cpp adds it)
 
 
+@pytest.fixture(scope="module")
+def turns_runs(base_model_dir, tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """The tiny demo's messages rows on the template-less base, trained raw (auto: raw-turns) and with --template chat."""
+    from adapters.config import load_recipe
+    from adapters.training.run import train
+
+    out = tmp_path_factory.mktemp("turns_runs")
+    runs = {}
+    for name, extra in (("turns", {}), ("chat", {"template": "chat"})):
+        over = tiny_overrides(base_model_dir, tiny_data, out, run_name=name, max_steps=2, save_steps=2, eval_steps=2)
+        recipe, path = load_recipe("gemma3-270m-demo", {**over, **extra, "base_kl_weight": 0, "eval_max_new_tokens": 4})
+        runs[name] = train(recipe, path)
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["raw", "turns", "chat"])
+def test_hub_card_usage_runs_as_written(kind, raw_run, turns_runs, base_model_dir, capsys):
+    """The hub card's usage snippet, run as a user copies it (the repo id and base pointed at local folders): it
+    loads the adapter, renders the prompt the way the run was trained and generates."""
+    import re
+
+    from adapters.publish.card import build_card
+
+    run = raw_run if kind == "raw" else turns_runs[kind]
+    manifest = json.loads((run / "manifest.json").read_text())
+    card = str(build_card(manifest, run, "org/some-adapter"))
+    usage = card[card.index("## Usage") :]
+    code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+    base = manifest["base_model"]["canonical_name"]
+    code = code.replace('"org/some-adapter"', repr(str(run / "adapter"))).replace(
+        repr(base).replace("'", '"'), repr(str(base_model_dir))
+    )
+    exec(compile(code, f"card-{kind}", "exec"), {})
+    assert capsys.readouterr().out.strip() is not None
+    if kind == "turns":
+        assert "ends with a newline" in usage and "apply_chat_template" in code
+        from adapters.publish.modelfile import modelfile
+
+        text, fmt = modelfile("model.gguf", None, None, 2048, turns=True)  # no Ollama test of a prompt's last char
+        assert fmt == "raw" and "end a prompt with a newline unless it ends in a colon" in text
+        assert "newline" not in modelfile("model.gguf", None, None, 2048)[0]
+    elif kind == "raw":
+        assert "exactly as the training rows wrote it" in usage
+
+
 def test_changed_template_is_refused(raw_run, tmp_path, capsys):
     """A raw run whose tokenizer renders a chat template (or the reverse) is refused before anything is scored,
     even where the manifest's template hash was made to match."""

@@ -154,6 +154,12 @@ def saved_template(folder: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def raw_turns(template: str | None) -> bool:
+    """Whether ``template`` (a tokenizer's chat template text) is the built-in raw template for rows written as turns,
+    whose prompts are not passed as written: one that does not end in a colon or whitespace ends with a newline."""
+    return (template or "").strip() == builtin_template(RAW_TURNS).strip()
+
+
 def template_of(tok) -> str:
     """``raw`` when the tokenizer renders a raw template (template: raw; either join), else ``chat``."""
     have = (tok.chat_template or "").strip()

@@ -191,9 +191,9 @@ def data_section(m: dict[str, Any], datasets: list[str]) -> str:
     return body + _table(rows, ("split", "file", "rows", "tokens", "sha256 (first 16)"))
 
 
-def usage_section(repo_id: str, base: str, merged: bool, raw: bool = False) -> str:
+def usage_section(repo_id: str, base: str, merged: bool, raw: bool = False, turns: bool = False) -> str:
     if raw:  # template: raw - no chat template: the prompt is plain text, as in training
-        return _raw_usage(repo_id, base, merged)
+        return _raw_usage(repo_id, base, merged, turns)
     peft = f"""```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +202,7 @@ base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")
 model = PeftModel.from_pretrained(base, "{repo_id}")
 tok = AutoTokenizer.from_pretrained("{repo_id}")  # the tokenizer and chat template it was trained with
 msgs = [{{"role": "user", "content": "..."}}]
-ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True).input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_special_tokens=True))
 ```"""
     if merged:
@@ -237,7 +237,7 @@ With this toolkit, the hub id works wherever a run directory does: `adapters eva
 fingerprint in `training_manifest.json`."""
 
 
-def _raw_usage(repo_id: str, base: str, merged: bool) -> str:
+def _raw_usage(repo_id: str, base: str, merged: bool, turns: bool = False) -> str:
     load = (
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")'
         if merged
@@ -245,21 +245,42 @@ def _raw_usage(repo_id: str, base: str, merged: bool) -> str:
         f'model = PeftModel.from_pretrained(base, "{repo_id}")'
     )
     imports = "" if merged else "from peft import PeftModel\n"
+    how, prompt = (
+        (
+            "prompt and answer as plain text, no chat template. A prompt that ends in a colon is answered after a "
+            "space, which the model writes; any other prompt ends with a newline, which the prompt must hold. The "
+            "tokenizer's saved template (`raw-turns.jinja`) renders a prompt that way",
+            'msgs = [{"role": "user", "content": "..."}]  # rendered as BOS + the prompt (+ a newline where it needs one)\n'
+            'ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True).input_ids',
+        )
+        if turns
+        else (
+            "prompt and answer joined as they are, no chat template. Give it the prompt exactly as the training rows "
+            "wrote it",
+            'ids = tok("...", return_tensors="pt").input_ids  # the prompt text; the tokenizer adds BOS',
+        )
+    )
     return f"""## Usage
 
-This model was trained on plain text (`template: raw`): prompt and answer joined as they are, no chat template.
-Give it the prompt exactly as the training rows wrote it; it continues with the answer and then EOS.
+This model was trained on plain text (`template: raw`): {how}; it continues with the answer and then EOS.
 
 ```python
 {imports}from transformers import AutoModelForCausalLM, AutoTokenizer
 
 {load}
 tok = AutoTokenizer.from_pretrained("{repo_id}")
-ids = tok("...", return_tensors="pt").input_ids  # the prompt text; the tokenizer adds BOS
+{prompt}
 print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_special_tokens=True))
 ```
 
 With this toolkit: `adapters eval {repo_id}` or `adapters generate {repo_id}` (both use the run's raw prompts)."""
+
+
+def _trained_from_turns(run_dir: Path) -> bool:
+    """Whether the run's saved template is raw-turns.jinja (a raw run trained from rows written as turns)."""
+    from adapters.model.loading import raw_turns, saved_template
+
+    return raw_turns(saved_template(Path(run_dir) / "adapter"))
 
 
 def _how(trainer: str | None) -> str:
@@ -332,7 +353,13 @@ def build_card(
             "## Training hyperparameters\n\n" + _table(hp, ("key", "value")),
             data_section(manifest, datasets),
             manifest_section(manifest),
-            usage_section(repo_id, base["canonical_name"], merged, raw=cfg.get("template") == "raw"),
+            usage_section(
+                repo_id,
+                base["canonical_name"],
+                merged,
+                raw=cfg.get("template") == "raw",
+                turns=_trained_from_turns(run_dir),
+            ),
         ]
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")

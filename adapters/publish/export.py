@@ -365,7 +365,10 @@ def _finish_export(
     from adapters.publish.modelfile import modelfile
 
     num_ctx = max(run.recipe.max_length or 0, 2048)  # max_length bounds one training row, not a conversation
-    text, fmt = modelfile(model.name, adapter.name if adapter else None, gguf_template(tok), num_ctx)
+    from adapters.model.loading import raw_turns
+
+    turns = raw_turns(tok.chat_template)
+    text, fmt = modelfile(model.name, adapter.name if adapter else None, gguf_template(tok), num_ctx, turns=turns)
     (staging / "Modelfile").write_text(text)
     report["modelfile_chat_format"] = fmt
     report["files"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}

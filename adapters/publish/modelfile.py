@@ -64,8 +64,12 @@ def chat_format(jinja: str | None) -> tuple[str, str, list[str]] | None:
     return None
 
 
-def modelfile(model: str, adapter: str | None, jinja: str | None, num_ctx: int) -> tuple[str, str | None]:
-    """(Modelfile text, chat format name or None). Paths are relative to the Modelfile's folder.
+def modelfile(
+    model: str, adapter: str | None, jinja: str | None, num_ctx: int, turns: bool = False
+) -> tuple[str, str | None]:
+    """(Modelfile text, chat format name or None). Paths are relative to the Modelfile's folder. ``turns``: a run
+    trained raw from rows written as turns (raw-turns.jinja), whose prompts end with a newline unless they end in a
+    colon; an Ollama template cannot test a prompt's last character, so the Modelfile says it instead.
 
     temperature 0: the answers were verified greedy; raise it in Ollama for sampling."""
     lines = [f"FROM ./{model}"]
@@ -74,6 +78,11 @@ def modelfile(model: str, adapter: str | None, jinja: str | None, num_ctx: int) 
     fmt = chat_format(jinja)
     if jinja is None:  # a run trained raw (template: raw): the prompt is the text the model continues
         lines.append("# no chat template: this model was trained on plain prompt + completion text (template: raw)")
+        if turns:
+            lines.append(
+                "# trained from turns (raw-turns.jinja): end a prompt with a newline unless it ends in a colon"
+            )
+            lines.append("# (then the model writes a space and the answer), as the training rows were rendered")
         lines.append('TEMPLATE """{{ .Prompt }}"""')
         fmt = ("raw", "", [])
     elif fmt is None:
