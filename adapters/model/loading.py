@@ -162,8 +162,8 @@ def raw_turns(template: str | None) -> bool:
 
 def template_of(tok) -> str:
     """``raw`` when the tokenizer renders a raw template (template: raw; either join), else ``chat``."""
-    have = (tok.chat_template or "").strip()
-    return "raw" if have in (builtin_template("raw").strip(), builtin_template(RAW_TURNS).strip()) else "chat"
+    plain = (tok.chat_template or "").strip() == builtin_template("raw").strip()
+    return "raw" if plain or raw_turns(tok.chat_template) else "chat"
 
 
 def resolve_template(recipe: Recipe, own_template: bool, shape: str | None = None) -> str:
