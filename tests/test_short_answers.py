@@ -515,3 +515,29 @@ def test_guard_source_auto_rule():
             {**recipe.to_dict(), "base_kl_source": "rows"},
             load_recipe("gemma3-270m-demo", {"base_kl_source": "general"})[0],
         )
+
+
+def test_sentiment_check_task_is_balanced_disjoint_and_the_same_rows_in_both_forms(tmp_path):
+    """scripts/make_sentiment_check.py (the task kept aside from tuning): 135/30 rows a class, no prompt in both
+    splits, the messages and prompt/completion files hold the same rows, and a second run writes the same bytes."""
+    import subprocess
+    from collections import Counter
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_sentiment_check.py"
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out)], check=True, capture_output=True)
+    prompts = {}
+    for split, per_class in (("train", 135), ("test", 30)):
+        msgs = [json.loads(x) for x in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
+        pcs = [json.loads(x) for x in (tmp_path / "a" / f"{split}_pc.jsonl").read_text().splitlines()]
+        labels = [m["messages"][1]["content"] for m in msgs]
+        assert Counter(labels) == {"positive": per_class, "negative": per_class, "neutral": per_class}
+        assert [(m["messages"][0]["content"], " " + a) for m, a in zip(msgs, labels)] == [
+            (p["prompt"], p["completion"]) for p in pcs
+        ]
+        assert all(p["prompt"].endswith("\n\nSentiment:") for p in pcs)
+        prompts[split] = {p["prompt"] for p in pcs}
+        assert len(prompts[split]) == len(pcs)
+        for name in (f"{split}.jsonl", f"{split}_pc.jsonl"):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not prompts["train"] & prompts["test"]

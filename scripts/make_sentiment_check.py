@@ -1,0 +1,276 @@
+"""Write a second short-answer task, kept aside from tuning: review sentiment, 3 balanced classes, one-word answers.
+
+Written by a helper that did not see the toolkit (2026-12-03), to check the defaults tuned on data/region/ on a task
+they were not tuned on (docs/training.md#a-task-kept-aside). Standard library only, seed 7, deterministic:
+
+    python scripts/make_sentiment_check.py --out /tmp/heldout   # train/test .jsonl (messages) and _pc.jsonl
+
+405 training rows and 90 held out; the prompt ends in "Sentiment:", the completion is " positive" etc.
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+rng = random.Random(7)
+
+PRODUCTS = [
+    "headphones",
+    "blender",
+    "laptop",
+    "coffee maker",
+    "backpack",
+    "phone case",
+    "vacuum cleaner",
+    "desk lamp",
+    "pair of running shoes",
+    "kettle",
+    "keyboard",
+    "toaster",
+    "water bottle",
+    "office chair",
+    "smartwatch",
+    "air fryer",
+    "mattress",
+    "jacket",
+    "charger",
+    "tent",
+    "printer",
+    "frying pan",
+    "speaker",
+    "monitor",
+]
+SERVICES = [
+    "delivery service",
+    "hotel stay",
+    "haircut",
+    "repair shop",
+    "restaurant",
+    "customer support",
+    "car rental",
+    "cleaning service",
+    "gym membership",
+    "food delivery",
+    "dentist visit",
+    "plumber",
+    "taxi ride",
+    "streaming service",
+    "bike shop",
+    "cafe",
+]
+NOUNS = PRODUCTS + SERVICES
+
+POS_ADJ = [
+    "great",
+    "excellent",
+    "fantastic",
+    "wonderful",
+    "reliable",
+    "impressive",
+    "superb",
+    "lovely",
+    "outstanding",
+    "solid",
+    "brilliant",
+    "delightful",
+]
+NEG_ADJ = [
+    "terrible",
+    "awful",
+    "disappointing",
+    "flimsy",
+    "useless",
+    "poor",
+    "frustrating",
+    "unreliable",
+    "dreadful",
+    "cheap-feeling",
+    "horrible",
+    "shoddy",
+]
+NEU_ADJ = [
+    "average",
+    "okay",
+    "fine",
+    "ordinary",
+    "decent enough",
+    "unremarkable",
+    "acceptable",
+    "standard",
+    "so-so",
+    "middle-of-the-road",
+]
+INTENS = ["really", "very", "truly", "incredibly", "absolutely", "genuinely", "quite", "so"]
+MILD = ["fairly", "pretty", "more or less", "basically", "roughly", "mostly"]
+
+POS_DETAIL = [
+    "It arrived earlier than expected.",
+    "Setup took two minutes.",
+    "The staff were friendly and quick.",
+    "Worth every penny.",
+    "I would happily buy it again.",
+    "My whole family loves it.",
+    "It exceeded my expectations.",
+    "Highly recommended.",
+    "Five stars from me.",
+    "I'm telling all my friends about it.",
+    "The quality is obvious the moment you use it.",
+    "Best purchase this year.",
+]
+NEG_DETAIL = [
+    "It broke after a week.",
+    "Nobody answered my emails.",
+    "I asked for a refund.",
+    "Complete waste of money.",
+    "I won't be coming back.",
+    "It stopped working on day two.",
+    "The staff were rude and slow.",
+    "Avoid if you can.",
+    "One star is generous.",
+    "It arrived damaged and late.",
+    "I regret paying for this.",
+    "Nothing worked as advertised.",
+]
+NEU_DETAIL = [
+    "It does the job.",
+    "Nothing special, nothing terrible.",
+    "About what I expected for the price.",
+    "It works, that's about it.",
+    "Some parts are good, some less so.",
+    "I have no strong feelings either way.",
+    "It's fine for everyday use.",
+    "Neither impressed nor disappointed.",
+    "Delivery was on time, nothing more to say.",
+    "Might buy again, might not.",
+    "It gets the basics right.",
+    "Pretty much as described.",
+]
+
+
+def art(n):
+    return "an" if n[0] in "aeiou" else "a"
+
+
+def cap(s):
+    return s[0].upper() + s[1:]
+
+
+def pos_review():
+    n = rng.choice(NOUNS)
+    a = rng.choice(POS_ADJ)
+    i = rng.choice(INTENS)
+    t = rng.choice(
+        [
+            lambda: f"The {n} is {i} {a}.",
+            lambda: f"{cap(i)} {a} {n}, I love it.",
+            lambda: f"What {art(a)} {a} {n}!",
+            lambda: f"I'm {i} happy with this {n}.",
+            lambda: f"Not bad at all, the {n} is {i} {a}.",
+            lambda: f"Couldn't be happier with the {n}.",
+            lambda: f"This {n} is not disappointing in the slightest; it's {a}.",
+            lambda: f"Honestly, the {n} was {i} {a}.",
+            lambda: f"Ten out of ten for the {n}.",
+            lambda: f"I had no problems at all with the {n}, it was {a}.",
+        ]
+    )()
+    k = rng.choice([0, 1, 1, 2])
+    return " ".join([t] + rng.sample(POS_DETAIL, k))
+
+
+def neg_review():
+    n = rng.choice(NOUNS)
+    a = rng.choice(NEG_ADJ)
+    i = rng.choice(INTENS)
+    p = rng.choice(POS_ADJ)
+    t = rng.choice(
+        [
+            lambda: f"The {n} is {i} {a}.",
+            lambda: f"{cap(i)} {a} {n}, I hate it.",
+            lambda: f"What {art(a)} {a} {n}.",
+            lambda: f"I'm {i} unhappy with this {n}.",
+            lambda: f"The {n} was not {p} at all; it was {a}.",
+            lambda: f"Definitely not good, the {n} is {a}.",
+            lambda: f"I expected much more from the {n}.",
+            lambda: f"Honestly, the {n} was {i} {a}.",
+            lambda: f"Zero out of ten for the {n}.",
+            lambda: f"I would never recommend this {n}, it was {a}.",
+        ]
+    )()
+    k = rng.choice([0, 1, 1, 2])
+    return " ".join([t] + rng.sample(NEG_DETAIL, k))
+
+
+def neu_review():
+    n = rng.choice(NOUNS)
+    a = rng.choice(NEU_ADJ)
+    m = rng.choice(MILD)
+    t = rng.choice(
+        [
+            lambda: f"The {n} is {m} {a}.",
+            lambda: f"{cap(art(a))} {a} {n}, nothing special.",
+            lambda: f"The {n} does the job.",
+            lambda: f"Not bad, not great: the {n} is {a}.",
+            lambda: f"It's {art(a)} {a} {n}, no more and no less.",
+            lambda: f"My experience with the {n} was {m} {a}.",
+            lambda: f"The {n} is neither good nor bad.",
+            lambda: f"I'd call the {n} {a}.",
+            lambda: f"Five out of ten for the {n}.",
+            lambda: f"The {n} was {a}, just as I expected.",
+        ]
+    )()
+    k = rng.choice([0, 1, 1, 2])
+    return " ".join([t] + rng.sample(NEU_DETAIL, k))
+
+
+INSTRUCTIONS = [
+    "Classify the sentiment of this review as positive, negative, or neutral.",
+    "Is the following review positive, negative, or neutral? Answer with one word.",
+    "Read the customer review below and label its sentiment: positive, negative, or neutral.",
+]
+CUE = "Sentiment:"
+
+
+def prompt(review):
+    return f"{rng.choice(INSTRUCTIONS)}\n\nReview: {review}\n\n{CUE}"
+
+
+N_TRAIN, N_TEST = 135, 30
+
+
+def write(out: Path, rows, name):
+    ps = [(prompt(r), label) for r, label in rows]
+    with open(out / f"{name}.jsonl", "w") as f, open(out / f"{name}_pc.jsonl", "w") as g:
+        for p, label in ps:
+            row = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": label}]}
+            f.write(json.dumps(row) + "\n")
+            g.write(json.dumps({"prompt": p, "completion": " " + label}) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="outputs/sentiment-check")
+    out = Path(ap.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    gens = {"positive": pos_review, "negative": neg_review, "neutral": neu_review}
+    train, test = [], []
+    for label, g in gens.items():
+        pool = []
+        seen = set()
+        while len(pool) < N_TRAIN + N_TEST:
+            r = g()
+            if r not in seen:
+                seen.add(r)
+                pool.append(r)
+        rng.shuffle(pool)
+        train += [(r, label) for r in pool[:N_TRAIN]]
+        test += [(r, label) for r in pool[N_TRAIN:]]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    write(out, train, "train")
+    write(out, test, "test")
+    print(f"wrote {len(train)} training and {len(test)} held-out rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
