@@ -1,6 +1,6 @@
 """Write a second short-answer task, kept aside from tuning: review sentiment, 3 balanced classes, one-word answers.
 
-Written by a helper that did not see the toolkit (2026-12-03), to check the defaults tuned on data/region/ on a task
+Written by a helper that did not see the toolkit (2026-12-03; tables since, the same bytes), to check the defaults tuned on data/region/ on a task
 they were not tuned on (docs/training.md#a-task-kept-aside). Standard library only, seed 7, deterministic:
 
     python scripts/make_sentiment_check.py --out /tmp/heldout   # train/test .jsonl (messages) and _pc.jsonl
@@ -156,71 +156,59 @@ def cap(s):
     return s[0].upper() + s[1:]
 
 
-def pos_review():
-    n = rng.choice(NOUNS)
-    a = rng.choice(POS_ADJ)
-    i = rng.choice(INTENS)
-    t = rng.choice(
-        [
-            lambda: f"The {n} is {i} {a}.",
-            lambda: f"{cap(i)} {a} {n}, I love it.",
-            lambda: f"What {art(a)} {a} {n}!",
-            lambda: f"I'm {i} happy with this {n}.",
-            lambda: f"Not bad at all, the {n} is {i} {a}.",
-            lambda: f"Couldn't be happier with the {n}.",
-            lambda: f"This {n} is not disappointing in the slightest; it's {a}.",
-            lambda: f"Honestly, the {n} was {i} {a}.",
-            lambda: f"Ten out of ten for the {n}.",
-            lambda: f"I had no problems at all with the {n}, it was {a}.",
-        ]
-    )()
+POS_TEMPLATES = [
+    "The {n} is {d} {a}.",
+    "{D} {a} {n}, I love it.",
+    "What {art} {a} {n}!",
+    "I'm {d} happy with this {n}.",
+    "Not bad at all, the {n} is {d} {a}.",
+    "Couldn't be happier with the {n}.",
+    "This {n} is not disappointing in the slightest; it's {a}.",
+    "Honestly, the {n} was {d} {a}.",
+    "Ten out of ten for the {n}.",
+    "I had no problems at all with the {n}, it was {a}.",
+]
+NEG_TEMPLATES = [
+    "The {n} is {d} {a}.",
+    "{D} {a} {n}, I hate it.",
+    "What {art} {a} {n}.",
+    "I'm {d} unhappy with this {n}.",
+    "The {n} was not {p} at all; it was {a}.",
+    "Definitely not good, the {n} is {a}.",
+    "I expected much more from the {n}.",
+    "Honestly, the {n} was {d} {a}.",
+    "Zero out of ten for the {n}.",
+    "I would never recommend this {n}, it was {a}.",
+]
+NEU_TEMPLATES = [
+    "The {n} is {d} {a}.",
+    "{Art} {a} {n}, nothing special.",
+    "The {n} does the job.",
+    "Not bad, not great: the {n} is {a}.",
+    "It's {art} {a} {n}, no more and no less.",
+    "My experience with the {n} was {d} {a}.",
+    "The {n} is neither good nor bad.",
+    "I'd call the {n} {a}.",
+    "Five out of ten for the {n}.",
+    "The {n} was {a}, just as I expected.",
+]
+
+# label: (adjectives, degree words, whether a positive adjective is negated, templates, follow-up sentences)
+CLASSES = {
+    "positive": (POS_ADJ, INTENS, False, POS_TEMPLATES, POS_DETAIL),
+    "negative": (NEG_ADJ, INTENS, True, NEG_TEMPLATES, NEG_DETAIL),
+    "neutral": (NEU_ADJ, MILD, False, NEU_TEMPLATES, NEU_DETAIL),
+}
+
+
+def review(label: str) -> str:
+    """One review: a templated sentence (noun, adjective, degree word) and 0-2 follow-up sentences."""
+    adjectives, degrees, negated, templates, details = CLASSES[label]
+    n, a, d = rng.choice(NOUNS), rng.choice(adjectives), rng.choice(degrees)
+    p = rng.choice(POS_ADJ) if negated else ""
+    t = rng.choice(templates).format(n=n, a=a, d=d, D=cap(d), p=p, art=art(a), Art=cap(art(a)))
     k = rng.choice([0, 1, 1, 2])
-    return " ".join([t] + rng.sample(POS_DETAIL, k))
-
-
-def neg_review():
-    n = rng.choice(NOUNS)
-    a = rng.choice(NEG_ADJ)
-    i = rng.choice(INTENS)
-    p = rng.choice(POS_ADJ)
-    t = rng.choice(
-        [
-            lambda: f"The {n} is {i} {a}.",
-            lambda: f"{cap(i)} {a} {n}, I hate it.",
-            lambda: f"What {art(a)} {a} {n}.",
-            lambda: f"I'm {i} unhappy with this {n}.",
-            lambda: f"The {n} was not {p} at all; it was {a}.",
-            lambda: f"Definitely not good, the {n} is {a}.",
-            lambda: f"I expected much more from the {n}.",
-            lambda: f"Honestly, the {n} was {i} {a}.",
-            lambda: f"Zero out of ten for the {n}.",
-            lambda: f"I would never recommend this {n}, it was {a}.",
-        ]
-    )()
-    k = rng.choice([0, 1, 1, 2])
-    return " ".join([t] + rng.sample(NEG_DETAIL, k))
-
-
-def neu_review():
-    n = rng.choice(NOUNS)
-    a = rng.choice(NEU_ADJ)
-    m = rng.choice(MILD)
-    t = rng.choice(
-        [
-            lambda: f"The {n} is {m} {a}.",
-            lambda: f"{cap(art(a))} {a} {n}, nothing special.",
-            lambda: f"The {n} does the job.",
-            lambda: f"Not bad, not great: the {n} is {a}.",
-            lambda: f"It's {art(a)} {a} {n}, no more and no less.",
-            lambda: f"My experience with the {n} was {m} {a}.",
-            lambda: f"The {n} is neither good nor bad.",
-            lambda: f"I'd call the {n} {a}.",
-            lambda: f"Five out of ten for the {n}.",
-            lambda: f"The {n} was {a}, just as I expected.",
-        ]
-    )()
-    k = rng.choice([0, 1, 1, 2])
-    return " ".join([t] + rng.sample(NEU_DETAIL, k))
+    return " ".join([t] + rng.sample(details, k))
 
 
 INSTRUCTIONS = [
@@ -231,8 +219,8 @@ INSTRUCTIONS = [
 CUE = "Sentiment:"
 
 
-def prompt(review):
-    return f"{rng.choice(INSTRUCTIONS)}\n\nReview: {review}\n\n{CUE}"
+def prompt(text):
+    return f"{rng.choice(INSTRUCTIONS)}\n\nReview: {text}\n\n{CUE}"
 
 
 N_TRAIN, N_TEST = 135, 30
@@ -252,13 +240,12 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/sentiment-check")
     out = Path(ap.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
-    gens = {"positive": pos_review, "negative": neg_review, "neutral": neu_review}
     train, test = [], []
-    for label, g in gens.items():
+    for label in CLASSES:
         pool = []
         seen = set()
         while len(pool) < N_TRAIN + N_TEST:
-            r = g()
+            r = review(label)
             if r not in seen:
                 seen.add(r)
                 pool.append(r)
