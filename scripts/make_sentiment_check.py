@@ -1,7 +1,8 @@
 """Write a second short-answer task, kept aside from tuning: review sentiment, 3 balanced classes, one-word answers.
 
-Written by a helper that did not see the toolkit (2026-12-03; tables since, the same bytes), to check the defaults tuned on data/region/ on a task
-they were not tuned on (docs/training.md#a-task-kept-aside). Standard library only, seed 7, deterministic:
+Written by a helper that did not see the toolkit (2026-12-03; put into tables since, writing the same bytes), to
+check the defaults tuned on data/region/ on a task they were not tuned on (docs/training.md#a-task-kept-aside).
+Standard library only, seed 7, deterministic:
 
     python scripts/make_sentiment_check.py --out /tmp/heldout   # train/test .jsonl (messages) and _pc.jsonl
 
