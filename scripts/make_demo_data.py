@@ -103,18 +103,23 @@ def build_region(seed: int, n_train: int, n_test: int) -> dict[str, list[tuple[s
     return out
 
 
+def write_both_forms(out: Path, split: str, rows: list[tuple[str, str]]) -> None:
+    """(prompt, answer) rows twice: chat (``split.jsonl``, ``messages``) and TRL's plain ``prompt``/``completion``
+    (``split_pc.jsonl``, the completion with its leading space, as raw text concatenates them)."""
+    chat = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p, a in rows]
+    plain = [{"prompt": p, "completion": f" {a}"} for p, a in rows]
+    for name, data in ((f"{split}.jsonl", chat), (f"{split}_pc.jsonl", plain)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            for row in data:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(data):4d} rows to {out / name}")
+
+
 def write_region(out: Path, seed: int, n_train: int, n_test: int) -> None:
-    """The same rows twice: chat (``messages``) and TRL's plain ``prompt``/``completion`` (completion with its
-    leading space, as raw text concatenates them)."""
+    """The region task in both forms (write_both_forms)."""
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in build_region(seed, n_train, n_test).items():
-        chat = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p, a in rows]
-        plain = [{"prompt": p, "completion": f" {a}"} for p, a in rows]
-        for name, data in ((f"{split}.jsonl", chat), (f"{split}_pc.jsonl", plain)):
-            with open(out / name, "w", encoding="utf-8") as f:
-                for row in data:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            print(f"wrote {len(data):4d} rows to {out / name}")
+        write_both_forms(out, split, rows)
 
 
 def new_style(answer: str) -> str:

@@ -10,9 +10,10 @@ Standard library only, seed 7, deterministic:
 """
 
 import argparse
-import json
 import random
 from pathlib import Path
+
+from make_demo_data import write_both_forms  # scripts/ is on the path of a script run from it
 
 rng = random.Random(7)
 
@@ -227,15 +228,6 @@ def prompt(text):
 N_TRAIN, N_TEST = 135, 30
 
 
-def write(out: Path, rows, name):
-    ps = [(prompt(r), label) for r, label in rows]
-    with open(out / f"{name}.jsonl", "w") as f, open(out / f"{name}_pc.jsonl", "w") as g:
-        for p, label in ps:
-            row = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": label}]}
-            f.write(json.dumps(row) + "\n")
-            g.write(json.dumps({"prompt": p, "completion": " " + label}) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/sentiment-check")
@@ -255,9 +247,8 @@ def main() -> None:
         test += [(r, label) for r in pool[N_TRAIN:]]
     rng.shuffle(train)
     rng.shuffle(test)
-    write(out, train, "train")
-    write(out, test, "test")
-    print(f"wrote {len(train)} training and {len(test)} held-out rows to {out}")
+    for split, rows in (("train", train), ("test", test)):
+        write_both_forms(out, split, [(prompt(r), label) for r, label in rows])
 
 
 if __name__ == "__main__":
