@@ -466,11 +466,18 @@ def test_general_rows_appended_see_what_a_forward_of_their_own_sees(tiny_models,
         ids = torch.randint(5, 300, (3, 9))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         inputs["attention_mask"][2, 6:] = 0
-    else:
-        ids = torch.randint(5, 300, (1, 15))
-        inputs = {"input_ids": ids, "position_ids": torch.tensor([list(range(7)) + list(range(8))]), "labels": ids}
+    else:  # what training gets: TRL's padding-free collator, with its varlen bounds (cu_seq_lens_*, seq_idx)
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+        inputs = collate([{"input_ids": torch.randint(5, 300, (n,)).tolist()} for n in (7, 8)])
+        assert {"cu_seq_lens_q", "seq_idx"} <= set(inputs)  # the layout that once fell back to the rows' prompts
     new, flat = append_general(inputs, windows, pad_id=0)
+    assert flat is not None, "append_general refused the batch: the guard would not hold general text"
     assert flat.numel() == 2 * 11 and bool((new["labels"].reshape(-1)[flat] == -100).all())
+    if layout == "padding_free":  # the bounds describe the new samples too
+        assert new["cu_seq_lens_q"].tolist() == [0, 7, 15, 27, 39] == new["cu_seq_lens_k"].tolist()
+        assert new["max_length_q"] == 12 and new["seq_idx"].tolist() == [[0] * 7 + [1] * 8 + [2] * 12 + [3] * 12]
     body = _body(model)
     with torch.no_grad():
         # no cache, as in training: transformers builds the per-sample mask from position_ids only then
@@ -478,6 +485,34 @@ def test_general_rows_appended_see_what_a_forward_of_their_own_sees(tiny_models,
         alone = _hidden(body(input_ids=windows, use_cache=False))
     got = h.reshape(-1, h.shape[-1])[flat]
     torch.testing.assert_close(got, alone[:, :11].reshape(-1, h.shape[-1]), atol=1e-4, rtol=1e-4)
+
+
+def test_general_guard_in_a_forward_of_its_own_equals_the_appended_one(tiny_models):
+    """A batch layout append_general does not know runs the windows in a forward of their own: the same KL, at the
+    same sampled positions, as the windows riding in the training batch (and never the rows' prompts instead)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapters.training.forgetting_guard import BaseKLMixin, _body, _hidden, append_general, kl_on_general
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    windows = torch.randint(5, 300, (2, 12))
+    ids = torch.randint(5, 300, (2, 9))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    guard = BaseKLMixin()
+    guard.base_kl_positions = 4
+    new, flat = append_general(inputs, windows, pad_id=0)
+    with torch.no_grad():
+        h = _hidden(_body(model)(**{k: v for k, v in new.items() if k != "labels"}, use_cache=False))
+        appended = kl_on_general(model, windows, h, flat, guard._k(2), torch.Generator().manual_seed(3))
+        own = guard._kl_on_own_windows(model, windows, 2, torch.Generator().manual_seed(3))
+    assert float(own) > 0
+    torch.testing.assert_close(own, appended, atol=1e-5, rtol=1e-4)
+    unknown = {**inputs, "token_type_ids": torch.zeros_like(ids)}
+    assert append_general(unknown, windows, pad_id=0)[1] is None  # -> the forward of its own, as above
 
 
 def test_general_text_is_not_the_probe():

@@ -239,6 +239,8 @@ GUARD_MODULES = (
     "typing",
 )
 GENERAL_LENGTH = 64  # tokens per general-text window (BOS + 63)
+# The per-sample bounds TRL's padding-free collator adds next to position_ids; append_general extends them.
+PADDING_FREE_BOUNDS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 
 
 ROWS_MIN_TRAINED_SHARE = FEW_TRAINED_SHARE  # the audit's few_trained_tokens threshold
@@ -313,12 +315,16 @@ def append_general(inputs: dict[str, Any], windows: torch.Tensor, pad_id: int) -
     """``inputs`` with ``windows`` ([G, L], no labels) appended as extra samples of the micro-batch; returns the new
     inputs and the flat indices, into the body's hidden states viewed as [-1, H], of each window's first L-1
     positions in order (each predicts the window's next token). A padded batch gets G more rows (both padded to
-    the longer length); a padding-free one (``position_ids``, no attention mask) G more samples in its one row.
-    None instead of the indices when the batch has a layout this does not know (then the rows are used)."""
+    the longer length); a padding-free one (``position_ids``, no attention mask, and TRL's ``cu_seq_lens_*``,
+    ``max_length_*`` and ``seq_idx`` bounds when present) G more samples in its one row. None instead of the indices
+    when the batch has a layout this does not know: the caller then runs the windows in a forward of their own
+    (never the rows' prompts, which is another guard)."""
     ids = inputs["input_ids"]
     g, length = windows.shape
     windows = windows.to(ids.device)
     known = {"input_ids", "labels", "attention_mask", "position_ids"}
+    if "attention_mask" not in inputs:
+        known |= PADDING_FREE_BOUNDS
     if any(isinstance(v, torch.Tensor) for k, v in inputs.items() if k not in known) or ids.dim() != 2:
         return inputs, None
     out = dict(inputs)
@@ -345,6 +351,20 @@ def append_general(inputs: dict[str, Any], windows: torch.Tensor, pad_id: int) -
     out["labels"] = torch.cat([inputs["labels"], torch.full((1, g * length), -100, device=ids.device)], 1)
     pos = torch.arange(length, device=ids.device).repeat(g).reshape(1, -1)
     out["position_ids"] = torch.cat([inputs["position_ids"], pos.to(inputs["position_ids"].dtype)], 1)
+    # the varlen bounds TRL's padding-free collator computes (flash attention, linear-attention convolutions)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if key in inputs:
+            cu = inputs[key]
+            ends = cu[-1] + length * torch.arange(1, g + 1, device=cu.device, dtype=cu.dtype)
+            out[key] = torch.cat([cu, ends])
+    for key in ("max_length_q", "max_length_k"):
+        if key in inputs:
+            out[key] = max(int(inputs[key]), length)
+    if "seq_idx" in inputs:
+        seq = inputs["seq_idx"]
+        nxt = int(seq.max()) + 1 if seq.numel() else 0
+        more = (nxt + torch.arange(g, device=seq.device, dtype=seq.dtype)).repeat_interleave(length)
+        out["seq_idx"] = torch.cat([seq, more.reshape(1, -1)], 1)
     starts = n + torch.arange(g) * length
     flat = (starts.unsqueeze(1) + torch.arange(length - 1)).reshape(-1)
     return out, flat.to(ids.device)
@@ -388,6 +408,20 @@ class BaseKLMixin:
         pick = torch.randperm(self._general.shape[0], generator=generator)[: min(want, self._general.shape[0])]
         return self._general[pick]
 
+    def _k(self, n_rows: int) -> int:
+        """Positions the KL samples on general text for ``n_rows`` training rows (0: every position)."""
+        return n_rows * self.base_kl_positions if self.base_kl_positions else 0
+
+    def _kl_on_own_windows(self, inner, windows: torch.Tensor, n_rows: int, gen) -> torch.Tensor:
+        """KL(base || tuned) on general-text windows run through the tuned body in a forward of their own (with the
+        gradient), not appended to a training batch: the preference trainers' rows, or a batch layout that
+        append_general does not know."""
+        windows = windows.to(next(inner.parameters()).device)
+        hidden = _hidden(_body(inner)(input_ids=windows, use_cache=False))
+        length = windows.shape[1]
+        flat = (torch.arange(windows.shape[0]).unsqueeze(1) * length + torch.arange(length - 1)).reshape(-1)
+        return kl_on_general(inner, windows, hidden, flat.to(hidden.device), self._k(n_rows), gen)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         every = max(1, int(self.base_kl_every))
         if not (model.training and self.base_kl_weight > 0 and self.state.global_step % every == 0):
@@ -416,11 +450,12 @@ class BaseKLMixin:
         if "h" not in captured:
             raise RuntimeError("base_kl_weight: the decoder body did not run in the training forward")
         self.last_task_loss = float((out[0] if return_outputs else out).detach())
-        if flat is not None:
-            k = n_rows * self.base_kl_positions if self.base_kl_positions else 0
-            kl = kl_on_general(inner, windows, captured["h"], flat, k, gen)
-        else:
+        if self.base_kl_source == "rows":
             kl = kl_to_base(inner, inputs, captured["h"], self.base_kl_positions, gen)
+        elif flat is not None:
+            kl = kl_on_general(inner, windows, captured["h"], flat, self._k(n_rows), gen)
+        else:  # a batch layout append_general does not know: the windows in a forward of their own
+            kl = self._kl_on_own_windows(inner, windows, n_rows, gen)
         log_metric(self, "base_kl", float(kl.detach()))  # averaged into the next log line
         term = self.base_kl_weight * every * kl  # every k-th step, k times the weight: the same on average
         # the task loss was normalised over the whole accumulated batch (num_items_in_batch); match that
@@ -459,12 +494,7 @@ class PreferenceKLMixin(BaseKLMixin):
         self._kl_micro = (step, micro)
         gen = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + step * 1009 + micro)
         n_rows = int(self.args.per_device_train_batch_size)
-        windows = self._windows(n_rows, gen).to(next(inner.parameters()).device)
-        hidden = _hidden(_body(inner)(input_ids=windows, use_cache=False))
-        length = windows.shape[1]
-        flat = (torch.arange(windows.shape[0]).unsqueeze(1) * length + torch.arange(length - 1)).reshape(-1)
-        k = n_rows * self.base_kl_positions if self.base_kl_positions else 0
-        kl = kl_on_general(inner, windows, hidden, flat.to(hidden.device), k, gen)
+        kl = self._kl_on_own_windows(inner, self._windows(n_rows, gen), n_rows, gen)
         log_metric(self, "base_kl", float(kl.detach()))
         term = self.base_kl_weight * every * kl
         if return_outputs:
