@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adapters.utils.atomic import discard, fresh_staging, promote
+from adapters.utils.atomic import discard, fresh_staging, fsync_dir, promote
 from adapters.utils.errors import AdaptersError
 from adapters.utils.hashing import file_sha256
 
@@ -88,6 +89,33 @@ def gguf_to_cache(gguf: Path, name: str, sha256: str | None = None) -> Path:
     return target
 
 
+def embedded_gguf(pkg) -> Path:
+    """The embedded package's GGUF, assembled from its chunks once into ``<cache>/gguf/``, atomically.
+
+    The package's own ``assemble()`` writes straight to a fixed file in the user's home: two processes resolving
+    the model at once on a fresh machine (the ranks of ``make train NPROC=2``, two runs side by side) read each
+    other's half-written file and fail with "unexpected sha256", and a first run killed while assembling leaves a
+    file every later run refuses until it is deleted by hand. Here each process assembles into a private name (the
+    package checks the checksum) and renames it into place, so the cache path only ever holds a complete file.
+    """
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    try:
+        pkg.assemble(output_path=tmp, overwrite=True)  # raises where the assembled bytes are not the expected ones
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)  # the same bytes whoever renames last
+        fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def resolve_model(source: str) -> ModelRef:
     if source.startswith("embedded:"):
         name = source.split(":", 1)[1]
@@ -100,7 +128,7 @@ def resolve_model(source: str) -> ModelRef:
             raise ModelSourceError(
                 f"model {source!r}: the package {info['package']!r} is not installed (run `make install`)"
             ) from None
-        gguf = Path(pkg.assemble())
+        gguf = embedded_gguf(pkg)
         path = gguf_to_cache(gguf, name, getattr(pkg, "EXPECTED_SHA256", None))
         return ModelRef(
             source,
