@@ -99,6 +99,32 @@ def test_any_other_exception_is_a_bug_and_keeps_its_traceback(monkeypatch, capsy
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("outcome", ["user_error", "bug", "done"])
+def test_the_process_group_is_torn_down_before_exit(outcome, monkeypatch, tmp_path, capsys):
+    """A verb that created a process group (as train does under a launcher) leaves none behind, however it ends:
+    left to interpreter finalization, gloo's threads aborted rank 0 of a refused run under `accelerate launch`
+    (SIGABRT, exit -6 instead of 2) on a loaded machine."""
+    import torch.distributed as dist
+
+    from adapters.training.run import TrainingDiverged
+
+    def verb(*a, **kw):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if outcome == "user_error":
+            raise TrainingDiverged("loss is nan at step 3; lower learning_rate")
+        if outcome == "bug":
+            raise KeyError("internal")
+
+    monkeypatch.setattr("adapters.publish.export.export_run", verb)
+    if outcome == "bug":
+        with pytest.raises(KeyError, match="internal"):
+            main(["export", "RUN", "--to", "OUT"])
+    else:
+        assert main(["export", "RUN", "--to", "OUT"]) == (2 if outcome == "user_error" else 0)
+    assert not dist.is_initialized()
+
+
 def test_file_system_mistakes_are_adapters_errors(tmp_path, capsys):
     from adapters.planning.preflight import resolve_config_path
 

@@ -443,6 +443,6 @@ def test_refused_run_under_launcher_prints_once(ddp_run, tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.count(line) == 1 + 2, proc.stderr  # printed once; twice in the launcher's summary
     assert proc.stderr.count("traceback : adapters train: error:") == 2  # rank 0 and rank 1 wrote the error file
-    assert "exitcode  : 2" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr, proc.stderr
     ours = proc.stderr.split("Traceback (most recent call last)")[0]  # what precedes the launcher's own traceback
     assert "adapters/" not in ours.replace(str(root), "")  # no frame of ours

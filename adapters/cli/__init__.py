@@ -77,6 +77,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"adapters {args.verb}: interrupted ({name}){kept}", file=sys.stderr)
         return 128 + signal.Signals[name].value
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down the process group a launched verb created, before the interpreter does. Left to interpreter
+    finalization, gloo's worker threads and rank 0's store can outlive the objects they hold, and the process
+    aborts ("terminate called without an active exception", SIGABRT) instead of exiting with its code: seen on a
+    refused run under `accelerate launch` on a loaded machine, where the launcher then reported exit -6 for rank 0.
+    Local to each process (no collective), so a rank whose peers are gone does not wait here."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - an exit path: the verb's own outcome is what the user must see
+            pass
 
 
 @contextmanager
