@@ -37,7 +37,8 @@ def build(mode: str, quant: str, model_dir: str, adapter: Path | None = None):
 
     ov = dict(model_name_or_path=model_dir, load_in_4bit=quant == "4bit", load_in_8bit=False, dtype="float32",
               bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="float32", lora_dropout=0.0, r=4,
-              gradient_checkpointing=False)  # fmt: skip
+              gradient_checkpointing=False, base_kl_weight=0.0)  # fmt: skip
+    # base_kl_weight 0: preflight refuses the forgetting guard under FSDP (docs/gpu.md, the first GPU run)
     recipe, _ = load_recipe("gemma3-270m-demo", ov)
     if mode == "fsdp":
         from adapters.planning.preflight import check, launch_from_config

@@ -221,6 +221,11 @@ def test_preflight_rejects_each_bad_combination():
     assert "fp16 on a bf16-only model" in _problems(_recipe(fp16=True, bf16=False), Launch(), gemma)
     bf16cfg = SimpleNamespace(model_type="llama", dtype="bfloat16")
     assert "--bf16 true" in _problems(_recipe(fp16=True, bf16=False), Launch(), bf16cfg)
+    # the forgetting guard under FSDP: failed on the first GPU run, in TRL's fused LM head backward (docs/gpu.md)
+    guarded = _recipe(bnb_4bit_quant_storage="bfloat16", base_kl_weight=0.5)
+    msg = _problems(guarded, fsdp)
+    assert "FSDP with the forgetting guard (base_kl_weight 0.5)" in msg and "Fix: --base_kl_weight 0" in msg
+    assert _problems(guarded, ddp) == "" and _problems(guarded, Launch()) == ""  # the guard runs under DDP
 
 
 def test_preflight_accepts_good_combinations():
