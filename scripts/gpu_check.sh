@@ -179,8 +179,8 @@ fi
 EXPECT=""; [ "$MODE" = gpu ] && EXPECT="--expect-sharding fsdp"
 step fsdp fsdp 240 60 "$MK train RECIPE=$RECIPE NPROC=1 ACCELERATE_CONFIG=fsdp2-qlora ARGS=\"$NF4 $SMALL \
 --bnb_4bit_quant_storage bfloat16 --base_kl_weight 0 --max_steps 5 --save_steps 5 --eval_strategy no \
---eval_after_train false --output_root $WORK/runs --run_name fsdp\" && '$PY' -m adapters.planning.gpu_check validate '$WORK/runs/fsdp' \
-'$WORK/fsdp_validate.json' $EXPECT"
+--eval_after_train false --output_root $WORK/runs --run_name fsdp\" && \
+'$PY' -m adapters.planning.gpu_check validate '$WORK/runs/fsdp' '$WORK/fsdp_validate.json' $EXPECT"
 
 step bench bench 300 60 "$MK bench ARGS=\"$BENCH_ARGS\""
 step bench_recipe bench_recipe 300 60 "'$BIN/adapters' bench --recipe $RECIPE --model_name_or_path '$MODEL' \

@@ -152,12 +152,10 @@ def problems(recipe: Recipe, launch: Launch, model_config: Any = None) -> list[s
         )
     if launch.fsdp and recipe.base_kl_weight > 0:
         out.append(
-            f"FSDP with the forgetting guard (base_kl_weight {recipe.base_kl_weight:g}): on the first GPU run "
-            "(H200, torch 2.11, accelerate 1.15, TRL 1.16, docs/gpu.md) it failed in the backward of TRL's fused "
-            "LM head (trl/kernels/chunked_logprob.py: the head weight it saved had been freed, 'storage of size 0') "
-            "with the guard's extra forward of the base between the training forward and backward; the same run "
-            "with --base_kl_weight 0 trained. Fix: --base_kl_weight 0 under FSDP (then check forgetting with "
-            "adapters eval), or the ddp config, which runs the guard."
+            f"FSDP with the forgetting guard (base_kl_weight {recipe.base_kl_weight:g}): the guard's extra forward "
+            "of the base frees the LM head weight that TRL's fused head keeps for its backward (seen on an H200, "
+            "docs/gpu.md; the same run without the guard trained). Fix: --base_kl_weight 0 under FSDP (then check "
+            "forgetting with adapters eval), or the ddp config, which runs the guard."
         )
     device_map = recipe.device_map or (recipe.model_init_kwargs or {}).get("device_map")
     if launch.num_processes > 1 and device_map is not None:
